@@ -1,0 +1,2 @@
+//! aiw-agent: the first-boot agent of aiwimg images.
+pub mod modes;

@@ -1,0 +1,293 @@
+//! The run-mode model shared by the builder and the agent.
+//!
+//! The data lives in `images/modes.toml`; the builder reads it to choose
+//! packages, the agent reads the copy baked at `/usr/lib/aiware/modes.toml` to
+//! start services and open ports. What an image was built with is described by
+//! [`ImageInfo`], baked at `/usr/lib/aiware/image.json`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+/// Where the builder bakes the mode table and image description.
+pub const MODES_PATH: &str = "/usr/lib/aiware/modes.toml";
+pub const IMAGE_INFO_PATH: &str = "/usr/lib/aiware/image.json";
+
+/// The twelve run modes of the aiWARE install guide.
+pub const KNOWN_MODES: [&str; 12] = [
+    "api", "controller", "db", "es", "engine", "lb", "minio", "nfs", "nsq", "prometheus", "redis",
+    "registry",
+];
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModeTable {
+    /// What every node has whatever its modes.
+    #[serde(default)]
+    pub common: CommonSpec,
+    pub modes: BTreeMap<String, ModeSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CommonSpec {
+    #[serde(default)]
+    pub packages: Vec<String>,
+    #[serde(default)]
+    pub services: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<Port>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModeSpec {
+    pub description: String,
+    #[serde(default)]
+    pub packages: Vec<String>,
+    #[serde(default)]
+    pub services: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<Port>,
+    /// Relative to `/var/opt/aiware`.
+    #[serde(default)]
+    pub directories: Vec<String>,
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
+    #[serde(default)]
+    pub kernel_modules: Vec<String>,
+    #[serde(default)]
+    pub requires: Vec<String>,
+    #[serde(default)]
+    pub containerized: bool,
+}
+
+/// A firewall port or port range, written `tcp/5432` or `tcp/5000-6000`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Port {
+    pub proto: Proto,
+    pub first: u16,
+    pub last: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        if self.first == self.last {
+            write!(f, "{proto}/{}", self.first)
+        } else {
+            write!(f, "{proto}/{}-{}", self.first, self.last)
+        }
+    }
+}
+
+impl std::str::FromStr for Port {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("port {s:?} is not of the form tcp/5432, udp/53 or tcp/5000-6000");
+        let (proto, range) = s.split_once('/').ok_or_else(bad)?;
+        let proto = match proto {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            _ => return Err(bad()),
+        };
+        let (first, last) = match range.split_once('-') {
+            Some((a, b)) => (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?),
+            None => {
+                let p = range.parse().map_err(|_| bad())?;
+                (p, p)
+            }
+        };
+        if first == 0 || last < first {
+            return Err(bad());
+        }
+        Ok(Port { proto, first, last })
+    }
+}
+
+impl Serialize for Port {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModeTableError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+impl ModeTable {
+    pub fn load(path: &Path) -> Result<Self, ModeTableError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModeTableError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks the table: every guide mode present, no unknown mode,
+    /// `requires` only naming modes of the table.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ModeTableError> {
+        let err = |message: String| ModeTableError::Parse {
+            path: origin.to_string(),
+            message,
+        };
+        let table: ModeTable = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        for name in table.modes.keys() {
+            if !KNOWN_MODES.contains(&name.as_str()) {
+                return Err(err(format!(
+                    "unknown mode [modes.{name}]; the guide's modes are {}",
+                    KNOWN_MODES.join(", ")
+                )));
+            }
+        }
+        for known in KNOWN_MODES {
+            if !table.modes.contains_key(known) {
+                return Err(err(format!("mode {known} is missing from the table")));
+            }
+        }
+        for (name, spec) in &table.modes {
+            for req in &spec.requires {
+                if !table.modes.contains_key(req) {
+                    return Err(err(format!(
+                        "[modes.{name}] requires {req:?}, which is not a mode"
+                    )));
+                }
+            }
+        }
+        Ok(table)
+    }
+
+    pub fn get(&self, mode: &str) -> Option<&ModeSpec> {
+        self.modes.get(mode)
+    }
+
+    /// Packages to bake for a set of modes, common ones included, sorted and unique.
+    pub fn packages_for<'a>(&'a self, modes: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        let mut out: Vec<String> = self.common.packages.clone();
+        for m in modes {
+            if let Some(spec) = self.modes.get(m) {
+                out.extend(spec.packages.iter().cloned());
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Every unit any mode may start: the agent keeps those of unchosen modes stopped.
+    pub fn all_mode_services(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .modes
+            .values()
+            .flat_map(|m| m.services.iter().cloned())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// What an image was built with, baked at [`IMAGE_INFO_PATH`].
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageInfo {
+    pub profile: String,
+    pub version: String,
+    /// Modes baked into this image.
+    pub modes: Vec<String>,
+    /// Every profile the builder knew and its modes, so that a node asked for a
+    /// mode it lacks can name the images that have it.
+    pub profiles: BTreeMap<String, Vec<String>>,
+    /// True for profiles that carry the NVIDIA driver and container runtime.
+    #[serde(default)]
+    pub gpu: bool,
+}
+
+impl ImageInfo {
+    pub fn profiles_with_mode(&self, mode: &str) -> Vec<&str> {
+        self.profiles
+            .iter()
+            .filter(|(_, modes)| modes.iter().any(|m| m == mode))
+            .map(|(p, _)| p.as_str())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo_table() -> ModeTable {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/modes.toml");
+        ModeTable::load(&path).unwrap()
+    }
+
+    #[test]
+    fn repo_mode_table_has_all_twelve_modes() {
+        let t = repo_table();
+        assert_eq!(t.modes.len(), 12);
+        assert_eq!(
+            t.get("es").unwrap().sysctls.get("vm.max_map_count").map(String::as_str),
+            Some("262144")
+        );
+        assert!(t.get("db").unwrap().ports.contains(&"tcp/5432".parse().unwrap()));
+    }
+
+    #[test]
+    fn port_syntax() {
+        let p: Port = "tcp/5000-6000".parse().unwrap();
+        assert_eq!((p.first, p.last), (5000, 6000));
+        assert_eq!(p.to_string(), "tcp/5000-6000");
+        assert!("tcp/0".parse::<Port>().is_err());
+        assert!("sctp/1".parse::<Port>().is_err());
+        assert!("tcp/9-3".parse::<Port>().is_err());
+    }
+
+    #[test]
+    fn unknown_mode_and_unknown_key_are_errors() {
+        let mut text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/modes.toml"),
+        )
+        .unwrap();
+        text.push_str("\n[modes.ftp]\ndescription = \"x\"\n");
+        let e = ModeTable::parse(&text, "m.toml").unwrap_err().to_string();
+        assert!(e.contains("unknown mode [modes.ftp]"), "{e}");
+        let e = ModeTable::parse("[modes.db]\ndescription=\"x\"\nport=[]\n", "m.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `port`"), "{e}");
+    }
+
+    #[test]
+    fn packages_for_merges_common_and_dedups() {
+        let t = repo_table();
+        let p = t.packages_for(["engine", "controller"]);
+        assert_eq!(p.iter().filter(|x| *x == "docker.io").count(), 1);
+        assert!(p.contains(&"openssh-server".to_string()));
+    }
+}
