@@ -1,1 +1,2 @@
 //! QEMU harness for aiwimg images.
+pub mod edge_controller;

@@ -1,0 +1,64 @@
+//! Edge API test controller (a test double of the aiWARE controller) as a
+//! program, for baking into a controller image through an overlay.
+//!
+//! Usage: edge-test-controller [--listen ADDR] [--nfs-server IP] [--nfs-path PATH]
+//! The init token is read from `AIWARE_INIT_TOKEN`, or from the file named by
+//! `--init-token-file` (never from the command line, so it is not in `ps`).
+
+use qemu_tests::edge_controller::{EdgeTestController, NfsCache};
+
+fn main() {
+    let mut listen = "0.0.0.0:9000".to_string();
+    let mut token = std::env::var("AIWARE_INIT_TOKEN").ok();
+    let mut nfs = NfsCache::default();
+    let mut no_nfs = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || {
+            args.next().unwrap_or_else(|| {
+                eprintln!("edge-test-controller: {a} needs a value");
+                std::process::exit(2)
+            })
+        };
+        match a.as_str() {
+            "--listen" => listen = val(),
+            "--init-token-file" => {
+                let path = val();
+                match std::fs::read_to_string(&path) {
+                    Ok(t) => token = Some(t.trim().to_string()),
+                    Err(e) => {
+                        eprintln!("edge-test-controller: cannot read {path}: {e}");
+                        std::process::exit(2)
+                    }
+                }
+            }
+            "--nfs-server" => nfs.ips = vec![val()],
+            "--nfs-path" => nfs.server_path = val(),
+            "--no-nfs" => no_nfs = true,
+            "-h" | "--help" => {
+                println!("edge-test-controller [--listen ADDR] [--init-token-file FILE] [--nfs-server IP] [--nfs-path PATH] [--no-nfs]\n(init token from AIWARE_INIT_TOKEN or --init-token-file)");
+                return;
+            }
+            other => {
+                eprintln!("edge-test-controller: unknown argument {other}");
+                std::process::exit(2)
+            }
+        }
+    }
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        eprintln!("edge-test-controller: set AIWARE_INIT_TOKEN or --init-token-file");
+        std::process::exit(2)
+    };
+    let c = match EdgeTestController::start(&listen, &token) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edge-test-controller: cannot listen on {listen}: {e}");
+            std::process::exit(1)
+        }
+    };
+    c.set_nfs_cache(if no_nfs { None } else { Some(nfs) });
+    println!("edge-test-controller (test double): serving {}", c.url());
+    loop {
+        std::thread::park();
+    }
+}

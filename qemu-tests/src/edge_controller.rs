@@ -1,0 +1,563 @@
+//! Edge API test controller: a test double of the proprietary aiWARE controller.
+//!
+//! It implements the subset of the Edge API that host membership uses
+//! (`shared/edge-api/openapi-subset.yaml`), under the base path `/edge/v1`:
+//!
+//! - `GET  /edge/v1/version`                 (no token needed, as the guide's curl shows)
+//! - `POST /edge/v1/host/register`           (bearer: the init token)
+//! - `POST /edge/v1/host/{HostID}/updatestatus` (bearer: that host's token or the init token)
+//! - `GET  /edge/v1/hosts`                   (bearer: the init token or any host token)
+//!
+//! It records what each host sent, answers registration with a hostID, a
+//! hostToken and the NFS cache (`mount[]` with `local_path`), re-registers a
+//! known `info.hostID` as the same host, and can be made to refuse connections
+//! ([`EdgeTestController::set_down`]) or to answer 401 to everything
+//! ([`EdgeTestController::set_unauthorized`]).
+//!
+//! The HTTP/1.1 server is deliberately tiny (one thread per connection,
+//! `Content-Length` bodies, `Connection: close`), enough for agents and curl.
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Base path of the Edge API, as in the guide's `AIWARE_CONTROLLER=http://IP:9000/edge/v1`.
+pub const BASE_PATH: &str = "/edge/v1";
+/// Answer of `GET /version`, in the guide's format.
+pub const VERSION_TEXT: &str = "Build number: edge-test-controller, Build time: 2021-04-27_19:30:26, Build commit hash: test-double";
+
+/// The NFS cache the controller tells hosts to mount (`HostMountInfo`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NfsCache {
+    pub ips: Vec<String>,
+    pub server_path: String,
+    pub local_path: String,
+    pub options: String,
+    pub port: u16,
+    pub cache_number: u32,
+    pub priority: u32,
+}
+
+impl Default for NfsCache {
+    fn default() -> Self {
+        NfsCache {
+            ips: vec!["127.0.0.1".into()],
+            server_path: "/opt/aiware/nfs".into(),
+            local_path: "/cache".into(),
+            options: "nfsvers=4,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport"
+                .into(),
+            port: 2049,
+            cache_number: 0,
+            priority: 10,
+        }
+    }
+}
+
+/// What the controller knows about one host.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostRecord {
+    pub host_id: String,
+    #[serde(skip)]
+    pub host_token: String,
+    /// How many times `/host/register` was called for this host.
+    pub registrations: u32,
+    /// The last `HostRegisterRequest` body.
+    pub register_request: Value,
+    /// Every `HostStatus` body received, oldest first.
+    pub statuses: Vec<Value>,
+    pub created_unix: u64,
+    pub last_update_unix: u64,
+}
+
+impl HostRecord {
+    /// `info.runModes` as sent at registration.
+    pub fn run_modes(&self) -> Vec<String> {
+        self.register_request["info"]["runModes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    hosts: BTreeMap<String, HostRecord>,
+    nfs: Option<NfsCache>,
+    unauthorized: bool,
+    requests: u64,
+}
+
+struct Shared {
+    init_token: String,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// A running Edge API test controller. Dropping it stops it.
+pub struct EdgeTestController {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    acceptor: Mutex<Option<Acceptor>>,
+}
+
+struct Acceptor {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl EdgeTestController {
+    /// Starts listening on `addr` (use `127.0.0.1:0` in tests for a free port).
+    pub fn start(addr: &str, init_token: &str) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            init_token: init_token.to_string(),
+            state: Mutex::new(State {
+                nfs: Some(NfsCache::default()),
+                ..State::default()
+            }),
+            changed: Condvar::new(),
+        });
+        let acceptor = spawn_acceptor(listener, shared.clone());
+        Ok(EdgeTestController {
+            shared,
+            addr,
+            acceptor: Mutex::new(Some(acceptor)),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The value for `AIWARE_CONTROLLER`: `http://ADDR/edge/v1`.
+    pub fn url(&self) -> String {
+        format!("http://{}{}", self.addr, BASE_PATH)
+    }
+
+    /// Down: the port is closed (connections refused). Up: it listens again on the same port.
+    pub fn set_down(&self, down: bool) {
+        let mut acc = self.acceptor.lock().unwrap();
+        if down {
+            if let Some(a) = acc.take() {
+                a.stop.store(true, Ordering::SeqCst);
+                // Wake the blocking accept so the listener is dropped now.
+                let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+                let _ = a.thread.join();
+            }
+        } else if acc.is_none() {
+            let mut tries = 0;
+            let listener = loop {
+                match TcpListener::bind(self.addr) {
+                    Ok(l) => break l,
+                    Err(e) if tries < 50 => {
+                        tries += 1;
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => panic!("edge test controller cannot re-bind {}: {e}", self.addr),
+                }
+            };
+            *acc = Some(spawn_acceptor(listener, self.shared.clone()));
+        }
+    }
+
+    /// When set, every request needing a token is answered 401.
+    pub fn set_unauthorized(&self, on: bool) {
+        self.shared.state.lock().unwrap().unauthorized = on;
+    }
+
+    /// The NFS cache given in registration replies; `None` gives no mount.
+    pub fn set_nfs_cache(&self, nfs: Option<NfsCache>) {
+        self.shared.state.lock().unwrap().nfs = nfs;
+    }
+
+    /// Every host registered so far, by hostID.
+    pub fn hosts(&self) -> Vec<HostRecord> {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .hosts
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Requests handled so far (any path, any answer).
+    pub fn requests(&self) -> u64 {
+        self.shared.state.lock().unwrap().requests
+    }
+
+    /// Waits until `pred` holds for the host list, or the timeout passes.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&[HostRecord]) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut st = self.shared.state.lock().unwrap();
+        loop {
+            let hosts: Vec<HostRecord> = st.hosts.values().cloned().collect();
+            if pred(&hosts) {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+}
+
+impl Drop for EdgeTestController {
+    fn drop(&mut self) {
+        self.set_down(true);
+    }
+}
+
+fn spawn_acceptor(listener: TcpListener, shared: Arc<Shared>) -> Acceptor {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stop2.load(Ordering::SeqCst) {
+                break;
+            }
+            if let Ok(stream) = conn {
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    let _ = serve_connection(stream, &shared);
+                });
+            }
+        }
+    });
+    Acceptor { stop, thread }
+}
+
+/// One parsed HTTP request.
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn bearer(&self) -> Option<&str> {
+        let h = self.header("authorization")?;
+        h.strip_prefix("Bearer ")
+            .or_else(|| h.strip_prefix("bearer "))
+            .map(str::trim)
+    }
+}
+
+fn read_request(stream: &TcpStream) -> std::io::Result<Option<Request>> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut parts = line.split_whitespace();
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+        return Ok(None);
+    };
+    let path = target.split('?').next().unwrap_or("").to_string();
+    let method = method.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 {
+            break;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len.min(16 << 20)];
+    r.read_exact(&mut body)?;
+    Ok(Some(Request {
+        method,
+        path,
+        headers,
+        body,
+    }))
+}
+
+fn serve_connection(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let Some(req) = read_request(&stream)? else {
+        return Ok(());
+    };
+    let (status, body) = handle(&req, shared);
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Error",
+    };
+    let body = body.to_string();
+    write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Aiware-Version: {VERSION_TEXT}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+fn error(status: u16, id: &str, description: &str) -> (u16, Value) {
+    (status, json!({"id": id, "description": description}))
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A random UUID v4 from the kernel's random source.
+fn uuid_v4() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn handle(req: &Request, shared: &Shared) -> (u16, Value) {
+    let mut st = shared.state.lock().unwrap();
+    st.requests += 1;
+    let Some(path) = req.path.strip_prefix(BASE_PATH) else {
+        return error(404, "not_found", "the Edge API lives under /edge/v1");
+    };
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if segs == ["version"] {
+        return if req.method == "GET" {
+            (200, json!({ "version": VERSION_TEXT }))
+        } else {
+            error(405, "method_not_allowed", "use GET")
+        };
+    }
+    let token = req.bearer().unwrap_or("");
+    let is_init = !token.is_empty() && token == shared.init_token;
+    let host_of_token = st
+        .hosts
+        .values()
+        .find(|h| h.host_token == token && !token.is_empty())
+        .map(|h| h.host_id.clone());
+    if st.unauthorized {
+        return error(
+            401,
+            "not_authorized",
+            "token rejected (test controller set to 401)",
+        );
+    }
+    let result = match (req.method.as_str(), segs.as_slice()) {
+        ("POST", ["host", "register"]) => {
+            if !is_init {
+                return error(401, "not_authorized", "register needs the init token");
+            }
+            let Ok(body) = serde_json::from_slice::<Value>(&req.body) else {
+                return error(400, "bad_request", "body is not JSON");
+            };
+            let asked = body["info"]["hostID"].as_str().unwrap_or("").to_string();
+            let now = now_unix();
+            let host_id = if st.hosts.contains_key(&asked) {
+                asked
+            } else {
+                uuid_v4()
+            };
+            let nfs = st.nfs.clone();
+            let rec = st
+                .hosts
+                .entry(host_id.clone())
+                .or_insert_with(|| HostRecord {
+                    host_id: host_id.clone(),
+                    host_token: uuid_v4(),
+                    registrations: 0,
+                    register_request: Value::Null,
+                    statuses: Vec::new(),
+                    created_unix: now,
+                    last_update_unix: now,
+                });
+            rec.registrations += 1;
+            rec.register_request = body;
+            rec.last_update_unix = now;
+            let mounts: Vec<Value> = nfs
+                .iter()
+                .map(|n| {
+                    json!({
+                        "mountType": "nfs", "ips": n.ips, "server_path": n.server_path,
+                        "local_path": n.local_path, "options": n.options, "port": n.port,
+                        "cache_number": n.cache_number, "priority": n.priority,
+                    })
+                })
+                .collect();
+            (
+                200,
+                json!({
+                    "hostID": rec.host_id,
+                    "hostToken": rec.host_token,
+                    "mount": mounts,
+                    "configProperties": { "localCacheDirectory": "/cache" },
+                    "status": { "mode": "normal" },
+                }),
+            )
+        }
+        ("POST", ["host", id, "updatestatus"]) => {
+            let id = id.to_string();
+            if !(is_init || host_of_token.as_deref() == Some(id.as_str())) {
+                return error(
+                    401,
+                    "not_authorized",
+                    "updatestatus needs this host's token",
+                );
+            }
+            let Ok(body) = serde_json::from_slice::<Value>(&req.body) else {
+                return error(400, "bad_request", "body is not JSON");
+            };
+            match st.hosts.get_mut(&id) {
+                None => error(404, "not_found", "no such host; register first"),
+                Some(rec) => {
+                    rec.statuses.push(body);
+                    rec.last_update_unix = now_unix();
+                    (200, json!({ "mode": "normal" }))
+                }
+            }
+        }
+        ("GET", ["hosts"]) => {
+            if !(is_init || host_of_token.is_some()) {
+                return error(401, "not_authorized", "listing hosts needs a token");
+            }
+            let result: Vec<Value> = st.hosts.values().map(host_detail).collect();
+            (
+                200,
+                json!({"count": result.len(), "offset": 0, "limit": result.len(), "result": result, "success": true}),
+            )
+        }
+        (_, ["host", "register"]) | (_, ["host", _, "updatestatus"]) | (_, ["hosts"]) => {
+            error(405, "method_not_allowed", "method not allowed")
+        }
+        _ => error(404, "not_found", "not in the Edge API subset"),
+    };
+    shared.changed.notify_all();
+    result
+}
+
+/// A `HostDetail` built from what the host sent.
+fn host_detail(h: &HostRecord) -> Value {
+    let mut d = match &h.register_request["info"] {
+        Value::Object(m) => Value::Object(m.clone()),
+        _ => json!({}),
+    };
+    d["hostID"] = json!(h.host_id);
+    d["isActive"] = json!(true);
+    d["lastUpdateDateTime"] = json!(h.last_update_unix);
+    if let Some(last) = h.statuses.last() {
+        d["lastStatus"] = last.clone();
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(addr: SocketAddr, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out[9..12].parse().unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+        (code, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    #[test]
+    fn register_update_list_and_reregister_same_host() {
+        let c = EdgeTestController::start("127.0.0.1:0", "init-tok").unwrap();
+        let a = c.addr();
+        let (code, v) = http(a, "GET", "/edge/v1/version", "", "");
+        assert_eq!(code, 200);
+        assert!(v["version"].as_str().unwrap().contains("Build number"));
+        let (code, _) = http(a, "POST", "/edge/v1/host/register", "wrong", "{}");
+        assert_eq!(code, 401);
+        let req = r#"{"info":{"runModes":["engine"],"numCPU":2}}"#;
+        let (code, v) = http(a, "POST", "/edge/v1/host/register", "init-tok", req);
+        assert_eq!(code, 200);
+        let id = v["hostID"].as_str().unwrap().to_string();
+        let tok = v["hostToken"].as_str().unwrap().to_string();
+        assert_eq!(v["mount"][0]["local_path"], "/cache");
+        let path = format!("/edge/v1/host/{id}/updatestatus");
+        assert_eq!(http(a, "POST", &path, "nope", "{}").0, 401);
+        assert_eq!(http(a, "POST", &path, &tok, r#"{"numCPU":2}"#).0, 200);
+        let (code, v) = http(a, "GET", "/edge/v1/hosts", &tok, "");
+        assert_eq!(code, 200);
+        assert_eq!(v["count"], 1);
+        assert_eq!(v["result"][0]["runModes"][0], "engine");
+        let again = format!(r#"{{"info":{{"hostID":"{id}","runModes":["engine"]}}}}"#);
+        let (_, v) = http(a, "POST", "/edge/v1/host/register", "init-tok", &again);
+        assert_eq!(v["hostID"].as_str().unwrap(), id);
+        let hosts = c.hosts();
+        assert_eq!(hosts.len(), 1);
+        assert_eq!(hosts[0].registrations, 2);
+        assert_eq!(hosts[0].statuses.len(), 1);
+        assert_eq!(hosts[0].run_modes(), vec!["engine".to_string()]);
+    }
+
+    #[test]
+    fn down_refuses_then_up_serves_on_same_port() {
+        let c = EdgeTestController::start("127.0.0.1:0", "t").unwrap();
+        c.set_down(true);
+        assert!(TcpStream::connect(c.addr()).is_err());
+        c.set_down(false);
+        assert_eq!(http(c.addr(), "GET", "/edge/v1/version", "", "").0, 200);
+        c.set_unauthorized(true);
+        assert_eq!(http(c.addr(), "GET", "/edge/v1/hosts", "t", "").0, 401);
+    }
+}
