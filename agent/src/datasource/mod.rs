@@ -1,0 +1,160 @@
+//! Datasources: where launch data (user-data, instance-id) comes from.
+//!
+//! Each is a small type behind [`Datasource`], in a file named after it. They
+//! are chosen by evidence ([`identify`]: DMI strings, filesystem labels, the
+//! kernel command line, local files) before any network is touched, the way
+//! cloud-init's ds-identify does; no blind probing of link-local addresses.
+
+mod azure;
+mod cmdline;
+mod configdrive;
+mod ec2;
+mod esp;
+mod gce;
+mod nocloud;
+pub mod retry;
+mod seedfs;
+mod vmware;
+
+pub use azure::AzureSource;
+pub use cmdline::CmdlineSource;
+pub use configdrive::ConfigDriveSource;
+pub use ec2::Ec2Source;
+pub use esp::EspSource;
+pub use gce::GceSource;
+pub use nocloud::NoCloudSource;
+pub use vmware::VmwareSource;
+
+use crate::paths::Paths;
+use std::time::Instant;
+
+/// What a datasource found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LaunchData {
+    /// Raw user-data; `None` when the source has none (e.g. IMDS 404).
+    pub user_data: Option<Vec<u8>>,
+    /// The launch's identity; a new one replaces persisted settings.
+    pub instance_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DsError {
+    #[error("{source_name}: gave up at the deadline while waiting for {what}: {last}")]
+    Deadline { source_name: &'static str, what: String, last: String },
+    #[error("{source_name}: {message}")]
+    Failed { source_name: &'static str, message: String },
+}
+
+pub trait Datasource {
+    /// Short name shown in `aiw-agent status` (`nocloud`, `ec2`, ...).
+    fn name(&self) -> &'static str;
+    /// Fetches launch data, waiting at most until `deadline`.
+    fn fetch(&self, deadline: Instant) -> Result<LaunchData, DsError>;
+}
+
+/// A datasource and the evidence it was chosen on.
+pub struct Candidate {
+    pub source: Box<dyn Datasource>,
+    pub reason: String,
+}
+
+/// Where the cloud metadata services are; tests point them at 127.0.0.1.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub ec2: String,
+    pub gce: String,
+    pub azure: String,
+    /// `vmware-rpctool` (or a test double of it).
+    pub vmware_rpctool: String,
+}
+
+impl Default for Endpoints {
+    fn default() -> Self {
+        // GCE's metadata.google.internal is 169.254.169.254 as well; the IP needs no DNS.
+        let imds = std::env::var("AIW_AGENT_IMDS_URL").unwrap_or_else(|_| "http://169.254.169.254".into());
+        Endpoints {
+            ec2: imds.clone(),
+            gce: imds.clone(),
+            azure: imds,
+            vmware_rpctool: "vmware-rpctool".into(),
+        }
+    }
+}
+
+fn read_trim(p: &std::path::Path) -> String {
+    std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// Facts the choice is made on, kept for `status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Evidence {
+    pub sys_vendor: String,
+    pub product_name: String,
+    pub product_version: String,
+    pub chassis_asset_tag: String,
+    pub board_vendor: String,
+    pub bios_vendor: String,
+    pub labels: Vec<String>,
+    pub cmdline_keys: Vec<String>,
+    pub esp_file: bool,
+}
+
+pub fn gather_evidence(paths: &Paths) -> Evidence {
+    let labels = std::fs::read_dir(paths.by_label())
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_else(|_| Vec::new());
+    let cmdline = read_trim(&paths.cmdline());
+    Evidence {
+        sys_vendor: read_trim(&paths.dmi("sys_vendor")),
+        product_name: read_trim(&paths.dmi("product_name")),
+        product_version: read_trim(&paths.dmi("product_version")),
+        chassis_asset_tag: read_trim(&paths.dmi("chassis_asset_tag")),
+        board_vendor: read_trim(&paths.dmi("board_vendor")),
+        bios_vendor: read_trim(&paths.dmi("bios_vendor")),
+        labels,
+        cmdline_keys: cmdline::aiware_args(&cmdline).into_iter().map(|(k, _)| k).collect(),
+        esp_file: paths.esp_user_data().is_file(),
+    }
+}
+
+/// Azure's fixed chassis asset tag.
+const AZURE_ASSET_TAG: &str = "7783-7084-3265-9085-8269-3286-77";
+
+/// Datasources to try, in order, each with the evidence that put it there.
+pub fn identify(paths: &Paths, ep: &Endpoints, ev: &Evidence) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = Vec::new();
+    let mut add = |source: Box<dyn Datasource>, reason: String| out.push(Candidate { source, reason });
+    for label in ["cidata", "CIDATA"] {
+        if ev.labels.iter().any(|l| l == label) {
+            add(Box::new(NoCloudSource::new(paths.clone(), label)), format!("a filesystem labelled {label} is present"));
+            break;
+        }
+    }
+    if ev.labels.iter().any(|l| l == "config-2" || l == "CONFIG-2") {
+        add(Box::new(ConfigDriveSource::new(paths.clone())), "a filesystem labelled config-2 is present (OpenStack config drive)".into());
+    }
+    if ev.esp_file {
+        add(Box::new(EspSource::new(paths.clone())), "the ESP holds /efi/aiware/user-data".into());
+    }
+    if !ev.cmdline_keys.is_empty() {
+        add(Box::new(CmdlineSource::new(paths.clone())), format!("the kernel command line has {}", ev.cmdline_keys.join(" ")));
+    }
+    let dmi = [&ev.sys_vendor, &ev.product_name, &ev.product_version, &ev.bios_vendor, &ev.board_vendor, &ev.chassis_asset_tag];
+    let any = |needle: &str| dmi.iter().any(|v| v.to_ascii_lowercase().contains(needle));
+    if ev.chassis_asset_tag == AZURE_ASSET_TAG {
+        add(Box::new(AzureSource::new(&ep.azure)), format!("DMI chassis_asset_tag is Azure's {AZURE_ASSET_TAG}"));
+    } else if any("amazon") || ev.product_version.to_ascii_lowercase().contains("amazon") {
+        add(Box::new(Ec2Source::new(&ep.ec2)), format!("DMI says Amazon EC2 (sys_vendor {:?}, product_version {:?})", ev.sys_vendor, ev.product_version));
+    } else if any("google") {
+        add(Box::new(GceSource::new(&ep.gce)), format!("DMI says Google Compute Engine (product_name {:?})", ev.product_name));
+    } else if ev.sys_vendor.to_ascii_lowercase().contains("vmware") {
+        add(Box::new(VmwareSource::new(&ep.vmware_rpctool)), format!("DMI sys_vendor is {:?}", ev.sys_vendor));
+    }
+    out
+}
+
+/// A stable id for launch data that carries none: its digest.
+pub fn digest_id(prefix: &str, data: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{prefix}-{}", &hex::encode(sha2::Sha256::digest(data))[..16])
+}

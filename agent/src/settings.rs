@@ -1,0 +1,434 @@
+//! Resolved node settings: the `AIWARE_*` variables of the guide, the common
+//! cloud-config keys, and their validation against this image.
+
+use crate::modes::{ImageInfo, ModeTable, KNOWN_MODES};
+use crate::userdata::{UserData, WriteFile};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// Every `AIWARE_*` variable the agent knows, with a one-line meaning.
+/// Others are kept and passed through to the aiWARE containers with a warning.
+pub const KNOWN_VARS: &[(&str, &str)] = &[
+    ("AIWARE_MODE", "run modes of this node, comma separated"),
+    ("AIWARE_LICENSE", "aiWARE license key"),
+    ("AIWARE_CONTROLLER", "Edge API URL of the controller, http://IP:9000/edge/v1"),
+    ("AIWARE_INIT_TOKEN", "initial admin token, the bearer token for the controller"),
+    ("AIWARE_HOST_EXPIRE", "true/false: whether aiWARE may expire this host"),
+    ("AIWARE_DOMAIN_NAME", "domain name served by the lb mode"),
+    ("AIWARE_HOST_IP", "IP address this host announces"),
+    ("AIWARE_ROOT", "aiWARE root directory (default /opt/aiware)"),
+    ("AIWARE_REGION", "region label of this host"),
+    ("AIWARE_AGENT_UPDATE_INTERVAL", "seconds between status reports (default 60)"),
+    ("AIWARE_AGENT_PORT", "port of the agent's metrics (default 8000)"),
+    ("AIWARE_DB_HOST", "PostgreSQL host"),
+    ("AIWARE_DB_PORT", "PostgreSQL port (default 5432)"),
+    ("AIWARE_DB_NAME", "PostgreSQL database"),
+    ("AIWARE_DB_USER", "PostgreSQL user"),
+    ("AIWARE_DB_PASS", "PostgreSQL password"),
+    ("AIWARE_DB_PASSWORD", "PostgreSQL password (alias)"),
+    ("AIWARE_NFS_SERVER", "NFS server for the cache"),
+    ("AIWARE_NFS_PATH", "exported path of the cache (default /opt/aiware/nfs)"),
+    ("AIWARE_NFS_PERMITTED", "clients allowed to mount the nfs export"),
+    ("AIWARE_REDIS_PASSWORD", "Redis password"),
+    ("AIWARE_REGISTRY", "Docker registry the engines pull from"),
+    ("AIWARE_REGISTRY_USER", "registry user"),
+    ("AIWARE_REGISTRY_PASSWORD", "registry password"),
+    ("AIWARE_MINIO_ACCESS_KEY", "MinIO access key"),
+    ("AIWARE_MINIO_SECRET_KEY", "MinIO secret key"),
+    ("AIWARE_CACHE_DIR", "local path of the cluster cache (default /cache)"),
+];
+
+pub const DEFAULT_UPDATE_INTERVAL_S: u64 = 60;
+pub const REDACTED: &str = "<redacted>";
+
+/// True for variables whose value is a secret.
+pub fn is_secret(key: &str) -> bool {
+    ["TOKEN", "LICENSE", "PASS", "SECRET", "KEY"]
+        .iter()
+        .any(|s| key.contains(s))
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub vars: BTreeMap<String, String>,
+    pub hostname: Option<String>,
+    pub ssh_authorized_keys: Vec<String>,
+    pub write_files: Vec<WriteFile>,
+    pub warnings: Vec<String>,
+    /// The launch this came from (cloud instance-id, NoCloud instance-id, or a digest).
+    pub instance_id: Option<String>,
+}
+
+impl Settings {
+    pub fn from_user_data(u: UserData, instance_id: Option<String>) -> Settings {
+        let mut warnings = u.warnings;
+        for k in u.vars.keys() {
+            if !KNOWN_VARS.iter().any(|(n, _)| n == k) {
+                warnings.push(format!(
+                    "{k} is not a setting aiw-agent knows; it is kept and passed to the aiWARE containers"
+                ));
+            }
+        }
+        Settings {
+            vars: u.vars,
+            hostname: u.hostname,
+            ssh_authorized_keys: u.ssh_authorized_keys,
+            write_files: u.write_files,
+            warnings,
+            instance_id,
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.vars
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// `AIWARE_MODE` split on commas/spaces, lower-cased, unique, in order.
+    pub fn modes(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for m in self
+            .get("AIWARE_MODE")
+            .unwrap_or("")
+            .split([',', ' ', ';'])
+            .map(|m| m.trim().to_ascii_lowercase())
+            .filter(|m| !m.is_empty())
+        {
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        out
+    }
+
+    pub fn controller(&self) -> Option<&str> {
+        self.get("AIWARE_CONTROLLER")
+    }
+
+    pub fn update_interval_s(&self) -> u64 {
+        self.get("AIWARE_AGENT_UPDATE_INTERVAL")
+            .and_then(|v| v.parse().ok())
+            .filter(|v| *v > 0)
+            .unwrap_or(DEFAULT_UPDATE_INTERVAL_S)
+    }
+
+    /// Every secret value, for scrubbing text before it is logged.
+    pub fn secrets(&self) -> Vec<String> {
+        self.vars
+            .iter()
+            .filter(|(k, v)| is_secret(k) && v.len() >= 4)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// JSON for `check`/`status`: secrets replaced by [`REDACTED`], file contents left out.
+    pub fn redacted_json(&self) -> Value {
+        let vars: BTreeMap<&str, &str> = self
+            .vars
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret(k) && !v.is_empty() {
+                    REDACTED
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        let files: Vec<Value> = self
+            .write_files
+            .iter()
+            .map(|f| json!({"path": f.path, "bytes": f.content.len(), "permissions": format!("{:04o}", f.permissions), "append": f.append}))
+            .collect();
+        json!({
+            "vars": vars,
+            "modes": self.modes(),
+            "hostname": self.hostname,
+            "ssh_authorized_keys": self.ssh_authorized_keys.len(),
+            "write_files": files,
+            "instance_id": self.instance_id,
+            "warnings": self.warnings,
+        })
+    }
+}
+
+/// What validation is checked against: the mode table and the image's description.
+pub struct ImageContext<'a> {
+    pub table: Option<&'a ModeTable>,
+    pub image: Option<&'a ImageInfo>,
+}
+
+/// Checks settings; returns every problem found, each a full sentence saying the fix.
+pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
+    let mut errs = Vec::new();
+    let modes = s.modes();
+    if s.get("AIWARE_MODE").is_none() {
+        let baked = ctx
+            .image
+            .map(|i| format!(" (this image has: {})", i.modes.join(", ")))
+            .unwrap_or_default();
+        errs.push(format!(
+            "AIWARE_MODE is not set: set it to the run modes of this node, e.g. AIWARE_MODE=engine{baked}"
+        ));
+    }
+    for m in &modes {
+        if !KNOWN_MODES.contains(&m.as_str()) {
+            errs.push(format!(
+                "unknown mode {m:?} in AIWARE_MODE; the guide's run modes are {}",
+                KNOWN_MODES.join(", ")
+            ));
+            continue;
+        }
+        if let Some(img) = ctx.image {
+            if !img.modes.iter().any(|b| b == m) {
+                let with = img.profiles_with_mode(m);
+                let hint = if with.is_empty() {
+                    "no profile has it".to_string()
+                } else {
+                    format!("profiles that have it: {}", with.join(", "))
+                };
+                errs.push(format!(
+                    "mode {m:?} is not baked into this image (profile {}, modes {}); {hint}",
+                    img.profile,
+                    img.modes.join(", ")
+                ));
+            }
+        }
+        if let Some(spec) = ctx.table.and_then(|t| t.get(m)) {
+            for req in &spec.requires {
+                if let Some(img) = ctx.image {
+                    if !img.modes.contains(req) {
+                        errs.push(format!(
+                            "mode {m:?} requires mode {req:?}, which this image lacks"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let has = |m: &str| modes.iter().any(|x| x == m);
+    if has("engine") && s.controller().is_none() {
+        errs.push(
+            "mode engine needs AIWARE_CONTROLLER, the controller's Edge API URL, e.g. \
+             AIWARE_CONTROLLER=http://IP_OF_ADMIN_NODE:9000/edge/v1"
+                .into(),
+        );
+    }
+    if let Some(url) = s.controller() {
+        if let Err(e) = check_url(url) {
+            errs.push(format!("AIWARE_CONTROLLER={url}: {e}"));
+        }
+        if s.get("AIWARE_INIT_TOKEN").is_none() {
+            errs.push(
+                "AIWARE_CONTROLLER is set but AIWARE_INIT_TOKEN is not: the node needs the \
+                 cluster's init token to register"
+                    .into(),
+            );
+        }
+    }
+    if (has("controller") || has("engine")) && s.get("AIWARE_LICENSE").is_none() {
+        errs.push(
+            "AIWARE_LICENSE is not set: the guide requires a license key on controller and \
+             engine nodes"
+                .into(),
+        );
+    }
+    if has("controller") && s.get("AIWARE_INIT_TOKEN").is_none() {
+        errs.push(
+            "mode controller needs AIWARE_INIT_TOKEN (the cluster's admin bearer token; run \
+             uuidgen once and paste its output)"
+                .into(),
+        );
+    }
+    if has("lb") && s.get("AIWARE_DOMAIN_NAME").is_none() {
+        errs.push("mode lb needs AIWARE_DOMAIN_NAME, the name its certificate is for".into());
+    }
+    for (k, v) in &s.vars {
+        if v.starts_with('<') && v.ends_with('>') {
+            let shown = if is_secret(k) { REDACTED } else { v.as_str() };
+            errs.push(format!(
+                "{k} is still the guide's placeholder {shown}: put the real value"
+            ));
+        }
+    }
+    if let Some(v) = s.get("AIWARE_HOST_EXPIRE") {
+        if !matches!(v.to_ascii_lowercase().as_str(), "true" | "false") {
+            errs.push(format!("AIWARE_HOST_EXPIRE={v}: must be true or false"));
+        }
+    }
+    for k in ["AIWARE_AGENT_UPDATE_INTERVAL", "AIWARE_DB_PORT", "AIWARE_AGENT_PORT"] {
+        if let Some(v) = s.get(k) {
+            if v.parse::<u32>().ok().filter(|n| *n > 0).is_none() {
+                errs.push(format!("{k}={v}: must be a positive whole number"));
+            }
+        }
+    }
+    if let Some(ip) = s.get("AIWARE_HOST_IP") {
+        if ip.parse::<IpAddr>().is_err() {
+            errs.push(format!(
+                "AIWARE_HOST_IP={ip}: not an IPv4 or IPv6 address"
+            ));
+        }
+    }
+    if let Some(h) = &s.hostname {
+        if !valid_hostname(h) {
+            errs.push(format!(
+                "hostname {h:?}: use letters, digits and '-', labels of 1-63 characters, at most 253 in all"
+            ));
+        }
+    }
+    for f in &s.write_files {
+        if let Err(e) = check_write_path(&f.path) {
+            errs.push(e);
+        }
+    }
+    for k in &s.ssh_authorized_keys {
+        let kind = k.split_whitespace().next().unwrap_or("");
+        if !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-")) {
+            let short: String = k.chars().take(20).collect();
+            errs.push(format!(
+                "ssh_authorized_keys entry {short:?}… is not an OpenSSH public key (ssh-ed25519 AAAA…)"
+            ));
+        }
+    }
+    errs
+}
+
+/// `write_files` may only write to the writable parts of the image.
+pub fn check_write_path(path: &str) -> Result<(), String> {
+    let p = std::path::Path::new(path);
+    if !p.is_absolute() || path.split('/').any(|c| c == "..") {
+        return Err(format!(
+            "write_files path {path:?} must be absolute, without '..'"
+        ));
+    }
+    if ["/var/", "/run/", "/opt/"].iter().any(|r| path.starts_with(r)) {
+        return Ok(());
+    }
+    if path.starts_with("/etc/") || path.starts_with("/usr/") {
+        return Err(format!(
+            "write_files path {path}: /etc and /usr are read-only on aiwimg images (dm-verity); \
+             write under /var, /run or /opt, or set the matching AIWARE_* setting instead"
+        ));
+    }
+    Err(format!(
+        "write_files path {path}: only /var, /run and /opt are writable on aiwimg images"
+    ))
+}
+
+pub fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// A minimal URL check: `http(s)://host[:port][/path]`.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let rest = if let Some(r) = url.strip_prefix("http://") {
+        r
+    } else if url.starts_with("https://") {
+        return Err(
+            "https is not supported by this agent build (no TLS); use http:// as the guide \
+             does (port 9000)"
+                .into(),
+        );
+    } else {
+        return Err("must start with http://, e.g. http://10.0.0.5:9000/edge/v1".into());
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    let (host, port) = if let Some(h) = authority.strip_prefix('[') {
+        let (h, p) = h.split_once(']').ok_or("unclosed [ in the IPv6 address")?;
+        (h, p.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    if host.parse::<IpAddr>().is_err() && !valid_hostname(host) {
+        return Err(format!("host {host:?} is neither an IP address nor a host name"));
+    }
+    if let Some(p) = port {
+        if p.parse::<u16>().ok().filter(|p| *p > 0).is_none() {
+            return Err(format!("port {p:?} is not a number from 1 to 65535"));
+        }
+    }
+    if rest.contains(char::is_whitespace) {
+        return Err("contains spaces".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::userdata::parse;
+
+    fn image() -> ImageInfo {
+        ImageInfo {
+            profile: "engine".into(),
+            version: "1".into(),
+            modes: vec!["engine".into()],
+            profiles: [
+                ("engine".to_string(), vec!["engine".to_string()]),
+                ("controller".to_string(), vec!["controller".into(), "db".into(), "nfs".into()]),
+            ]
+            .into(),
+            gpu: false,
+        }
+    }
+
+    fn errs(text: &str) -> Vec<String> {
+        let s = Settings::from_user_data(parse(text.as_bytes()).unwrap(), None);
+        let img = image();
+        validate(&s, &ImageContext { table: None, image: Some(&img) })
+    }
+
+    #[test]
+    fn valid_engine() {
+        let e = errs("AIWARE_MODE=engine\nAIWARE_LICENSE=L\nAIWARE_CONTROLLER=http://10.0.0.5:9000/edge/v1\nAIWARE_INIT_TOKEN=abcd-1234\n");
+        assert!(e.is_empty(), "{e:?}");
+    }
+
+    #[test]
+    fn engine_without_controller_and_unbaked_mode() {
+        let e = errs("AIWARE_MODE=engine,db\nAIWARE_LICENSE=L\n");
+        assert!(e.iter().any(|m| m.contains("needs AIWARE_CONTROLLER")), "{e:?}");
+        assert!(e.iter().any(|m| m.contains("\"db\" is not baked") && m.contains("controller")), "{e:?}");
+        let e = errs("AIWARE_MODE=ftp\n");
+        assert!(e[0].contains("unknown mode \"ftp\""), "{e:?}");
+    }
+
+    #[test]
+    fn urls_placeholders_and_redaction() {
+        assert!(check_url("http://[::1]:9000/edge/v1").is_ok());
+        assert!(check_url("ftp://x").is_err());
+        assert!(check_url("http://host:99999/").is_err());
+        let e = errs("AIWARE_MODE=engine\nAIWARE_LICENSE=<LICENSE_KEY>\nAIWARE_CONTROLLER=http://c:9000/edge/v1\nAIWARE_INIT_TOKEN=tok-secret\n");
+        assert!(e.iter().any(|m| m.contains("placeholder")), "{e:?}");
+        let s = Settings::from_user_data(parse(b"AIWARE_INIT_TOKEN=tok-secret\nAIWARE_X=1\n").unwrap(), None);
+        let j = s.redacted_json().to_string();
+        assert!(!j.contains("tok-secret") && j.contains(REDACTED));
+        assert!(s.warnings.iter().any(|w| w.contains("AIWARE_X")));
+    }
+
+    #[test]
+    fn write_paths() {
+        assert!(check_write_path("/var/opt/aiware/x").is_ok());
+        assert!(check_write_path("/etc/passwd").unwrap_err().contains("read-only"));
+        assert!(check_write_path("/var/../etc/x").is_err());
+    }
+}

@@ -1,0 +1,130 @@
+//! Starting and stopping units over D-Bus (`org.freedesktop.systemd1.Manager`),
+//! runtime-enabled since /etc is read-only.
+
+use std::sync::Mutex;
+
+pub trait UnitControl {
+    /// Enables at runtime (under /run) and starts the units.
+    fn enable_and_start(&self, units: &[String]) -> Result<(), String>;
+    /// Stops the units and drops any runtime enablement.
+    fn stop_and_disable(&self, units: &[String]) -> Result<(), String>;
+    /// `active`, `inactive`, `failed`, ... or `unknown`.
+    fn active_state(&self, unit: &str) -> String;
+}
+
+/// The real one: systemd on the system bus.
+pub struct DbusSystemd {
+    conn: zbus::blocking::Connection,
+}
+
+const DEST: &str = "org.freedesktop.systemd1";
+const PATH: &str = "/org/freedesktop/systemd1";
+const MANAGER: &str = "org.freedesktop.systemd1.Manager";
+
+impl DbusSystemd {
+    pub fn connect() -> Result<Self, String> {
+        zbus::blocking::Connection::system()
+            .map(|conn| DbusSystemd { conn })
+            .map_err(|e| format!("cannot reach systemd on the system bus: {e}"))
+    }
+
+    fn call<B>(&self, method: &str, body: &B) -> Result<zbus::message::Message, String>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+    {
+        self.conn
+            .call_method(Some(DEST), PATH, Some(MANAGER), method, body)
+            .map_err(|e| format!("systemd {method}: {e}"))
+    }
+}
+
+impl UnitControl for DbusSystemd {
+    fn enable_and_start(&self, units: &[String]) -> Result<(), String> {
+        if units.is_empty() {
+            return Ok(());
+        }
+        // runtime=true: the symlinks go to /run/systemd/system, /etc stays untouched.
+        self.call("EnableUnitFiles", &(units.to_vec(), true, true))?;
+        self.call("Reload", &())?;
+        let mut errs = Vec::new();
+        for u in units {
+            if let Err(e) = self.call("StartUnit", &(u.as_str(), "replace")) {
+                errs.push(format!("{u}: {e}"));
+            }
+        }
+        if errs.is_empty() { Ok(()) } else { Err(errs.join("; ")) }
+    }
+
+    fn stop_and_disable(&self, units: &[String]) -> Result<(), String> {
+        let mut errs = Vec::new();
+        for u in units {
+            if let Err(e) = self.call("StopUnit", &(u.as_str(), "replace")) {
+                if !e.contains("NoSuchUnit") && !e.contains("not loaded") {
+                    errs.push(format!("{u}: {e}"));
+                }
+            }
+        }
+        let _ = self.call("DisableUnitFiles", &(units.to_vec(), true));
+        if errs.is_empty() { Ok(()) } else { Err(errs.join("; ")) }
+    }
+
+    fn active_state(&self, unit: &str) -> String {
+        let path: Result<zbus::zvariant::OwnedObjectPath, String> = self
+            .call("LoadUnit", &(unit,))
+            .and_then(|m| m.body().deserialize().map_err(|e| e.to_string()));
+        let Ok(path) = path else { return "unknown".into() };
+        let r = self.conn.call_method(
+            Some(DEST),
+            path.as_str(),
+            Some("org.freedesktop.DBus.Properties"),
+            "Get",
+            &("org.freedesktop.systemd1.Unit", "ActiveState"),
+        );
+        r.ok()
+            .and_then(|m| m.body().deserialize::<zbus::zvariant::OwnedValue>().ok())
+            .and_then(|v| String::try_from(v).ok())
+            .unwrap_or_else(|| "unknown".into())
+    }
+}
+
+/// A test double that records what was asked and keeps unit states in memory.
+#[derive(Default)]
+pub struct RecordingUnits {
+    pub calls: Mutex<Vec<String>>,
+    pub states: Mutex<std::collections::BTreeMap<String, String>>,
+}
+
+impl UnitControl for RecordingUnits {
+    fn enable_and_start(&self, units: &[String]) -> Result<(), String> {
+        for u in units {
+            self.calls.lock().unwrap().push(format!("start {u}"));
+            self.states.lock().unwrap().insert(u.clone(), "active".into());
+        }
+        Ok(())
+    }
+    fn stop_and_disable(&self, units: &[String]) -> Result<(), String> {
+        for u in units {
+            self.calls.lock().unwrap().push(format!("stop {u}"));
+            self.states.lock().unwrap().insert(u.clone(), "inactive".into());
+        }
+        Ok(())
+    }
+    fn active_state(&self, unit: &str) -> String {
+        self.states.lock().unwrap().get(unit).cloned().unwrap_or_else(|| "inactive".into())
+    }
+}
+
+/// Used where there is no system bus (e.g. `status` as a user): reports unknown.
+pub struct NoSystemd(pub String);
+
+impl UnitControl for NoSystemd {
+    fn enable_and_start(&self, _: &[String]) -> Result<(), String> {
+        Err(self.0.clone())
+    }
+    fn stop_and_disable(&self, _: &[String]) -> Result<(), String> {
+        Err(self.0.clone())
+    }
+    fn active_state(&self, _: &str) -> String {
+        "unknown".into()
+    }
+}

@@ -1,0 +1,629 @@
+//! User-data formats: `#cloud-config` YAML, `KEY=VALUE` lines (the guide's own
+//! `export` snippets, parsed and never executed), TOML, MIME multipart, gzip
+//! and base64, nested in any order up to a small depth.
+//!
+//! The result is a [`UserData`]: every `AIWARE_*` variable found plus the common
+//! cloud-config keys (hostname, ssh_authorized_keys, write_files).
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::Read;
+
+/// Largest user-data we accept, before and after decompression.
+pub const MAX_USER_DATA: usize = 16 << 20;
+const MAX_DEPTH: usize = 6;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UserData {
+    /// `AIWARE_*` variables, keys upper-case with the prefix.
+    pub vars: BTreeMap<String, String>,
+    pub hostname: Option<String>,
+    pub ssh_authorized_keys: Vec<String>,
+    pub write_files: Vec<WriteFile>,
+    /// What the parser skipped or guessed, for the operator.
+    pub warnings: Vec<String>,
+    /// The formats met, outermost first (e.g. `gzip`, `cloud-config`).
+    pub formats: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WriteFile {
+    pub path: String,
+    /// Decoded content (the `encoding` of the source is already applied).
+    pub content: Vec<u8>,
+    /// Octal permissions, default 0644.
+    pub permissions: u32,
+    pub append: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+fn perr(s: impl Into<String>) -> ParseError {
+    ParseError(s.into())
+}
+
+/// Parses raw user-data bytes of any supported format.
+pub fn parse(data: &[u8]) -> Result<UserData, ParseError> {
+    let mut out = UserData::default();
+    parse_into(data, &mut out, 0)?;
+    Ok(out)
+}
+
+fn parse_into(data: &[u8], out: &mut UserData, depth: usize) -> Result<(), ParseError> {
+    if depth > MAX_DEPTH {
+        return Err(perr(format!(
+            "user-data is nested more than {MAX_DEPTH} levels deep (gzip/base64/multipart)"
+        )));
+    }
+    if data.len() > MAX_USER_DATA {
+        return Err(perr(format!(
+            "user-data is {} bytes; the limit is {MAX_USER_DATA}",
+            data.len()
+        )));
+    }
+    if data.starts_with(&[0x1f, 0x8b]) {
+        out.formats.push("gzip".into());
+        return parse_into(&gunzip(data)?, out, depth + 1);
+    }
+    let text = std::str::from_utf8(data)
+        .map_err(|e| perr(format!("user-data is neither gzip nor UTF-8 text ({e})")))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let trimmed = text.trim_start();
+    if trimmed.is_empty() {
+        out.formats.push("empty".into());
+        return Ok(());
+    }
+    let first_line = trimmed.lines().next().unwrap_or("").trim_end();
+    let lower = first_line.to_ascii_lowercase();
+    if lower.starts_with("content-type:") || lower.starts_with("mime-version:") {
+        out.formats.push("mime-multipart".into());
+        return parse_mime(trimmed, out, depth);
+    }
+    if first_line == "#cloud-config" || first_line.starts_with("#cloud-config ") {
+        out.formats.push("cloud-config".into());
+        let doc: Value = serde_yaml::from_str(trimmed)
+            .map_err(|e| perr(format!("#cloud-config is not valid YAML: {e}")))?;
+        return take_document(&doc, out, "cloud-config");
+    }
+    if first_line.starts_with("#!") && !looks_like_shell(first_line) {
+        return Err(perr(format!(
+            "user-data starts with {first_line:?}: scripts are not run on aiwimg images; \
+             give AIWARE_* settings as KEY=VALUE lines, #cloud-config or TOML"
+        )));
+    }
+    if let Some(decoded) = try_base64(trimmed) {
+        out.formats.push("base64".into());
+        return parse_into(&decoded, out, depth + 1);
+    }
+    if looks_like_toml(trimmed) {
+        if let Ok(doc) = toml::from_str::<Value>(trimmed) {
+            out.formats.push("toml".into());
+            return take_document(&doc, out, "TOML");
+        }
+    }
+    out.formats.push("env".into());
+    parse_env(trimmed, out)
+}
+
+fn looks_like_shell(first_line: &str) -> bool {
+    ["/sh", "/bash", "/dash", "env sh", "env bash"]
+        .iter()
+        .any(|s| first_line.ends_with(s) || first_line.contains(&format!("{s} ")))
+}
+
+fn gunzip(data: &[u8]) -> Result<Vec<u8>, ParseError> {
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(data)
+        .take(MAX_USER_DATA as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| perr(format!("user-data looks gzipped but does not decompress: {e}")))?;
+    if out.len() > MAX_USER_DATA {
+        return Err(perr(format!(
+            "gzipped user-data expands past {MAX_USER_DATA} bytes"
+        )));
+    }
+    Ok(out)
+}
+
+/// Whole-text base64 (as EC2 consoles and Azure deliver it); `None` when the
+/// text is not base64 or does not decode to something we can read.
+fn try_base64(text: &str) -> Option<Vec<u8>> {
+    let compact: String = text.split_ascii_whitespace().collect();
+    if compact.len() < 8
+        || !compact
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
+        // KEY=VALUE text is also made of base64 characters; base64 of text has no '=' but at the end.
+        || compact.trim_end_matches('=').contains('=')
+    {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .ok()?;
+    if decoded.starts_with(&[0x1f, 0x8b]) || std::str::from_utf8(&decoded).is_ok() {
+        Some(decoded)
+    } else {
+        None
+    }
+}
+
+fn looks_like_toml(text: &str) -> bool {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .any(|l| {
+            (l.starts_with('[') && l.ends_with(']'))
+                || l.split_once('=')
+                    .is_some_and(|(k, v)| k.ends_with(' ') && v.starts_with(' '))
+        })
+}
+
+/// Reads the document keys shared by cloud-config and TOML.
+fn take_document(doc: &Value, out: &mut UserData, what: &str) -> Result<(), ParseError> {
+    let Value::Object(map) = doc else {
+        if doc.is_null() {
+            return Ok(());
+        }
+        return Err(perr(format!("{what} must be a map of keys")));
+    };
+    for (key, val) in map {
+        match key.as_str() {
+            "aiware" => {
+                let Value::Object(aw) = val else {
+                    return Err(perr(format!(
+                        "{what}: `aiware` must be a map such as `mode: [engine]`"
+                    )));
+                };
+                for (k, v) in aw {
+                    let name = aiware_key(k);
+                    let value = scalar_or_list(v).ok_or_else(|| {
+                        perr(format!(
+                            "{what}: aiware.{k} must be a string, number, boolean or list"
+                        ))
+                    })?;
+                    check_no_substitution(&name, &value, &format!("aiware.{k}"))?;
+                    out.vars.insert(name, value);
+                }
+            }
+            k if k.to_ascii_uppercase().starts_with("AIWARE_") => {
+                let value = scalar_or_list(val)
+                    .ok_or_else(|| perr(format!("{what}: {k} must be a string")))?;
+                let name = k.to_ascii_uppercase();
+                check_no_substitution(&name, &value, k)?;
+                out.vars.insert(name, value);
+            }
+            "hostname" | "fqdn" => {
+                let h = val
+                    .as_str()
+                    .ok_or_else(|| perr(format!("{what}: {key} must be a string")))?;
+                if key == "hostname" || out.hostname.is_none() {
+                    out.hostname = Some(h.to_string());
+                }
+            }
+            "ssh_authorized_keys" => {
+                let Value::Array(keys) = val else {
+                    return Err(perr(format!(
+                        "{what}: ssh_authorized_keys must be a list of public keys"
+                    )));
+                };
+                for k in keys {
+                    let k = k.as_str().ok_or_else(|| {
+                        perr(format!("{what}: ssh_authorized_keys entries must be strings"))
+                    })?;
+                    out.ssh_authorized_keys.push(k.trim().to_string());
+                }
+            }
+            "write_files" => {
+                let Value::Array(files) = val else {
+                    return Err(perr(format!("{what}: write_files must be a list")));
+                };
+                for (i, f) in files.iter().enumerate() {
+                    out.write_files.push(write_file(f, i, what)?);
+                }
+            }
+            other => out.warnings.push(format!(
+                "{what}: key `{other}` is not used by aiwimg images (ignored)"
+            )),
+        }
+    }
+    Ok(())
+}
+
+/// `mode` → `AIWARE_MODE`, `AIWARE_MODE` stays.
+fn aiware_key(k: &str) -> String {
+    let up = k.to_ascii_uppercase().replace('-', "_");
+    if up.starts_with("AIWARE_") {
+        up
+    } else {
+        format!("AIWARE_{up}")
+    }
+}
+
+fn scalar_or_list(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                Value::Array(_) | Value::Object(_) | Value::Null => None,
+                other => scalar_or_list(other),
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.join(",")),
+        _ => None,
+    }
+}
+
+fn write_file(f: &Value, i: usize, what: &str) -> Result<WriteFile, ParseError> {
+    let at = |m: &str| perr(format!("{what}: write_files[{i}]: {m}"));
+    let path = f["path"]
+        .as_str()
+        .ok_or_else(|| at("`path` is missing"))?
+        .to_string();
+    let raw = match &f["content"] {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        _ => return Err(at("`content` must be a string")),
+    };
+    let encoding = f["encoding"].as_str().unwrap_or("text").to_ascii_lowercase();
+    let content = match encoding.as_str() {
+        "text" | "" => raw.into_bytes(),
+        "b64" | "base64" => b64(&raw).map_err(|e| at(&format!("base64 content: {e}")))?,
+        "gz+b64" | "gzip+base64" | "gz+base64" | "gzip+b64" => {
+            gunzip(&b64(&raw).map_err(|e| at(&format!("base64 content: {e}")))?)?
+        }
+        other => {
+            return Err(at(&format!(
+                "encoding {other:?} is not one of text, b64, gzip+base64"
+            )))
+        }
+    };
+    let permissions = match &f["permissions"] {
+        Value::Null => 0o644,
+        Value::String(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|p| *p <= 0o7777)
+            .ok_or_else(|| at(&format!("permissions {s:?} is not octal like '0644'")))?,
+        Value::Number(n) => {
+            // YAML reads 0644 as decimal 644; take its digits as octal as cloud-init does.
+            u32::from_str_radix(&n.to_string(), 8)
+                .ok()
+                .filter(|p| *p <= 0o7777)
+                .ok_or_else(|| at("permissions must be octal like '0644'"))?
+        }
+        _ => return Err(at("permissions must be octal like '0644'")),
+    };
+    let append = f["append"].as_bool().unwrap_or(false);
+    Ok(WriteFile {
+        path,
+        content,
+        permissions,
+        append,
+    })
+}
+
+fn b64(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    let compact: String = s.split_ascii_whitespace().collect();
+    base64::engine::general_purpose::STANDARD.decode(compact)
+}
+
+/// Rejects shell substitutions: user-data is parsed, never executed.
+fn check_no_substitution(key: &str, value: &str, at: &str) -> Result<(), ParseError> {
+    if value.contains("$(") || value.contains('`') {
+        return Err(perr(format!(
+            "{at}: {key} uses a command substitution ({value}); user-data is parsed, never \
+             executed, so nothing would run it. Run the command once yourself (e.g. uuidgen) \
+             and paste its output as the value"
+        )));
+    }
+    if value.contains('$') {
+        return Err(perr(format!(
+            "{at}: {key} refers to a shell variable ({value}); user-data is parsed, never \
+             executed. Write the value itself"
+        )));
+    }
+    Ok(())
+}
+
+/// `KEY=VALUE` lines with optional `export` and quotes, as in the guide's snippets.
+fn parse_env(text: &str, out: &mut UserData) -> Result<(), ParseError> {
+    for (n, raw) in text.lines().enumerate() {
+        let lineno = n + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let body = line
+            .strip_prefix("export ")
+            .map(str::trim_start)
+            .unwrap_or(line);
+        let assignment = body.split_once('=').filter(|(k, _)| {
+            !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        });
+        let Some((key, rest)) = assignment else {
+            let cmd: String = line.chars().take(60).collect();
+            out.warnings.push(format!(
+                "line {lineno}: `{cmd}` is a command, not a KEY=VALUE setting; user-data is \
+                 parsed, never executed (ignored)"
+            ));
+            continue;
+        };
+        let value = unquote(rest)
+            .map_err(|m| perr(format!("line {lineno}: {key}: {m}")))?;
+        if !key.to_ascii_uppercase().starts_with("AIWARE_") {
+            out.warnings.push(format!(
+                "line {lineno}: {key} is not an AIWARE_* setting (ignored)"
+            ));
+            continue;
+        }
+        let single_quoted = rest.trim_start().starts_with('\'');
+        if !single_quoted {
+            check_no_substitution(key, &value, &format!("line {lineno}"))?;
+        }
+        out.vars.insert(key.to_ascii_uppercase(), value);
+    }
+    Ok(())
+}
+
+/// Shell-like value: `"..."` (with \" \\ \$ \` escapes), `'...'`, or bare up to a
+/// comment; `uuidgen`-style backticks are kept for the substitution check.
+fn unquote(rest: &str) -> Result<String, String> {
+    let rest = rest.trim_end();
+    let mut chars = rest.chars().peekable();
+    let mut out = String::new();
+    match chars.peek() {
+        Some('"') => {
+            chars.next();
+            let mut closed = false;
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => match chars.next() {
+                        Some(e @ ('"' | '\\' | '$' | '`')) => {
+                            // An escaped $ or ` is literal: mark it so the check lets it pass.
+                            if e == '$' || e == '`' {
+                                return Err(format!(
+                                    "escaped {e:?} in a value is not supported; write the value plainly"
+                                ));
+                            }
+                            out.push(e)
+                        }
+                        Some(o) => {
+                            out.push('\\');
+                            out.push(o)
+                        }
+                        None => return Err("ends inside a double-quoted value".into()),
+                    },
+                    '"' => {
+                        closed = true;
+                        break;
+                    }
+                    c => out.push(c),
+                }
+            }
+            if !closed {
+                return Err("has an unclosed double quote".into());
+            }
+        }
+        Some('\'') => {
+            chars.next();
+            let mut closed = false;
+            for c in chars.by_ref() {
+                if c == '\'' {
+                    closed = true;
+                    break;
+                }
+                out.push(c);
+            }
+            if !closed {
+                return Err("has an unclosed single quote".into());
+            }
+        }
+        _ => {
+            for c in chars.by_ref() {
+                if c == '#' && out.ends_with(char::is_whitespace) {
+                    break;
+                }
+                out.push(c);
+            }
+            return Ok(out.trim_end().to_string());
+        }
+    }
+    let tail: String = chars.collect();
+    let tail = tail.trim();
+    if !tail.is_empty() && !tail.starts_with('#') {
+        return Err(format!("unexpected text after the closing quote: {tail:?}"));
+    }
+    Ok(out)
+}
+
+/// MIME multipart (as `cloud-init devel make-mime` and write-mime-multipart make it).
+fn parse_mime(text: &str, out: &mut UserData, depth: usize) -> Result<(), ParseError> {
+    let (headers, body) = split_headers(text);
+    let ctype = header(&headers, "content-type").unwrap_or_default();
+    if !ctype.to_ascii_lowercase().starts_with("multipart/") {
+        // A single MIME part.
+        let data = decode_part(&headers, body)?;
+        return parse_part(&ctype, &data, out, depth);
+    }
+    let boundary = mime_param(&ctype, "boundary")
+        .ok_or_else(|| perr("MIME user-data: multipart Content-Type without a boundary"))?;
+    let delim = format!("--{boundary}");
+    let mut parts = 0;
+    for chunk in body.split(delim.as_str()).skip(1) {
+        if chunk.starts_with("--") {
+            break;
+        }
+        let chunk = chunk
+            .strip_prefix("\r\n")
+            .or_else(|| chunk.strip_prefix('\n'))
+            .unwrap_or(chunk);
+        let (ph, pbody) = split_headers(chunk);
+        let pbody = pbody
+            .strip_suffix("\r\n")
+            .or_else(|| pbody.strip_suffix('\n'))
+            .unwrap_or(pbody);
+        let pct = header(&ph, "content-type").unwrap_or_else(|| "text/plain".into());
+        let data = decode_part(&ph, pbody)?;
+        parse_part(&pct, &data, out, depth)?;
+        parts += 1;
+    }
+    if parts == 0 {
+        return Err(perr(format!(
+            "MIME user-data: no part found with boundary {boundary:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn parse_part(ctype: &str, data: &[u8], out: &mut UserData, depth: usize) -> Result<(), ParseError> {
+    let ct = ctype
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match ct.as_str() {
+        "text/cloud-config" | "text/x-shellscript" | "text/plain" | "text/x-aiware-env"
+        | "application/toml" | "text/toml" | "application/gzip" | "application/x-gzip"
+        | "multipart/mixed" | "" => {
+            if ct == "text/cloud-config" && !data.starts_with(b"#cloud-config") {
+                let mut d = b"#cloud-config\n".to_vec();
+                d.extend_from_slice(data);
+                return parse_into(&d, out, depth + 1);
+            }
+            parse_into(data, out, depth + 1)
+        }
+        other => {
+            out.warnings.push(format!(
+                "MIME part of type {other} is not used by aiwimg images (ignored)"
+            ));
+            Ok(())
+        }
+    }
+}
+
+fn split_headers(text: &str) -> (Vec<(String, String)>, &str) {
+    let (head, body) = match (text.find("\r\n\r\n"), text.find("\n\n")) {
+        (Some(a), Some(b)) if a < b => (&text[..a], &text[a + 4..]),
+        (_, Some(b)) => (&text[..b], &text[b + 2..]),
+        (Some(a), None) => (&text[..a], &text[a + 4..]),
+        (None, None) => (text, ""),
+    };
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for line in head.lines() {
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = headers.last_mut() {
+                last.1.push(' ');
+                last.1.push_str(line.trim());
+            }
+        } else if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    (headers, body)
+}
+
+fn header(h: &[(String, String)], name: &str) -> Option<String> {
+    h.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+}
+
+fn mime_param(ctype: &str, name: &str) -> Option<String> {
+    ctype.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        (k.trim().eq_ignore_ascii_case(name)).then(|| v.trim().trim_matches('"').to_string())
+    })
+}
+
+fn decode_part(h: &[(String, String)], body: &str) -> Result<Vec<u8>, ParseError> {
+    match header(h, "content-transfer-encoding")
+        .map(|e| e.to_ascii_lowercase())
+        .as_deref()
+    {
+        Some("base64") => b64(body).map_err(|e| perr(format!("MIME part: bad base64: {e}"))),
+        _ => Ok(body.as_bytes().to_vec()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_lines_with_export_quotes_and_commands() {
+        let u = parse(
+            b"#!/bin/bash\nexport AIWARE_MODE=controller,db,nfs\nexport AIWARE_HOST_EXPIRE=false\n\
+              AIWARE_LICENSE=\"abc def\"\nAIWARE_DB_PASS='p$ss'\necho \"hello\"\nFOO=1\n",
+        )
+        .unwrap();
+        assert_eq!(u.vars["AIWARE_MODE"], "controller,db,nfs");
+        assert_eq!(u.vars["AIWARE_LICENSE"], "abc def");
+        assert_eq!(u.vars["AIWARE_DB_PASS"], "p$ss");
+        assert_eq!(u.warnings.len(), 2, "{:?}", u.warnings);
+        assert_eq!(u.formats, vec!["env"]);
+    }
+
+    #[test]
+    fn substitutions_are_rejected_with_why() {
+        let e = parse(b"export AIWARE_INIT_TOKEN=`uuidgen`\n").unwrap_err().0;
+        assert!(e.contains("never executed") && e.contains("uuidgen"), "{e}");
+        let e = parse(b"AIWARE_INIT_TOKEN=$(uuidgen)\n").unwrap_err().0;
+        assert!(e.contains("command substitution"), "{e}");
+    }
+
+    #[test]
+    fn cloud_config_aiware_map() {
+        let u = parse(
+            b"#cloud-config\nhostname: eng1\nssh_authorized_keys: [\"ssh-ed25519 AAAA x\"]\n\
+              aiware:\n  mode: [engine]\n  controller: http://10.0.2.2:9000/edge/v1\n  host_expire: false\n\
+              write_files:\n- path: /var/opt/x\n  content: aGk=\n  encoding: b64\n  permissions: '0600'\n",
+        )
+        .unwrap();
+        assert_eq!(u.vars["AIWARE_MODE"], "engine");
+        assert_eq!(u.vars["AIWARE_HOST_EXPIRE"], "false");
+        assert_eq!(u.hostname.as_deref(), Some("eng1"));
+        assert_eq!(u.write_files[0].content, b"hi");
+        assert_eq!(u.write_files[0].permissions, 0o600);
+    }
+
+    #[test]
+    fn toml_gzip_base64_and_mime() {
+        let toml = b"hostname = \"n1\"\n[aiware]\nmode = [\"engine\", \"registry\"]\n";
+        let u = parse(toml).unwrap();
+        assert_eq!(u.vars["AIWARE_MODE"], "engine,registry");
+        assert_eq!(u.formats, vec!["toml"]);
+
+        let mut gz = Vec::new();
+        {
+            use std::io::Write;
+            let mut e = flate2::write::GzEncoder::new(&mut gz, flate2::Compression::default());
+            e.write_all(b"AIWARE_MODE=db\n").unwrap();
+        }
+        let b = base64::engine::general_purpose::STANDARD.encode(&gz);
+        let u = parse(b.as_bytes()).unwrap();
+        assert_eq!(u.vars["AIWARE_MODE"], "db");
+        assert_eq!(u.formats, vec!["base64", "gzip", "env"]);
+
+        let mime = "Content-Type: multipart/mixed; boundary=\"XX\"\nMIME-Version: 1.0\n\n--XX\n\
+                    Content-Type: text/cloud-config\n\n#cloud-config\nhostname: m\n\n--XX\n\
+                    Content-Type: text/x-shellscript\nContent-Transfer-Encoding: base64\n\n\
+                    QUlXQVJFX01PREU9bmZzCg==\n--XX--\n";
+        let u = parse(mime.as_bytes()).unwrap();
+        assert_eq!(u.hostname.as_deref(), Some("m"));
+        assert_eq!(u.vars["AIWARE_MODE"], "nfs");
+    }
+
+    #[test]
+    fn empty_and_garbage() {
+        assert_eq!(parse(b"").unwrap().vars.len(), 0);
+        assert!(parse(&[0xff, 0xfe, 0x00]).is_err());
+        assert!(parse(b"#!/usr/bin/python3\nprint(1)\n").is_err());
+        assert!(parse(b"AIWARE_MODE=\"engine\n").is_err());
+    }
+}
