@@ -1,2 +1,33 @@
 //! QEMU harness for aiwimg images.
+//!
+//! Boots built images the way users will (UEFI/OVMF, virtio disk, NoCloud
+//! seed, serial console to a file) and checks them from outside as users would.
+//! Guests reach no real network: see [`netdev`].
+//!
+//! - [`case::TestCase`]: one slow test: its work dir, deadline and lock.
+//! - [`vm::Vm`]: a VM; [`ssh::GuestSsh`]: commands in it.
+//! - [`test_images`]: the built image for a profile.
+//! - [`checks`]: what users check on a node (failed units, ports, mounts).
+//! - [`docker_archive`]: a tiny image for `docker load`, made without Docker.
+//! - [`edge_controller`]: the Edge API test controller (a test double).
+
+pub mod accel;
+pub mod case;
+pub mod checks;
+pub mod console;
+pub mod deadline;
+pub mod docker_archive;
 pub mod edge_controller;
+pub mod firmware;
+pub mod netdev;
+pub mod process;
+pub mod seed;
+pub mod ssh;
+pub mod test_images;
+pub mod vm;
+
+pub use case::TestCase;
+pub use console::AgentReport;
+pub use deadline::Deadline;
+pub use seed::UserData;
+pub use vm::{DiskFormat, DriveBus, ExtraDrive, Vm};

@@ -1,0 +1,236 @@
+//! A tiny container image in `docker save` format, made without a Docker
+//! engine: one layer holding a static x86-64 program that prints a line.
+//! `docker load` accepts it and `docker run` prints [`HELLO_LINE`].
+
+use anyhow::Result;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+/// What the container prints.
+pub const HELLO_LINE: &str = "hello from an aiwimg test container";
+/// The tag `docker load` gives it.
+pub const HELLO_TAG: &str = "aiwimg-test/hello:1";
+
+/// A static Linux x86-64 ELF executable that writes `message` to stdout and
+/// exits 0: write(1, msg, len); exit(0). No libc, no loader.
+pub fn hello_elf(message: &str) -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    const HEADERS: u64 = 64 + 56;
+    let msg = message.as_bytes();
+    let len = u32::try_from(msg.len()).expect("short message");
+    let mut code: Vec<u8> = Vec::new();
+    code.extend([0xb8, 1, 0, 0, 0]); // mov eax, 1 (write)
+    code.extend([0xbf, 1, 0, 0, 0]); // mov edi, 1 (stdout)
+    code.extend([0x48, 0x8d, 0x35]); // lea rsi, [rip + disp32]
+    let disp_at = code.len();
+    code.extend([0, 0, 0, 0]);
+    let after_lea = code.len();
+    code.push(0xba); // mov edx, len
+    code.extend(len.to_le_bytes());
+    code.extend([0x0f, 0x05]); // syscall
+    code.extend([0xb8, 60, 0, 0, 0]); // mov eax, 60 (exit)
+    code.extend([0x31, 0xff]); // xor edi, edi
+    code.extend([0x0f, 0x05]); // syscall
+    let disp = u32::try_from(code.len() - after_lea).expect("small");
+    code[disp_at..disp_at + 4].copy_from_slice(&disp.to_le_bytes());
+    code.extend(msg);
+    let file_size = HEADERS + code.len() as u64;
+
+    let mut elf: Vec<u8> = Vec::new();
+    // ELF header
+    elf.extend(b"\x7fELF");
+    elf.extend([2, 1, 1, 0]); // 64-bit, little endian, version 1, System V ABI
+    elf.extend([0; 8]);
+    elf.extend(2u16.to_le_bytes()); // ET_EXEC
+    elf.extend(0x3eu16.to_le_bytes()); // x86-64
+    elf.extend(1u32.to_le_bytes());
+    elf.extend((BASE + HEADERS).to_le_bytes()); // entry
+    elf.extend(64u64.to_le_bytes()); // program headers right after this header
+    elf.extend(0u64.to_le_bytes()); // no section headers
+    elf.extend(0u32.to_le_bytes());
+    elf.extend(64u16.to_le_bytes());
+    elf.extend(56u16.to_le_bytes());
+    elf.extend(1u16.to_le_bytes());
+    elf.extend([0; 6]); // shentsize, shnum, shstrndx
+                        // One PT_LOAD mapping the whole file read + execute.
+    elf.extend(1u32.to_le_bytes());
+    elf.extend(5u32.to_le_bytes());
+    elf.extend(0u64.to_le_bytes());
+    elf.extend(BASE.to_le_bytes());
+    elf.extend(BASE.to_le_bytes());
+    elf.extend(file_size.to_le_bytes());
+    elf.extend(file_size.to_le_bytes());
+    elf.extend(0x1000u64.to_le_bytes());
+    elf.extend(code);
+    elf
+}
+
+/// A file in a ustar archive.
+struct TarEntry<'a> {
+    name: &'a str,
+    mode: u32,
+    data: &'a [u8],
+}
+
+/// A ustar archive of regular files (mtime 0, root-owned: reproducible).
+fn tar(entries: &[TarEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        let mut h = [0u8; 512];
+        assert!(e.name.len() < 100, "tar name too long: {}", e.name);
+        h[..e.name.len()].copy_from_slice(e.name.as_bytes());
+        let octal = |h: &mut [u8; 512], at: usize, width: usize, v: u64| {
+            let s = format!("{v:0w$o}\0", w = width - 1);
+            h[at..at + width].copy_from_slice(s.as_bytes());
+        };
+        octal(&mut h, 100, 8, u64::from(e.mode));
+        octal(&mut h, 108, 8, 0);
+        octal(&mut h, 116, 8, 0);
+        octal(&mut h, 124, 12, e.data.len() as u64);
+        octal(&mut h, 136, 12, 0);
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[265..269].copy_from_slice(b"root");
+        h[297..301].copy_from_slice(b"root");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        out.extend(h);
+        out.extend(e.data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// The `docker save` archive: `manifest.json`, the config, one `layer.tar`.
+pub fn hello_image_archive() -> Vec<u8> {
+    let program = hello_elf(&format!("{HELLO_LINE}\n"));
+    let layer = tar(&[TarEntry {
+        name: "hello",
+        mode: 0o755,
+        data: &program,
+    }]);
+    let layer_id = sha256_hex(&layer);
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "1970-01-01T00:00:00Z",
+        "config": { "Cmd": ["/hello"], "Env": ["PATH=/"] },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{layer_id}")] },
+        "history": [{ "created": "1970-01-01T00:00:00Z", "created_by": "aiwimg qemu-tests" }],
+    }))
+    .expect("json");
+    let config_name = format!("{}.json", sha256_hex(&config));
+    let layer_name = format!("{layer_id}/layer.tar");
+    let manifest = serde_json::to_vec(&json!([{
+        "Config": config_name,
+        "RepoTags": [HELLO_TAG],
+        "Layers": [layer_name],
+    }]))
+    .expect("json");
+    tar(&[
+        TarEntry {
+            name: &config_name,
+            mode: 0o644,
+            data: &config,
+        },
+        TarEntry {
+            name: &layer_name,
+            mode: 0o644,
+            data: &layer,
+        },
+        TarEntry {
+            name: "manifest.json",
+            mode: 0o644,
+            data: &manifest,
+        },
+    ])
+}
+
+/// Writes [`hello_image_archive`] to `path`.
+pub fn write_hello_image(path: &Path) -> Result<()> {
+    std::fs::write(path, hello_image_archive())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("aiwimg-oci-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn the_program_runs_and_prints_its_line() {
+        let dir = scratch("elf");
+        let p = dir.join("hello");
+        std::fs::write(&p, hello_elf("it works\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = Command::new(&p).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it works\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_archive_is_a_docker_save_tarball_that_tar_reads() {
+        let dir = scratch("archive");
+        let path = dir.join("hello.tar");
+        write_hello_image(&path).unwrap();
+        let out = Command::new("tar")
+            .arg("-xvf")
+            .arg(&path)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        let entry = &manifest[0];
+        assert_eq!(entry["RepoTags"][0], HELLO_TAG);
+        let layer_name = entry["Layers"][0].as_str().unwrap();
+        let layer = std::fs::read(dir.join(layer_name)).unwrap();
+        let config: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join(entry["Config"].as_str().unwrap())).unwrap(),
+        )
+        .unwrap();
+        // docker load checks each layer against the config's diff_ids.
+        assert_eq!(
+            config["rootfs"]["diff_ids"][0],
+            format!("sha256:{}", sha256_hex(&layer))
+        );
+        // The layer unpacks to an executable that prints the line.
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        let st = Command::new("tar")
+            .arg("-xf")
+            .arg(dir.join(layer_name))
+            .current_dir(&rootfs)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let out = Command::new(rootfs.join("hello")).output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{HELLO_LINE}\n")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
