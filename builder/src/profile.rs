@@ -1,0 +1,379 @@
+//! Node profiles: `images/<name>.toml`, with `extends = [...]` chains.
+//!
+//! A profile file says what to add to its parents; [`Profile::load`] resolves
+//! the chain into one flat [`Profile`] that the pipeline reads. Lists append
+//! (parents first, duplicates dropped), scalars override (the child wins).
+
+use aiw_agent::modes::{ModeTable, KNOWN_MODES};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// One profile file as written. Every key is optional so that a child can
+/// name only what it changes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileFile {
+    /// One line for `aiwimg profiles`.
+    pub description: Option<String>,
+    /// Profiles this one builds on, resolved first, in order.
+    #[serde(default)]
+    pub extends: Vec<String>,
+    /// Run modes baked into the image (rows of `images/modes.toml`).
+    #[serde(default)]
+    pub modes: Vec<String>,
+    /// Debian packages beyond those the modes need.
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// Debian mirror; unset means mmdebstrap's own default.
+    pub mirror: Option<String>,
+    /// Debian suite of the image.
+    pub suite: Option<String>,
+    /// Archive components (main, contrib, non-free, non-free-firmware).
+    #[serde(default)]
+    pub components: Vec<String>,
+    /// Folders under `overlays/` copied into the image, in order.
+    #[serde(default)]
+    pub overlays: Vec<String>,
+    /// Kernel command line words added to the UKI (the roothash is added by the build).
+    #[serde(default)]
+    pub kernel_cmdline: Vec<String>,
+    /// Timestamp for reproducible package installs and file times.
+    pub source_date_epoch: Option<u64>,
+    /// mkfs.erofs compression of the root, e.g. "lz4hc,12", "lz4", "zstd,3".
+    pub root_compression: Option<String>,
+    /// Size of the EFI system partition in MiB.
+    pub esp_size_mib: Option<u64>,
+    /// Image carries the NVIDIA driver and container runtime.
+    pub gpu: Option<bool>,
+    /// Third-party apt repositories, each with a key pinned by fingerprint.
+    #[serde(default)]
+    pub repositories: Vec<Repository>,
+}
+
+/// A third-party apt repository.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Repository {
+    /// Short name, used by `--repo-mirror NAME=URL`.
+    pub name: String,
+    /// Base URL of the repository (a `deb` line's URI).
+    pub url: String,
+    /// Suite, or for flat repositories the path ending in `/`.
+    pub suite: String,
+    #[serde(default)]
+    pub components: Vec<String>,
+    /// Armored or binary OpenPGP key, path relative to `images/`.
+    pub key: String,
+    /// Fingerprint the key must have (40 hex digits, spaces allowed).
+    pub fingerprint: String,
+}
+
+/// A resolved profile: the chain flattened, modes' packages added.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Profile {
+    pub name: String,
+    pub description: String,
+    /// The chain that made it, root first.
+    pub chain: Vec<String>,
+    pub modes: Vec<String>,
+    /// Packages to install: the profile's own and its modes', sorted.
+    pub packages: Vec<String>,
+    pub mirror: Option<String>,
+    pub suite: String,
+    pub components: Vec<String>,
+    pub overlays: Vec<String>,
+    pub kernel_cmdline: Vec<String>,
+    pub source_date_epoch: u64,
+    pub root_compression: String,
+    pub esp_size_mib: u64,
+    pub gpu: bool,
+    pub repositories: Vec<Repository>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("unknown profile {name:?}; known profiles: {}", known.join(", "))]
+    Unknown { name: String, known: Vec<String> },
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+    #[error("profile `extends` cycle: {}", chain.join(" -> "))]
+    Cycle { chain: Vec<String> },
+}
+
+impl Profile {
+    /// Loads `images/<name>.toml` and everything it extends.
+    pub fn load(images_dir: &Path, name: &str, modes: &ModeTable) -> Result<Profile, ProfileError> {
+        let mut files = Vec::new();
+        let mut stack = Vec::new();
+        collect_chain(images_dir, name, &mut stack, &mut files)?;
+        let path_of = |n: &str| images_dir.join(format!("{n}.toml"));
+
+        let mut p = Profile {
+            name: name.to_string(),
+            description: String::new(),
+            chain: Vec::new(),
+            modes: Vec::new(),
+            packages: Vec::new(),
+            mirror: None,
+            suite: "trixie".into(),
+            components: Vec::new(),
+            overlays: Vec::new(),
+            kernel_cmdline: Vec::new(),
+            source_date_epoch: 0,
+            root_compression: "lz4hc,12".into(),
+            esp_size_mib: 128,
+            gpu: false,
+            repositories: Vec::new(),
+        };
+        for (fname, f) in files {
+            p.chain.push(fname.clone());
+            if let Some(d) = f.description {
+                p.description = d;
+            }
+            append_unique(&mut p.modes, f.modes);
+            append_unique(&mut p.packages, f.packages);
+            append_unique(&mut p.components, f.components);
+            append_unique(&mut p.overlays, f.overlays);
+            append_unique(&mut p.kernel_cmdline, f.kernel_cmdline);
+            p.mirror = f.mirror.or(p.mirror);
+            p.suite = f.suite.unwrap_or(p.suite);
+            p.source_date_epoch = f.source_date_epoch.unwrap_or(p.source_date_epoch);
+            p.root_compression = f.root_compression.unwrap_or(p.root_compression);
+            p.esp_size_mib = f.esp_size_mib.unwrap_or(p.esp_size_mib);
+            p.gpu = f.gpu.unwrap_or(p.gpu);
+            for repo in f.repositories {
+                let invalid = |message: String| ProfileError::Invalid {
+                    path: path_of(&fname),
+                    message,
+                };
+                check_fingerprint(&repo.fingerprint).map_err(|m| {
+                    invalid(format!("[[repositories]] {}: fingerprint {m}", repo.name))
+                })?;
+                p.repositories.retain(|r| r.name != repo.name);
+                p.repositories.push(repo);
+            }
+        }
+        let own = path_of(name);
+        for m in &p.modes {
+            if !KNOWN_MODES.contains(&m.as_str()) {
+                return Err(ProfileError::Invalid {
+                    path: own,
+                    message: format!(
+                        "key `modes`: unknown run mode {m:?}; run modes are {}",
+                        KNOWN_MODES.join(", ")
+                    ),
+                });
+            }
+        }
+        for m in &p.modes {
+            for req in &modes.get(m).map(|s| s.requires.clone()).unwrap_or_default() {
+                if !p.modes.contains(req) {
+                    return Err(ProfileError::Invalid {
+                        path: own,
+                        message: format!("key `modes`: mode {m:?} requires mode {req:?}, add it"),
+                    });
+                }
+            }
+        }
+        if p.components.is_empty() {
+            p.components.push("main".into());
+        }
+        if p.description.is_empty() {
+            return Err(ProfileError::Invalid {
+                path: own,
+                message: "key `description` is missing (here or in a profile it extends)".into(),
+            });
+        }
+        p.modes.sort();
+        let mode_pkgs = modes.packages_for(p.modes.iter().map(String::as_str));
+        append_unique(&mut p.packages, mode_pkgs);
+        p.packages.sort();
+        Ok(p)
+    }
+}
+
+/// Profile names in `images/` (every `*.toml` but the mode table), sorted.
+pub fn list_profiles(images_dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(images_dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+            if stem != "modes" {
+                out.push(stem);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn collect_chain(
+    images_dir: &Path,
+    name: &str,
+    stack: &mut Vec<String>,
+    out: &mut Vec<(String, ProfileFile)>,
+) -> Result<(), ProfileError> {
+    if stack.iter().any(|s| s == name) {
+        let mut chain = stack.clone();
+        chain.push(name.to_string());
+        return Err(ProfileError::Cycle { chain });
+    }
+    if out.iter().any(|(n, _)| n == name) {
+        return Ok(()); // diamond: already merged through another parent
+    }
+    let path = images_dir.join(format!("{name}.toml"));
+    if name == "modes" || name.contains('/') || !path.is_file() {
+        return Err(ProfileError::Unknown {
+            name: name.to_string(),
+            known: list_profiles(images_dir).unwrap_or_default(),
+        });
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| ProfileError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let file: ProfileFile = toml::from_str(&text).map_err(|e| ProfileError::Invalid {
+        path: path.clone(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    stack.push(name.to_string());
+    for parent in &file.extends {
+        collect_chain(images_dir, parent, stack, out).map_err(|e| match e {
+            ProfileError::Unknown { name: n, known } => ProfileError::Invalid {
+                path: path.clone(),
+                message: format!(
+                    "key `extends`: unknown profile {n:?}; known profiles: {}",
+                    known.join(", ")
+                ),
+            },
+            other => other,
+        })?;
+    }
+    stack.pop();
+    out.push((name.to_string(), file));
+    Ok(())
+}
+
+fn append_unique(into: &mut Vec<String>, items: Vec<String>) {
+    let mut seen: BTreeSet<String> = into.iter().cloned().collect();
+    for i in items {
+        if seen.insert(i.clone()) {
+            into.push(i);
+        }
+    }
+}
+
+fn check_fingerprint(fpr: &str) -> Result<(), String> {
+    let hex: String = fpr.chars().filter(|c| !c.is_whitespace()).collect();
+    if hex.len() == 40 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(format!("{fpr:?} is not 40 hex digits"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> ModeTable {
+        ModeTable::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/modes.toml"))
+            .unwrap()
+    }
+
+    fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(d.path().join(format!("{name}.toml")), text).unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn repo_profiles_all_resolve() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
+        let names = list_profiles(&dir).unwrap();
+        for want in ["base", "controller", "engine", "engine-gpu", "coreless", "anywhere"] {
+            assert!(names.contains(&want.to_string()), "{want} missing: {names:?}");
+        }
+        for n in names {
+            Profile::load(&dir, &n, &table()).unwrap_or_else(|e| panic!("{n}: {e}"));
+        }
+        let any = Profile::load(&dir, "anywhere", &table()).unwrap();
+        assert_eq!(any.modes.len(), 12);
+        let eng = Profile::load(&dir, "engine", &table()).unwrap();
+        assert_eq!(eng.modes, vec!["engine"]);
+        assert!(eng.packages.contains(&"docker.io".to_string()));
+        assert!(eng.packages.contains(&"linux-image-amd64".to_string()));
+    }
+
+    #[test]
+    fn extends_merges_lists_and_overrides_scalars() {
+        let d = dir_with(&[
+            (
+                "a",
+                "description='a'\npackages=['x','y']\nsuite='trixie'\nesp_size_mib=64\noverlays=['base']",
+            ),
+            ("b", "extends=['a']\npackages=['y','z']\nesp_size_mib=96\nmodes=['db']\noverlays=['db','base']"),
+        ]);
+        let p = Profile::load(d.path(), "b", &table()).unwrap();
+        assert_eq!(p.chain, vec!["a", "b"]);
+        assert_eq!(p.description, "a");
+        assert_eq!(p.esp_size_mib, 96);
+        assert_eq!(p.overlays, vec!["base", "db"]);
+        for pkg in ["x", "y", "z", "postgresql", "openssh-server"] {
+            assert!(p.packages.contains(&pkg.to_string()), "{pkg}");
+        }
+        assert_eq!(p.packages.iter().filter(|x| *x == "y").count(), 1);
+    }
+
+    #[test]
+    fn misspelt_key_names_file_key_and_allowed_keys() {
+        let d = dir_with(&[("p", "description='p'\npakages=['x']\n")]);
+        let e = Profile::load(d.path(), "p", &table()).unwrap_err().to_string();
+        assert!(e.contains("p.toml"), "{e}");
+        assert!(e.contains("unknown field `pakages`"), "{e}");
+        assert!(e.contains("`packages`"), "allowed keys listed: {e}");
+    }
+
+    #[test]
+    fn unknown_profile_lists_known_ones() {
+        let d = dir_with(&[("alpha", "description='a'"), ("beta", "description='b'")]);
+        let e = Profile::load(d.path(), "gamma", &table()).unwrap_err().to_string();
+        assert!(e.contains("\"gamma\"") && e.contains("alpha, beta"), "{e}");
+        let d = dir_with(&[("c", "description='c'\nextends=['nope']")]);
+        let e = Profile::load(d.path(), "c", &table()).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("extends") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn extends_cycle_is_reported_with_its_path() {
+        let d = dir_with(&[
+            ("a", "description='a'\nextends=['b']"),
+            ("b", "extends=['c']"),
+            ("c", "extends=['a']"),
+        ]);
+        let e = Profile::load(d.path(), "a", &table()).unwrap_err().to_string();
+        assert!(e.contains("a -> b -> c -> a"), "{e}");
+    }
+
+    #[test]
+    fn unknown_mode_and_bad_fingerprint_are_errors() {
+        let d = dir_with(&[("p", "description='p'\nmodes=['engine','ftp']")]);
+        let e = Profile::load(d.path(), "p", &table()).unwrap_err().to_string();
+        assert!(e.contains("unknown run mode \"ftp\""), "{e}");
+        let d = dir_with(&[(
+            "p",
+            "description='p'\n[[repositories]]\nname='r'\nurl='http://127.0.0.1/'\nsuite='./'\nkey='k.asc'\nfingerprint='ABCD'",
+        )]);
+        let e = Profile::load(d.path(), "p", &table()).unwrap_err().to_string();
+        assert!(e.contains("fingerprint") && e.contains("40 hex"), "{e}");
+    }
+}
