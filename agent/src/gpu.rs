@@ -1,11 +1,11 @@
 //! NVIDIA GPUs found on PCI (vendor 0x10de, display class 0x03xxxx).
 
 use crate::paths::Paths;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub const NVIDIA_VENDOR: &str = "0x10de";
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Gpu {
     pub pci_address: String,
     pub device_id: String,
