@@ -18,8 +18,13 @@ use qemu_tests::node::{
     controller_url_in_guest, joining_user_data, mode_list, node_vm, sorted_modes, start_controller,
     wait_for_hosts, TEST_LICENSE,
 };
-use qemu_tests::test_images::image_for;
+use qemu_tests::test_images::{image_for, TestImage};
 use qemu_tests::{AgentReport, TestCase, UserData, Vm};
+
+/// The built image of `profile`, fetched or built before the test's deadline starts.
+fn image(profile: &str) -> TestImage {
+    image_for(profile).unwrap_or_else(|e| panic!("no {profile:?} image to boot: {e:#}"))
+}
 
 /// Boots `vm` to the agent's `ready`, records the time, and lets SSH in.
 fn boot_ready(case: &TestCase, vm: &mut Vm) -> Result<()> {
@@ -63,9 +68,9 @@ fn controller_answers_version(case: &TestCase, vm: &Vm) -> Result<()> {
 
 #[test]
 fn engine() {
+    let image = image("engine");
     TestCase::run("engine", DEFAULT_BUDGET, |case| {
         let dl = case.deadline();
-        let image = image_for("engine")?;
         let controller = start_controller()?;
         let mut vm = node_vm(case.dir(), "engine", &image, Some(&controller))?
             .user_data(joining_user_data("engine-1", "engine"))
@@ -100,10 +105,10 @@ fn engine() {
 
 #[test]
 fn controller() {
+    let image = image("controller");
     TestCase::run("controller", DEFAULT_BUDGET, |case| {
         let dl = case.deadline();
         let modes = "controller,db,nfs";
-        let image = image_for("controller")?;
         let controller = start_controller()?;
         let mut vm = node_vm(case.dir(), "controller", &image, Some(&controller))?
             .user_data(joining_user_data("controller-1", modes))
@@ -132,10 +137,10 @@ fn controller() {
 
 #[test]
 fn coreless() {
+    let image = image("coreless");
     TestCase::run("coreless", DEFAULT_BUDGET, |case| {
         let dl = case.deadline();
         let modes = "controller,db,engine,nfs,prometheus,registry";
-        let image = image_for("coreless")?;
         let controller = start_controller()?;
         let mut vm = node_vm(case.dir(), "coreless", &image, Some(&controller))?
             .memory_mib(3072)
@@ -173,9 +178,9 @@ fn coreless() {
 
 #[test]
 fn engine_gpu_without_a_gpu() {
+    let image = image("engine-gpu");
     TestCase::run("engine-gpu-no-gpu", DEFAULT_BUDGET, |case| {
         let dl = case.deadline();
-        let image = image_for("engine-gpu")?;
         let controller = start_controller()?;
         let mut vm = node_vm(case.dir(), "engine-gpu", &image, Some(&controller))?
             .user_data(joining_user_data("engine-gpu-1", "engine"))
@@ -209,11 +214,10 @@ fn engine_gpu_without_a_gpu() {
 
 /// Boots the engine image with `user_data` and expects the agent to refuse it
 /// with a message containing `reason`, leaving the node up and the role down.
-fn refused(case: &TestCase, user_data: UserData, reason: &str) -> Result<()> {
+fn refused(case: &TestCase, image: &TestImage, user_data: UserData, reason: &str) -> Result<()> {
     let dl = case.deadline();
-    let image = image_for("engine")?;
     let controller = start_controller()?;
-    let mut vm = node_vm(case.dir(), "invalid", &image, Some(&controller))?
+    let mut vm = node_vm(case.dir(), "invalid", image, Some(&controller))?
         .user_data(user_data)
         .start()?;
     let report = vm.wait_for_agent(dl)?;
@@ -248,29 +252,31 @@ fn refused(case: &TestCase, user_data: UserData, reason: &str) -> Result<()> {
 
 #[test]
 fn invalid_user_data_unknown_mode() {
+    let image = image("engine");
     TestCase::run("invalid-unknown-mode", DEFAULT_BUDGET, |case| {
         let ud = UserData::cloud_config()
             .setting("AIWARE_MODE", "ftp")
             .setting("AIWARE_LICENSE", TEST_LICENSE);
-        refused(case, ud, "unknown mode \"ftp\"")
+        refused(case, &image, ud, "unknown mode \"ftp\"")
     });
 }
 
 #[test]
 fn invalid_user_data_engine_without_controller() {
+    let image = image("engine");
     TestCase::run("invalid-engine-no-controller", DEFAULT_BUDGET, |case| {
         let ud = UserData::cloud_config()
             .setting("AIWARE_MODE", "engine")
             .setting("AIWARE_LICENSE", TEST_LICENSE);
-        refused(case, ud, "AIWARE_CONTROLLER")
+        refused(case, &image, ud, "AIWARE_CONTROLLER")
     });
 }
 
 #[test]
 fn persistence_across_reboot() {
+    let image = image("engine");
     TestCase::run("persistence", DEFAULT_BUDGET + DEFAULT_BUDGET / 2, |case| {
         let dl = case.deadline();
-        let image = image_for("engine")?;
         let controller = start_controller()?;
         let mut vm = node_vm(case.dir(), "engine", &image, Some(&controller))?
             .user_data(joining_user_data("engine-p", "engine"))
@@ -327,9 +333,9 @@ fn persistence_across_reboot() {
 
 #[test]
 fn read_only_root_and_growing_var() {
+    let image = image("engine");
     TestCase::run("readonly-root", DEFAULT_BUDGET, |case| {
         let dl = case.deadline();
-        let image = image_for("engine")?;
         let controller = start_controller()?;
         let disk_gib = 12;
         let mut vm = node_vm(case.dir(), "engine", &image, Some(&controller))?
