@@ -32,7 +32,12 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     pub fn for_system(paths: Paths) -> Self {
-        let env_secs = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+        let env_secs = |k: &str, d: u64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
         AgentConfig {
             real_system: paths.is_real_root(),
             paths,
@@ -40,9 +45,13 @@ impl AgentConfig {
             datasource_deadline: Duration::from_secs(env_secs("AIW_AGENT_DATASOURCE_DEADLINE", 90)),
             join_deadline: None,
             join_backoff_max: Duration::from_secs(30),
-            metrics_addr: std::env::var("AIW_AGENT_METRICS_ADDR").ok().and_then(|a| a.parse().ok()).or_else(|| Some(([0, 0, 0, 0], 8000).into())),
+            metrics_addr: std::env::var("AIW_AGENT_METRICS_ADDR")
+                .ok()
+                .and_then(|a| a.parse().ok())
+                .or_else(|| Some(([0, 0, 0, 0], 8000).into())),
             heartbeat_override: None,
-            stop_after_heartbeats: None,
+            // For measurements and smoke tests: exit after N status reports.
+            stop_after_heartbeats: std::env::var("AIW_AGENT_EXIT_AFTER_HEARTBEATS").ok().and_then(|v| v.parse().ok()),
         }
     }
 }
@@ -82,8 +91,16 @@ fn sd_notify(msg: &str) {
 
 impl<'a> Agent<'a> {
     pub fn new(cfg: AgentConfig, units: &'a dyn UnitControl) -> Self {
-        let status = Status { agent_version: env!("CARGO_PKG_VERSION").into(), phase: "starting".into(), ..Default::default() };
-        Agent { cfg, units, status: Arc::new(Mutex::new(status)) }
+        let status = Status {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            phase: "starting".into(),
+            ..Default::default()
+        };
+        Agent {
+            cfg,
+            units,
+            status: Arc::new(Mutex::new(status)),
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut Status)) {
@@ -114,9 +131,15 @@ impl<'a> Agent<'a> {
         }
         let deadline = Instant::now() + self.cfg.datasource_deadline;
         for c in candidates {
-            log::info(&format!("trying datasource {} because {}", c.source.name(), c.reason));
+            log::info(&format!(
+                "trying datasource {} because {}",
+                c.source.name(),
+                c.reason
+            ));
             match c.source.fetch(deadline) {
-                Ok(ld) if ld.user_data.is_some() => return Some((c.source.name().to_string(), c.reason, ld)),
+                Ok(ld) if ld.user_data.is_some() => {
+                    return Some((c.source.name().to_string(), c.reason, ld))
+                }
                 Ok(_) => log::info(&format!("datasource {} has no user-data", c.source.name())),
                 Err(e) => self.error(&e.to_string()),
             }
@@ -132,11 +155,15 @@ impl<'a> Agent<'a> {
                 Err(e) => self.error(&format!("cannot serve metrics on {addr}: {e}")),
             }
         }
-        let image: Option<ImageInfo> = std::fs::read(paths.image_json()).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let image: Option<ImageInfo> = std::fs::read(paths.image_json())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
         let table = match ModeTable::load(&paths.modes_toml()) {
             Ok(t) => Some(t),
             Err(e) => {
-                self.error(&format!("{e}: the image lacks its mode table, so no mode service can be managed"));
+                self.error(&format!(
+                    "{e}: the image lacks its mode table, so no mode service can be managed"
+                ));
                 None
             }
         };
@@ -154,8 +181,16 @@ impl<'a> Agent<'a> {
         let found = self.find_launch_data();
         let (source, reason, settings) = match (found, persisted) {
             (Some((name, reason, ld)), prev) => {
-                if let Some(p) = prev.filter(|p| p.instance_id.is_some() && p.instance_id == ld.instance_id) {
-                    (name, format!("{reason}; same instance-id as the persisted settings, which are kept"), Ok(p))
+                if let Some(p) =
+                    prev.filter(|p| p.instance_id.is_some() && p.instance_id == ld.instance_id)
+                {
+                    (
+                        name,
+                        format!(
+                            "{reason}; same instance-id as the persisted settings, which are kept"
+                        ),
+                        Ok(p),
+                    )
                 } else {
                     let parsed = userdata::parse(ld.user_data.as_deref().unwrap_or_default())
                         .map(|u| Settings::from_user_data(u, ld.instance_id.clone()))
@@ -163,12 +198,21 @@ impl<'a> Agent<'a> {
                     (name, reason, parsed)
                 }
             }
-            (None, Some(p)) => ("persisted".into(), "no launch data this boot; using the settings persisted in /var/lib/aiware".into(), Ok(p)),
+            (None, Some(p)) => (
+                "persisted".into(),
+                "no launch data this boot; using the settings persisted in /var/lib/aiware".into(),
+                Ok(p),
+            ),
             (None, None) => {
                 let msg = "no user-data found (no NoCloud seed, ESP file, kernel command line or cloud metadata); running with no modes";
                 log::console(msg);
                 if let Some(t) = &table {
-                    let a = apply::Applier { paths: &paths, table: t, units: self.units, real_system: self.cfg.real_system };
+                    let a = apply::Applier {
+                        paths: &paths,
+                        table: t,
+                        units: self.units,
+                        real_system: self.cfg.real_system,
+                    };
                     if let Err(e) = a.stop_all() {
                         self.error(&e);
                     }
@@ -177,7 +221,10 @@ impl<'a> Agent<'a> {
                     s.phase = "no-user-data".into();
                     s.settings_valid = true;
                     s.join.state = "not-configured".into();
-                    s.ports = table.as_ref().map(|t| apply::ports(t, &[])).unwrap_or_default();
+                    s.ports = table
+                        .as_ref()
+                        .map(|t| apply::ports(t, &[]))
+                        .unwrap_or_default();
                 });
                 sd_notify("READY=1\nSTATUS=no user-data; no modes");
                 log::console("ready (no modes, no user-data)");
@@ -192,15 +239,29 @@ impl<'a> Agent<'a> {
 
         let settings = match settings {
             Ok(s) => s,
-            Err(e) => return self.invalid(vec![format!("user-data cannot be parsed: {e}")], table.as_ref()),
+            Err(e) => {
+                return self.invalid(
+                    vec![format!("user-data cannot be parsed: {e}")],
+                    table.as_ref(),
+                )
+            }
         };
         log::add_secrets(settings.secrets());
         for w in &settings.warnings {
             log::info(&format!("warning: {w}"));
         }
-        let mut errs = settings::validate(&settings, &ImageContext { table: table.as_ref(), image: image.as_ref() });
+        let mut errs = settings::validate(
+            &settings,
+            &ImageContext {
+                table: table.as_ref(),
+                image: image.as_ref(),
+            },
+        );
         if table.is_none() {
-            errs.push(format!("{} is missing or unreadable", crate::modes::MODES_PATH));
+            errs.push(format!(
+                "{} is missing or unreadable",
+                crate::modes::MODES_PATH
+            ));
         }
         self.update(|s| s.settings = Some(settings.redacted_json()));
         if !errs.is_empty() {
@@ -208,7 +269,12 @@ impl<'a> Agent<'a> {
         }
         let table = table.expect("checked above");
         let modes = settings.modes();
-        let a = apply::Applier { paths: &paths, table: &table, units: self.units, real_system: self.cfg.real_system };
+        let a = apply::Applier {
+            paths: &paths,
+            table: &table,
+            units: self.units,
+            real_system: self.cfg.real_system,
+        };
         for e in a.apply(&settings) {
             self.error(&e);
         }
@@ -216,7 +282,15 @@ impl<'a> Agent<'a> {
             .iter()
             .map(|m| ModeStatus {
                 mode: m.clone(),
-                services: table.get(m).map(|s| s.services.iter().map(|u| (u.clone(), self.units.active_state(u))).collect()).unwrap_or_default(),
+                services: table
+                    .get(m)
+                    .map(|s| {
+                        s.services
+                            .iter()
+                            .map(|u| (u.clone(), self.units.active_state(u)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             })
             .collect();
         self.update(|s| {
@@ -226,13 +300,20 @@ impl<'a> Agent<'a> {
             s.modes = mode_status;
             s.ports = apply::ports(&table, &modes);
             s.join.controller = settings.controller().map(String::from);
-            s.join.state = if settings.controller().is_some() { "waiting-for-controller".into() } else { "not-configured".into() };
+            s.join.state = if settings.controller().is_some() {
+                "waiting-for-controller".into()
+            } else {
+                "not-configured".into()
+            };
         });
         sd_notify(&format!("READY=1\nSTATUS=configured: {}", modes.join(",")));
 
         match settings.controller() {
             None => {
-                log::console(&format!("ready modes={} datasource={source} (no controller to join)", modes.join(",")));
+                log::console(&format!(
+                    "ready modes={} datasource={source} (no controller to join)",
+                    modes.join(",")
+                ));
                 Outcome::Ready
             }
             Some(url) => self.join_and_report(url, &settings, &modes, &gpus, &source),
@@ -241,13 +322,22 @@ impl<'a> Agent<'a> {
 
     fn invalid(&self, errs: Vec<String>, table: Option<&ModeTable>) -> Outcome {
         let first = log::scrub(&errs[0]);
-        let more = if errs.len() > 1 { format!(" (and {} more: see aiw-agent status)", errs.len() - 1) } else { String::new() };
+        let more = if errs.len() > 1 {
+            format!(" (and {} more: see aiw-agent status)", errs.len() - 1)
+        } else {
+            String::new()
+        };
         log::console(&format!("invalid settings: {first}{more}"));
         for e in &errs {
             log::info(&format!("invalid setting: {e}"));
         }
         if let Some(t) = table {
-            let a = apply::Applier { paths: &self.cfg.paths, table: t, units: self.units, real_system: self.cfg.real_system };
+            let a = apply::Applier {
+                paths: &self.cfg.paths,
+                table: t,
+                units: self.units,
+                real_system: self.cfg.real_system,
+            };
             if let Err(e) = a.stop_all() {
                 self.error(&e);
             }
@@ -264,11 +354,28 @@ impl<'a> Agent<'a> {
         Outcome::Invalid(first)
     }
 
-    fn join_and_report(&self, url: &str, s: &Settings, modes: &[String], gpus: &[gpu::Gpu], source: &str) -> Outcome {
+    fn join_and_report(
+        &self,
+        url: &str,
+        s: &Settings,
+        modes: &[String],
+        gpus: &[gpu::Gpu],
+        source: &str,
+    ) -> Outcome {
         let paths = &self.cfg.paths;
         let client = EdgeClient::new(url);
         let init = s.get("AIWARE_INIT_TOKEN").unwrap_or("").to_string();
-        let image_version = self.status.lock().map(|st| st.image.as_ref().and_then(|i| i["version"].as_str().map(String::from))).ok().flatten().unwrap_or_default();
+        let image_version = self
+            .status
+            .lock()
+            .map(|st| {
+                st.image
+                    .as_ref()
+                    .and_then(|i| i["version"].as_str().map(String::from))
+            })
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         let previous = join::load(paths);
         let deadline = self.cfg.join_deadline.map(|d| Instant::now() + d);
         let mut backoff = Backoff::new(Duration::from_millis(200), self.cfg.join_backoff_max);
@@ -277,12 +384,22 @@ impl<'a> Agent<'a> {
             facts: &facts,
             modes,
             gpus,
-            host_expire: s.get("AIWARE_HOST_EXPIRE").is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            host_expire: s
+                .get("AIWARE_HOST_EXPIRE")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true")),
             instance_id: s.instance_id.as_deref(),
             image_version: &image_version,
         };
         let mut on_wait = |m: &str| log::info(m);
-        let reply = match join::join(&client, &init, &report, previous.as_ref(), &mut backoff, deadline, &mut on_wait) {
+        let reply = match join::join(
+            &client,
+            &init,
+            &report,
+            previous.as_ref(),
+            &mut backoff,
+            deadline,
+            &mut on_wait,
+        ) {
             Ok(v) => v,
             Err(e) => {
                 let msg = format!("cannot join the controller: {e}");
@@ -297,13 +414,25 @@ impl<'a> Agent<'a> {
         log::add_secrets([token.clone()]);
         if let Some(p) = &previous {
             if p.host_id != host_id && p.controller == client.base {
-                log::info(&format!("the controller gave a new hostID {host_id} (was {})", p.host_id));
+                log::info(&format!(
+                    "the controller gave a new hostID {host_id} (was {})",
+                    p.host_id
+                ));
             }
         }
         let mounts: Vec<serde_json::Value> = reply["mount"].as_array().cloned().unwrap_or_default();
-        let rec = JoinRecord { controller: client.base.clone(), host_id: host_id.clone(), host_token: token.clone(), joined_unix: now_unix(), mounts: mounts.clone() };
+        let rec = JoinRecord {
+            controller: client.base.clone(),
+            host_id: host_id.clone(),
+            host_token: token.clone(),
+            joined_unix: now_unix(),
+            mounts: mounts.clone(),
+        };
         if let Err(e) = join::save(paths, &rec) {
-            self.error(&format!("cannot keep the join state in {}: {e}", paths.join_file().display()));
+            self.error(&format!(
+                "cannot keep the join state in {}: {e}",
+                paths.join_file().display()
+            ));
         }
         let mut mount_lines = Vec::new();
         for r in join::mount_all(paths, &mounts, self.cfg.real_system) {
@@ -320,15 +449,24 @@ impl<'a> Agent<'a> {
             st.join.mounts = mount_lines;
         });
         sd_notify(&format!("STATUS=joined {url} as {host_id}"));
-        log::console(&format!("ready modes={} host_id={host_id} datasource={source} controller={url}", modes.join(",")));
+        log::console(&format!(
+            "ready modes={} host_id={host_id} datasource={source} controller={url}",
+            modes.join(",")
+        ));
 
         // Report status every interval; a 401 re-registers (same hostID) with the init token.
-        let interval = self.cfg.heartbeat_override.unwrap_or(Duration::from_secs(s.update_interval_s()));
+        let interval = self
+            .cfg
+            .heartbeat_override
+            .unwrap_or(Duration::from_secs(s.update_interval_s()));
         let prometheus = modes.iter().any(|m| m == "prometheus");
         let mut beats = 0u64;
         loop {
             let facts = host::gather(paths);
-            let report = HostReport { facts: &facts, ..report };
+            let report = HostReport {
+                facts: &facts,
+                ..report
+            };
             match client.update_status(&host_id, &token, &report.status(Some(&host_id))) {
                 Ok(_) => {
                     beats += 1;
@@ -339,12 +477,17 @@ impl<'a> Agent<'a> {
                     });
                 }
                 Err(join::JoinError::Unauthorized { .. }) => {
-                    log::info("the controller refused the host token; registering again as the same host");
+                    log::info(
+                        "the controller refused the host token; registering again as the same host",
+                    );
                     match client.register(&init, &report.register_request(Some(&host_id))) {
                         Ok(v) => {
                             token = v["hostToken"].as_str().unwrap_or_default().to_string();
                             log::add_secrets([token.clone()]);
-                            let rec = JoinRecord { host_token: token.clone(), ..rec.clone() };
+                            let rec = JoinRecord {
+                                host_token: token.clone(),
+                                ..rec.clone()
+                            };
                             let _ = join::save(paths, &rec);
                         }
                         Err(e) => self.error(&format!("re-registering: {e}")),
@@ -357,8 +500,16 @@ impl<'a> Agent<'a> {
                     Ok(h) => {
                         let t = join::prometheus_targets(&h);
                         let file = paths.prometheus_sd_dir().join("aiware-hosts.json");
-                        if let Err(e) = std::fs::create_dir_all(paths.prometheus_sd_dir())
-                            .and_then(|_| apply::write_private(&file, serde_json::to_string_pretty(&t).unwrap_or_default().as_bytes(), 0o644))
+                        if let Err(e) =
+                            std::fs::create_dir_all(paths.prometheus_sd_dir()).and_then(|_| {
+                                apply::write_private(
+                                    &file,
+                                    serde_json::to_string_pretty(&t)
+                                        .unwrap_or_default()
+                                        .as_bytes(),
+                                    0o644,
+                                )
+                            })
                         {
                             self.error(&format!("cannot write {}: {e}", file.display()));
                         }

@@ -14,11 +14,19 @@ use std::path::Path;
 /// Writes `data` to `path` atomically with `mode`, creating the parent directory.
 pub fn write_private(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
     let tmp = path.with_extension("tmp");
     {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;
         f.sync_all()?;
@@ -28,9 +36,16 @@ pub fn write_private(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()>
 
 pub fn save_settings(paths: &Paths, s: &Settings) -> std::io::Result<()> {
     let dir = paths.state_dir();
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-    write_private(&paths.settings_file(), &serde_json::to_vec_pretty(s).unwrap_or_default(), 0o600)
+    write_private(
+        &paths.settings_file(),
+        &serde_json::to_vec_pretty(s).unwrap_or_default(),
+        0o600,
+    )
 }
 
 pub fn load_settings(paths: &Paths) -> Option<Settings> {
@@ -45,7 +60,11 @@ pub fn split_services(table: &ModeTable, modes: &[String]) -> (Vec<String>, Vec<
             wanted.extend(spec.services.iter().cloned());
         }
     }
-    let others = table.all_mode_services().into_iter().filter(|s| !wanted.contains(s)).collect();
+    let others = table
+        .all_mode_services()
+        .into_iter()
+        .filter(|s| !wanted.contains(s))
+        .collect();
     (wanted.into_iter().collect(), others)
 }
 
@@ -79,25 +98,41 @@ impl Applier<'_> {
         let mut errs = Vec::new();
         let modes = s.modes();
         if let Err(e) = save_settings(self.paths, s) {
-            errs.push(format!("cannot persist settings in {}: {e}", self.paths.state_dir().display()));
+            errs.push(format!(
+                "cannot persist settings in {}: {e}",
+                self.paths.state_dir().display()
+            ));
         }
         for m in &modes {
-            let Some(spec) = self.table.get(m) else { continue };
+            let Some(spec) = self.table.get(m) else {
+                continue;
+            };
             for d in &spec.directories {
                 let p = self.paths.var_opt_aiware().join(d);
-                if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&p) {
+                if let Err(e) = std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(&p)
+                {
                     errs.push(format!("cannot create {}: {e}", p.display()));
                 }
             }
             for (k, v) in &spec.sysctls {
                 let p = self.paths.proc_sys().join(k.replace('.', "/"));
                 if let Err(e) = std::fs::write(&p, v) {
-                    errs.push(format!("sysctl {k}={v} (mode {m}): cannot write {}: {e}", p.display()));
+                    errs.push(format!(
+                        "sysctl {k}={v} (mode {m}): cannot write {}: {e}",
+                        p.display()
+                    ));
                 }
             }
             for km in &spec.kernel_modules {
                 if self.real_system {
-                    match std::process::Command::new("modprobe").arg("--").arg(km).status() {
+                    match std::process::Command::new("modprobe")
+                        .arg("--")
+                        .arg(km)
+                        .status()
+                    {
                         Ok(st) if st.success() => {}
                         Ok(st) => errs.push(format!("modprobe {km} (mode {m}) exited with {st}")),
                         Err(e) => errs.push(format!("cannot run modprobe {km}: {e}")),
@@ -135,8 +170,13 @@ impl Applier<'_> {
         let dir = self.paths.ssh_root_dir();
         let parent = dir.parent().unwrap_or(&dir).to_path_buf();
         let mk = |p: &Path, mode: u32| -> Result<(), String> {
-            std::fs::DirBuilder::new().recursive(true).mode(mode).create(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?;
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(|e| format!("chmod {}: {e}", p.display()))
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(p)
+                .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| format!("chmod {}: {e}", p.display()))
         };
         // sshd StrictModes: every directory on the way root-owned and not group/world-writable.
         mk(&parent, 0o755)?;
@@ -146,17 +186,25 @@ impl Applier<'_> {
             text.push_str(k);
             text.push('\n');
         }
-        write_private(&dir.join("authorized_keys"), text.as_bytes(), 0o600).map_err(|e| format!("cannot write authorized_keys: {e}"))
+        write_private(&dir.join("authorized_keys"), text.as_bytes(), 0o600)
+            .map_err(|e| format!("cannot write authorized_keys: {e}"))
     }
 
     fn hostname(&self, h: &str) -> Result<(), String> {
-        write_private(&self.paths.run_dir().join("hostname"), format!("{h}\n").as_bytes(), 0o644)
-            .map_err(|e| format!("cannot write /run/aiware/hostname: {e}"))?;
+        write_private(
+            &self.paths.run_dir().join("hostname"),
+            format!("{h}\n").as_bytes(),
+            0o644,
+        )
+        .map_err(|e| format!("cannot write /run/aiware/hostname: {e}"))?;
         if self.real_system {
             // SAFETY: pointer and length describe h's bytes.
             let rc = unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) };
             if rc != 0 {
-                return Err(format!("sethostname({h}): {}", std::io::Error::last_os_error()));
+                return Err(format!(
+                    "sethostname({h}): {}",
+                    std::io::Error::last_os_error()
+                ));
             }
         }
         Ok(())
@@ -176,14 +224,17 @@ impl Applier<'_> {
             .mode(f.permissions)
             .open(&p)
             .map_err(|e| format!("write_files {}: {e}", f.path))?;
-        file.write_all(&f.content).map_err(|e| format!("write_files {}: {e}", f.path))?;
-        file.set_permissions(std::fs::Permissions::from_mode(f.permissions)).map_err(|e| format!("write_files {}: {e}", f.path))
+        file.write_all(&f.content)
+            .map_err(|e| format!("write_files {}: {e}", f.path))?;
+        file.set_permissions(std::fs::Permissions::from_mode(f.permissions))
+            .map_err(|e| format!("write_files {}: {e}", f.path))
     }
 
     /// /run/aiware/aiware.env for the aiWARE containers, rendered from its template.
     fn render_env(&self, s: &Settings) -> Result<(), String> {
         let mut tera = tera::Tera::default();
-        tera.add_raw_template("aiware.env", include_str!("../templates/aiware.env.tera")).map_err(|e| format!("template aiware.env: {e}"))?;
+        tera.add_raw_template("aiware.env", include_str!("../templates/aiware.env.tera"))
+            .map_err(|e| format!("template aiware.env: {e}"))?;
         let mut ctx = tera::Context::new();
         ctx.insert("root", s.get("AIWARE_ROOT").unwrap_or("/opt/aiware"));
         ctx.insert("cache_dir", s.get("AIWARE_CACHE_DIR").unwrap_or("/cache"));
@@ -194,7 +245,14 @@ impl Applier<'_> {
             .map(|(k, v)| (k, v.replace(['\n', '\r'], " ")))
             .collect();
         ctx.insert("vars", &vars);
-        let text = tera.render("aiware.env", &ctx).map_err(|e| format!("template aiware.env: {e}"))?;
-        write_private(&self.paths.run_dir().join("aiware.env"), text.as_bytes(), 0o600).map_err(|e| format!("cannot write aiware.env: {e}"))
+        let text = tera
+            .render("aiware.env", &ctx)
+            .map_err(|e| format!("template aiware.env: {e}"))?;
+        write_private(
+            &self.paths.run_dir().join("aiware.env"),
+            text.as_bytes(),
+            0o600,
+        )
+        .map_err(|e| format!("cannot write aiware.env: {e}"))
     }
 }

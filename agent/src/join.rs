@@ -23,7 +23,11 @@ pub fn load(paths: &Paths) -> Option<JoinRecord> {
 }
 
 pub fn save(paths: &Paths, r: &JoinRecord) -> std::io::Result<()> {
-    crate::apply::write_private(&paths.join_file(), &serde_json::to_vec_pretty(r).unwrap_or_default(), 0o600)
+    crate::apply::write_private(
+        &paths.join_file(),
+        &serde_json::to_vec_pretty(r).unwrap_or_default(),
+        0o600,
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +35,12 @@ pub enum JoinError {
     #[error("the controller at {url} refused the token (HTTP 401): check AIWARE_INIT_TOKEN is the cluster's init token")]
     Unauthorized { url: String },
     #[error("the controller at {url} answered HTTP {code} to {what}: {body}")]
-    Status { url: String, what: String, code: u16, body: String },
+    Status {
+        url: String,
+        what: String,
+        code: u16,
+        body: String,
+    },
     #[error("cannot reach the controller at {url}: {message}")]
     Unreachable { url: String, message: String },
     #[error("the controller's answer to {what} is not what the Edge API says: {message}")]
@@ -50,30 +59,67 @@ impl EdgeClient {
             .timeout(Duration::from_secs(15))
             .try_proxy_from_env(false)
             .build();
-        EdgeClient { base: base.trim_end_matches('/').to_string(), agent }
+        EdgeClient {
+            base: base.trim_end_matches('/').to_string(),
+            agent,
+        }
     }
 
-    fn send(&self, method: &str, path: &str, token: &str, body: Option<&Value>, what: &str) -> Result<Value, JoinError> {
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+        what: &str,
+    ) -> Result<Value, JoinError> {
         let url = format!("{}{path}", self.base);
-        let req = self.agent.request(method, &url).set("Authorization", &format!("Bearer {token}")).set("Accept", "application/json");
+        let req = self
+            .agent
+            .request(method, &url)
+            .set("Authorization", &format!("Bearer {token}"))
+            .set("Accept", "application/json");
         let res = match body {
-            Some(b) => req.set("Content-Type", "application/json").send_string(&b.to_string()),
+            Some(b) => req
+                .set("Content-Type", "application/json")
+                .send_string(&b.to_string()),
             None => req.call(),
         };
         match res {
             Ok(r) => {
-                let text = r.into_string().map_err(|e| JoinError::Protocol { what: what.into(), message: e.to_string() })?;
+                let text = r.into_string().map_err(|e| JoinError::Protocol {
+                    what: what.into(),
+                    message: e.to_string(),
+                })?;
                 if text.trim().is_empty() {
                     return Ok(Value::Null);
                 }
-                serde_json::from_str(&text).map_err(|e| JoinError::Protocol { what: what.into(), message: format!("not JSON ({e})") })
+                serde_json::from_str(&text).map_err(|e| JoinError::Protocol {
+                    what: what.into(),
+                    message: format!("not JSON ({e})"),
+                })
             }
-            Err(ureq::Error::Status(401, _)) => Err(JoinError::Unauthorized { url: self.base.clone() }),
+            Err(ureq::Error::Status(401, _)) => Err(JoinError::Unauthorized {
+                url: self.base.clone(),
+            }),
             Err(ureq::Error::Status(code, r)) => {
-                let body: String = r.into_string().unwrap_or_default().chars().take(300).collect();
-                Err(JoinError::Status { url: self.base.clone(), what: what.into(), code, body })
+                let body: String = r
+                    .into_string()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(300)
+                    .collect();
+                Err(JoinError::Status {
+                    url: self.base.clone(),
+                    what: what.into(),
+                    code,
+                    body,
+                })
             }
-            Err(ureq::Error::Transport(t)) => Err(JoinError::Unreachable { url: self.base.clone(), message: t.to_string() }),
+            Err(ureq::Error::Transport(t)) => Err(JoinError::Unreachable {
+                url: self.base.clone(),
+                message: t.to_string(),
+            }),
         }
     }
 
@@ -83,17 +129,37 @@ impl EdgeClient {
     }
 
     pub fn register(&self, init_token: &str, req: &Value) -> Result<Value, JoinError> {
-        let v = self.send("POST", "/host/register", init_token, Some(req), "POST /host/register")?;
+        let v = self.send(
+            "POST",
+            "/host/register",
+            init_token,
+            Some(req),
+            "POST /host/register",
+        )?;
         for key in ["hostID", "hostToken"] {
             if v[key].as_str().filter(|s| !s.is_empty()).is_none() {
-                return Err(JoinError::Protocol { what: "POST /host/register".into(), message: format!("no {key} in the reply") });
+                return Err(JoinError::Protocol {
+                    what: "POST /host/register".into(),
+                    message: format!("no {key} in the reply"),
+                });
             }
         }
         Ok(v)
     }
 
-    pub fn update_status(&self, host_id: &str, token: &str, status: &Value) -> Result<Value, JoinError> {
-        self.send("POST", &format!("/host/{host_id}/updatestatus"), token, Some(status), "POST /host/{id}/updatestatus")
+    pub fn update_status(
+        &self,
+        host_id: &str,
+        token: &str,
+        status: &Value,
+    ) -> Result<Value, JoinError> {
+        self.send(
+            "POST",
+            &format!("/host/{host_id}/updatestatus"),
+            token,
+            Some(status),
+            "POST /host/{id}/updatestatus",
+        )
     }
 
     pub fn hosts(&self, token: &str) -> Result<Value, JoinError> {
@@ -136,7 +202,11 @@ impl HostReport<'_> {
     pub fn register_request(&self, host_id: Option<&str>) -> Value {
         let f = self.facts;
         let has = |m: &str| self.modes.iter().any(|x| x == m);
-        let gpu_type = self.gpus.first().map(|g| g.name.clone()).unwrap_or_default();
+        let gpu_type = self
+            .gpus
+            .first()
+            .map(|g| g.name.clone())
+            .unwrap_or_default();
         let mut info = json!({
             "hostname": f.hostname,
             "ips": f.ips,
@@ -199,19 +269,37 @@ pub fn join(
 ) -> Result<Value, JoinError> {
     loop {
         let res = client.version(init_token).and_then(|_| {
-            let id = previous.filter(|p| p.controller == client.base).map(|p| p.host_id.as_str());
+            let id = previous
+                .filter(|p| p.controller == client.base)
+                .map(|p| p.host_id.as_str());
             client.register(init_token, &report.register_request(id))
         });
         match res {
             Ok(v) => return Ok(v),
             Err(e @ JoinError::Unauthorized { .. }) => return Err(e),
-            Err(e @ JoinError::Status { code: 400..=499, .. }) if !matches!(e, JoinError::Status { code: 404 | 429, .. }) => return Err(e),
+            Err(
+                e @ JoinError::Status {
+                    code: 400..=499, ..
+                },
+            ) if !matches!(
+                e,
+                JoinError::Status {
+                    code: 404 | 429,
+                    ..
+                }
+            ) =>
+            {
+                return Err(e)
+            }
             Err(e) => {
                 let wait = backoff.next_wait();
                 if deadline.is_some_and(|d| Instant::now() + wait > d) {
                     return Err(e);
                 }
-                on_wait(&format!("waiting {:.1}s for the controller ({e})", wait.as_secs_f32()));
+                on_wait(&format!(
+                    "waiting {:.1}s for the controller ({e})",
+                    wait.as_secs_f32()
+                ));
                 std::thread::sleep(wait);
             }
         }
@@ -220,7 +308,11 @@ pub fn join(
 
 /// Mounts what the registration reply's `mount[]` names (NFS). Returns one
 /// line per mount for status, or the error.
-pub fn mount_all(paths: &Paths, mounts: &[Value], real_system: bool) -> Vec<Result<String, String>> {
+pub fn mount_all(
+    paths: &Paths,
+    mounts: &[Value],
+    real_system: bool,
+) -> Vec<Result<String, String>> {
     let mut sorted: Vec<&Value> = mounts.iter().collect();
     sorted.sort_by_key(|m| m["priority"].as_i64().unwrap_or(0));
     sorted
@@ -259,7 +351,10 @@ pub fn mount_all(paths: &Paths, mounts: &[Value], real_system: bool) -> Vec<Resu
 
 fn is_mounted(local: &str) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| t.lines().any(|l| l.split_whitespace().nth(4) == Some(local)))
+        .map(|t| {
+            t.lines()
+                .any(|l| l.split_whitespace().nth(4) == Some(local))
+        })
         .unwrap_or(false)
 }
 
@@ -268,8 +363,18 @@ fn is_mounted(local: &str) -> bool {
 pub fn prometheus_targets(hosts: &Value) -> Value {
     let mut groups = Vec::new();
     for h in hosts["result"].as_array().into_iter().flatten() {
-        let Some(ip) = h["ips"].as_array().and_then(|a| a.first()).and_then(|v| v.as_str()) else { continue };
-        let ip = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+        let Some(ip) = h["ips"]
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(|v| v.as_str())
+        else {
+            continue;
+        };
+        let ip = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        };
         groups.push(json!({
             "targets": [format!("{ip}:8000"), format!("{ip}:9100")],
             "labels": { "host_id": h["hostID"], "hostname": h["hostname"] },

@@ -51,9 +51,15 @@ fn run(paths: Paths) -> ExitCode {
     let cfg = AgentConfig::for_system(paths);
     let agent = Agent::new(cfg, units.as_ref());
     let outcome = agent.run();
+    if std::env::var_os("AIW_AGENT_EXIT_AFTER_HEARTBEATS").is_some() {
+        return ExitCode::SUCCESS;
+    }
     // The service stays up after every outcome, serving status and metrics;
     // a bad launch never fails the boot or restarts in a loop.
-    if matches!(outcome, Outcome::Ready | Outcome::NoUserData | Outcome::Invalid(_) | Outcome::JoinFailed(_)) {
+    if matches!(
+        outcome,
+        Outcome::Ready | Outcome::NoUserData | Outcome::Invalid(_) | Outcome::JoinFailed(_)
+    ) {
         loop {
             std::thread::park();
         }
@@ -94,19 +100,33 @@ fn check(paths: &Paths, args: &[String]) -> ExitCode {
             }
         }
     };
-    let image: Option<ImageInfo> = std::fs::read(&image_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let image: Option<ImageInfo> = std::fs::read(&image_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     let table = ModeTable::load(&modes_path).ok();
     let mut notes = Vec::new();
     if image.is_none() {
         notes.push(format!("no image description at {}: modes are checked against the guide only, not against an image", image_path.display()));
     }
     let (out, errs) = match userdata::parse(&data) {
-        Err(e) => (serde_json::json!({"file": file, "valid": false, "errors": [e.0], "notes": notes}), vec![e.0]),
+        Err(e) => (
+            serde_json::json!({"file": file, "valid": false, "errors": [e.0], "notes": notes}),
+            vec![e.0],
+        ),
         Ok(u) => {
             let formats = u.formats.clone();
             let s = Settings::from_user_data(u, None);
             log::add_secrets(s.secrets());
-            let errs: Vec<String> = settings::validate(&s, &ImageContext { table: table.as_ref(), image: image.as_ref() }).iter().map(|e| log::scrub(e)).collect();
+            let errs: Vec<String> = settings::validate(
+                &s,
+                &ImageContext {
+                    table: table.as_ref(),
+                    image: image.as_ref(),
+                },
+            )
+            .iter()
+            .map(|e| log::scrub(e))
+            .collect();
             (
                 serde_json::json!({
                     "file": file, "valid": errs.is_empty(), "formats": formats, "errors": errs,
@@ -130,7 +150,10 @@ fn check(paths: &Paths, args: &[String]) -> ExitCode {
 
 fn status(paths: &Paths, json: bool) -> ExitCode {
     let file = paths.status_file();
-    let mut st: Status = match std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+    let mut st: Status = match std::fs::read(&file)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
         Some(s) => s,
         None => {
             eprintln!("aiw-agent status: {} not found: the agent has not run on this boot (systemctl status aiw-agent)", file.display());

@@ -11,20 +11,49 @@ pub fn render(st: &Status) -> String {
     let b = |v: bool| if v { 1 } else { 0 };
     let mut out = String::new();
     let mut m = |name: &str, help: &str, kind: &str, value: String| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
     };
-    m("aiw_agent_joined", "1 when the host is registered with the controller", "gauge", b(st.join.state == "joined").to_string());
-    m("aiw_agent_settings_valid", "1 when the launch settings validated", "gauge", b(st.settings_valid).to_string());
+    m(
+        "aiw_agent_joined",
+        "1 when the host is registered with the controller",
+        "gauge",
+        b(st.join.state == "joined").to_string(),
+    );
+    m(
+        "aiw_agent_settings_valid",
+        "1 when the launch settings validated",
+        "gauge",
+        b(st.settings_valid).to_string(),
+    );
     m(
         "aiw_agent_last_heartbeat_timestamp_seconds",
         "Unix time of the last accepted status report",
         "gauge",
         st.join.last_heartbeat_unix.unwrap_or(0).to_string(),
     );
-    m("aiw_agent_heartbeats_total", "Status reports accepted by the controller", "counter", st.join.heartbeats.to_string());
-    m("aiw_agent_errors_total", "Errors met since the agent started", "counter", st.errors_total.to_string());
-    m("aiw_agent_gpus", "NVIDIA GPUs found on PCI", "gauge", st.gpus.len().to_string());
-    out.push_str("# HELP aiw_agent_mode Run modes enabled on this node\n# TYPE aiw_agent_mode gauge\n");
+    m(
+        "aiw_agent_heartbeats_total",
+        "Status reports accepted by the controller",
+        "counter",
+        st.join.heartbeats.to_string(),
+    );
+    m(
+        "aiw_agent_errors_total",
+        "Errors met since the agent started",
+        "counter",
+        st.errors_total.to_string(),
+    );
+    m(
+        "aiw_agent_gpus",
+        "NVIDIA GPUs found on PCI",
+        "gauge",
+        st.gpus.len().to_string(),
+    );
+    out.push_str(
+        "# HELP aiw_agent_mode Run modes enabled on this node\n# TYPE aiw_agent_mode gauge\n",
+    );
     for md in &st.modes {
         out.push_str(&format!("aiw_agent_mode{{mode=\"{}\"}} 1\n", md.mode));
     }
@@ -59,7 +88,11 @@ fn answer(mut s: TcpStream, status: &Mutex<Status>) -> std::io::Result<()> {
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/");
     let (code, ctype, body) = match path {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(&status.lock().unwrap_or_else(|e| e.into_inner()))),
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            render(&status.lock().unwrap_or_else(|e| e.into_inner())),
+        ),
         _ => ("404 Not Found", "text/plain", "see /metrics\n".into()),
     };
     write!(s, "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;

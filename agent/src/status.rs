@@ -55,13 +55,20 @@ impl Status {
         let mut s = String::new();
         let _ = writeln!(s, "aiw-agent {}  phase: {}", self.agent_version, self.phase);
         if let Some(img) = &self.image {
-            let _ = writeln!(s, "image:      profile {} version {}", img["profile"].as_str().unwrap_or("?"), img["version"].as_str().unwrap_or("?"));
+            let _ = writeln!(
+                s,
+                "image:      profile {} version {}",
+                img["profile"].as_str().unwrap_or("?"),
+                img["version"].as_str().unwrap_or("?")
+            );
         }
         let _ = writeln!(
             s,
             "datasource: {} ({})",
             self.datasource.as_deref().unwrap_or("none"),
-            self.datasource_reason.as_deref().unwrap_or("no evidence of any")
+            self.datasource_reason
+                .as_deref()
+                .unwrap_or("no evidence of any")
         );
         if !self.validation_errors.is_empty() {
             let _ = writeln!(s, "settings:   INVALID");
@@ -88,14 +95,39 @@ impl Status {
             let _ = writeln!(s, "  (none)");
         }
         for m in &self.modes {
-            let svc: Vec<String> = m.services.iter().map(|(u, st)| format!("{u} {st}")).collect();
-            let _ = writeln!(s, "  {:<11} {}", m.mode, if svc.is_empty() { "(no services)".into() } else { svc.join(", ") });
+            let svc: Vec<String> = m
+                .services
+                .iter()
+                .map(|(u, st)| format!("{u} {st}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  {:<11} {}",
+                m.mode,
+                if svc.is_empty() {
+                    "(no services)".into()
+                } else {
+                    svc.join(", ")
+                }
+            );
         }
         let _ = writeln!(s, "ports:      {}", self.ports.join(" "));
         let j = &self.join;
-        let _ = writeln!(s, "join:       {} (controller {})", j.state, j.controller.as_deref().unwrap_or("none"));
+        let _ = writeln!(
+            s,
+            "join:       {} (controller {})",
+            j.state,
+            j.controller.as_deref().unwrap_or("none")
+        );
         if let Some(id) = &j.host_id {
-            let _ = writeln!(s, "  hostID {id}, heartbeats {}, last at {}", j.heartbeats, j.last_heartbeat_unix.map(|t| t.to_string()).unwrap_or("-".into()));
+            let _ = writeln!(
+                s,
+                "  hostID {id}, heartbeats {}, last at {}",
+                j.heartbeats,
+                j.last_heartbeat_unix
+                    .map(|t| t.to_string())
+                    .unwrap_or("-".into())
+            );
         }
         for m in &j.mounts {
             let _ = writeln!(s, "  mount {m}");
@@ -107,7 +139,11 @@ impl Status {
                 let _ = writeln!(s, "gpu:        {} {}", g.pci_address, g.name);
             }
         }
-        let _ = writeln!(s, "last error: {}", self.last_error.as_deref().unwrap_or("none"));
+        let _ = writeln!(
+            s,
+            "last error: {}",
+            self.last_error.as_deref().unwrap_or("none")
+        );
         s
     }
 }

@@ -21,7 +21,11 @@ fn soon(s: u64) -> Instant {
 #[test]
 fn ec2_imdsv2_token_flow() {
     let d = MetadataServiceDouble::start(|m, p, h| match (m, p) {
-        ("PUT", "/latest/api/token") if header(h, "x-aws-ec2-metadata-token-ttl-seconds") == Some("21600") => (200, b"TOK1".to_vec()),
+        ("PUT", "/latest/api/token")
+            if header(h, "x-aws-ec2-metadata-token-ttl-seconds") == Some("21600") =>
+        {
+            (200, b"TOK1".to_vec())
+        }
         ("GET", _) if header(h, "x-aws-ec2-metadata-token") != Some("TOK1") => (401, vec![]),
         ("GET", "/latest/meta-data/instance-id") => (200, b"i-0abc".to_vec()),
         ("GET", "/latest/user-data") => (200, b"AIWARE_MODE=engine\n".to_vec()),
@@ -109,7 +113,10 @@ fn deadline_is_reached_and_named() {
     let mut src = GceSource::new(&d.url);
     fast(&mut src.client.backoff);
     let t = Instant::now();
-    let e = src.fetch(Instant::now() + Duration::from_millis(300)).unwrap_err().to_string();
+    let e = src
+        .fetch(Instant::now() + Duration::from_millis(300))
+        .unwrap_err()
+        .to_string();
     assert!(t.elapsed() < Duration::from_secs(3));
     assert!(e.contains("deadline") && e.contains("gce"), "{e}");
 }
@@ -122,7 +129,9 @@ fn gce_sends_metadata_flavor() {
         }
         match p {
             "/computeMetadata/v1/instance/id" => (200, b"123".to_vec()),
-            "/computeMetadata/v1/instance/attributes/user-data" => (200, b"#cloud-config\naiware: {mode: engine}\n".to_vec()),
+            "/computeMetadata/v1/instance/attributes/user-data" => {
+                (200, b"#cloud-config\naiware: {mode: engine}\n".to_vec())
+            }
             _ => (404, vec![]),
         }
     });
@@ -140,7 +149,11 @@ fn nocloud_seed_made_by_cloud_localds_is_read_without_mounting() {
     let t = tempfile::tempdir().unwrap();
     let paths = Paths::new(t.path());
     std::fs::create_dir_all(paths.by_label()).unwrap();
-    std::os::unix::fs::symlink(fixtures().join("nocloud/seed.iso"), paths.by_label().join("cidata")).unwrap();
+    std::os::unix::fs::symlink(
+        fixtures().join("nocloud/seed.iso"),
+        paths.by_label().join("cidata"),
+    )
+    .unwrap();
     let ev = gather_evidence(&paths);
     let c = identify(&paths, &Endpoints::default(), &ev);
     assert_eq!(c[0].source.name(), "nocloud");
@@ -161,7 +174,11 @@ fn identify_by_dmi_cmdline_and_esp_never_probes_blindly() {
     std::fs::create_dir_all(dmi.parent().unwrap()).unwrap();
     std::fs::write(paths.dmi("sys_vendor"), "Amazon EC2\n").unwrap();
     std::fs::create_dir_all(paths.cmdline().parent().unwrap()).unwrap();
-    std::fs::write(paths.cmdline(), "root=/dev/vda2 ro aiware.mode=engine aiware.controller=http://10.0.0.5:9000/edge/v1\n").unwrap();
+    std::fs::write(
+        paths.cmdline(),
+        "root=/dev/vda2 ro aiware.mode=engine aiware.controller=http://10.0.0.5:9000/edge/v1\n",
+    )
+    .unwrap();
     std::fs::create_dir_all(paths.esp_user_data().parent().unwrap()).unwrap();
     std::fs::write(paths.esp_user_data(), "AIWARE_MODE=db\n").unwrap();
     let c = identify(&paths, &Endpoints::default(), &gather_evidence(&paths));
@@ -171,7 +188,11 @@ fn identify_by_dmi_cmdline_and_esp_never_probes_blindly() {
     let u = aiw_agent::userdata::parse(&ld.user_data.unwrap()).unwrap();
     assert_eq!(u.vars["AIWARE_CONTROLLER"], "http://10.0.0.5:9000/edge/v1");
     std::fs::write(paths.dmi("sys_vendor"), "").unwrap();
-    std::fs::write(paths.dmi("chassis_asset_tag"), "7783-7084-3265-9085-8269-3286-77").unwrap();
+    std::fs::write(
+        paths.dmi("chassis_asset_tag"),
+        "7783-7084-3265-9085-8269-3286-77",
+    )
+    .unwrap();
     let c = identify(&paths, &Endpoints::default(), &gather_evidence(&paths));
     assert_eq!(c.last().unwrap().source.name(), "azure");
 }
@@ -191,6 +212,11 @@ fn vmware_guestinfo_gzip_base64_through_an_rpctool_double() {
     std::fs::write(&tool, format!("#!/bin/sh\ncase \"$1\" in\n'info-get guestinfo.userdata') echo {b};;\n'info-get guestinfo.userdata.encoding') echo gzip+base64;;\n*) echo 'No value found'; exit 1;;\nesac\n")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let ld = VmwareSource::new(tool.to_str().unwrap()).fetch(soon(1)).unwrap();
-    assert_eq!(ld.user_data.as_deref(), Some(&b"AIWARE_MODE=registry\n"[..]));
+    let ld = VmwareSource::new(tool.to_str().unwrap())
+        .fetch(soon(1))
+        .unwrap();
+    assert_eq!(
+        ld.user_data.as_deref(),
+        Some(&b"AIWARE_MODE=registry\n"[..])
+    );
 }

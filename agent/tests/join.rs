@@ -15,7 +15,11 @@ fn node(user_data: &str, gpu_image: bool) -> (tempfile::TempDir, Paths) {
     let t = tempfile::tempdir().unwrap();
     let p = Paths::new(t.path());
     std::fs::create_dir_all(p.modes_toml().parent().unwrap()).unwrap();
-    std::fs::copy(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/modes.toml"), p.modes_toml()).unwrap();
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/modes.toml"),
+        p.modes_toml(),
+    )
+    .unwrap();
     let image = serde_json::json!({"profile": if gpu_image {"engine-gpu"} else {"engine"}, "version": "test", "modes": ["engine", "registry", "prometheus"],
         "profiles": {"engine": ["engine"], "controller": ["controller", "db", "nfs"]}, "gpu": gpu_image});
     std::fs::write(p.image_json(), image.to_string()).unwrap();
@@ -53,15 +57,24 @@ fn normal_join_reports_modes_and_status_and_keeps_secrets_out() {
     let start = Instant::now();
     let agent = Agent::new(cfg(&p), &units);
     assert_eq!(agent.run(), Outcome::Ready);
-    eprintln!("start-to-joined (2 heartbeats) {} ms", start.elapsed().as_millis());
+    eprintln!(
+        "start-to-joined (2 heartbeats) {} ms",
+        start.elapsed().as_millis()
+    );
     let hosts = c.hosts();
     assert_eq!(hosts.len(), 1);
     assert_eq!(hosts[0].run_modes(), ["engine", "prometheus"]);
     assert_eq!(hosts[0].register_request["info"]["numGPU"], 0);
     assert!(hosts[0].statuses.len() >= 2);
     let calls = units.calls.lock().unwrap().clone();
-    assert!(calls.contains(&"start docker.service".to_string()), "{calls:?}");
-    assert!(calls.contains(&"stop postgresql.service".to_string()), "{calls:?}");
+    assert!(
+        calls.contains(&"start docker.service".to_string()),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&"stop postgresql.service".to_string()),
+        "{calls:?}"
+    );
     let st = agent.status.lock().unwrap().clone();
     assert_eq!(st.join.state, "joined");
     assert_eq!(st.join.host_id.as_deref(), Some(hosts[0].host_id.as_str()));
@@ -71,8 +84,17 @@ fn normal_join_reports_modes_and_status_and_keeps_secrets_out() {
     assert!(sd.contains(":8000"), "{sd}");
     // Secrets: only in the 0600 files under /var/lib/aiware and /run/aiware/aiware.env.
     use std::os::unix::fs::PermissionsExt;
-    for f in [p.settings_file(), p.join_file(), p.run_dir().join("aiware.env")] {
-        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600, "{}", f.display());
+    for f in [
+        p.settings_file(),
+        p.join_file(),
+        p.run_dir().join("aiware.env"),
+    ] {
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            f.display()
+        );
     }
     let status = std::fs::read_to_string(p.status_file()).unwrap();
     let token = &hosts[0].host_token;
@@ -122,7 +144,9 @@ fn controller_401_gives_a_clear_error() {
     let (_t, p) = node(&engine_user_data(&c.url()), false);
     let units = RecordingUnits::default();
     match Agent::new(cfg(&p), &units).run() {
-        Outcome::JoinFailed(m) => assert!(m.contains("401") && m.contains("AIWARE_INIT_TOKEN"), "{m}"),
+        Outcome::JoinFailed(m) => {
+            assert!(m.contains("401") && m.contains("AIWARE_INIT_TOKEN"), "{m}")
+        }
         o => panic!("{o:?}"),
     }
 }
@@ -137,7 +161,8 @@ fn invalid_settings_stop_role_services_and_say_why() {
     }
     let calls = units.calls.lock().unwrap().clone();
     assert!(calls.iter().all(|c| c.starts_with("stop ")), "{calls:?}");
-    let st: serde_json::Value = serde_json::from_slice(&std::fs::read(p.status_file()).unwrap()).unwrap();
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.status_file()).unwrap()).unwrap();
     assert_eq!(st["phase"], "invalid-settings");
 }
 

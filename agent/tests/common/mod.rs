@@ -15,7 +15,9 @@ pub struct MetadataServiceDouble {
 type Handler = dyn Fn(&str, &str, &[(String, String)]) -> (u16, Vec<u8>) + Send + Sync;
 
 impl MetadataServiceDouble {
-    pub fn start(handler: impl Fn(&str, &str, &[(String, String)]) -> (u16, Vec<u8>) + Send + Sync + 'static) -> Self {
+    pub fn start(
+        handler: impl Fn(&str, &str, &[(String, String)]) -> (u16, Vec<u8>) + Send + Sync + 'static,
+    ) -> Self {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -54,12 +56,20 @@ fn serve(mut s: TcpStream, h: &Handler, log: &Mutex<Vec<String>>) {
             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
     }
-    let len: usize = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
     let mut body = vec![0; len];
     let _ = r.read_exact(&mut body);
     log.lock().unwrap().push(format!("{method} {path}"));
     let (code, out) = h(&method, &path, &headers);
-    let _ = write!(s, "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", out.len());
+    let _ = write!(
+        s,
+        "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        out.len()
+    );
     let _ = s.write_all(&out);
 }
 
