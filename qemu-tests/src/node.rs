@@ -94,3 +94,29 @@ pub fn mode_list(modes: &str) -> Vec<String> {
     m.sort();
     m
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_sees_the_controller_at_the_guide_port_and_path() {
+        assert_eq!(controller_url_in_guest(), "http://10.0.2.100:9000/edge/v1");
+        let ud = joining_user_data("e1", "engine").render();
+        assert!(
+            ud.contains("AIWARE_CONTROLLER: \"http://10.0.2.100:9000/edge/v1\""),
+            "{ud}"
+        );
+        assert!(
+            ud.contains(&format!("AIWARE_INIT_TOKEN: \"{TEST_INIT_TOKEN}\"")),
+            "{ud}"
+        );
+        assert_eq!(mode_list("nfs, controller,db"), ["controller", "db", "nfs"]);
+    }
+
+    #[test]
+    fn the_test_controller_is_reachable_on_loopback_only() {
+        let c = start_controller().unwrap();
+        assert!(c.addr().ip().is_loopback());
+    }
+}
