@@ -51,7 +51,9 @@ impl AgentConfig {
                 .or_else(|| Some(([0, 0, 0, 0], 8000).into())),
             heartbeat_override: None,
             // For measurements and smoke tests: exit after N status reports.
-            stop_after_heartbeats: std::env::var("AIW_AGENT_EXIT_AFTER_HEARTBEATS").ok().and_then(|v| v.parse().ok()),
+            stop_after_heartbeats: std::env::var("AIW_AGENT_EXIT_AFTER_HEARTBEATS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         }
     }
 }

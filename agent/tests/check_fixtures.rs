@@ -5,11 +5,20 @@ use std::process::Command;
 fn check(file: &str) -> (i32, String, String) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(env!("CARGO_BIN_EXE_aiw-agent"))
-        .args(["check", dir.join("tests/fixtures").join(file).to_str().unwrap(), "--modes", dir.join("../images/modes.toml").to_str().unwrap()])
+        .args([
+            "check",
+            dir.join("tests/fixtures").join(file).to_str().unwrap(),
+            "--modes",
+            dir.join("../images/modes.toml").to_str().unwrap(),
+        ])
         .env("AIW_AGENT_ROOT", "/nonexistent-root")
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
@@ -26,9 +35,23 @@ fn valid_files() {
         assert_eq!(code, 0, "{f}: {out}{err}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["valid"], true);
-        assert!(v["settings"]["modes"].as_array().unwrap().iter().any(|m| m == modes), "{f}: {out}");
-        for secret in ["6f1c1f4e-5d1e-4a55-9a0c-3b8f2d7e9a11", "lic-0123456789", "s3cret-db-pass"] {
-            assert!(!out.contains(secret) && !err.contains(secret), "{f} prints a secret");
+        assert!(
+            v["settings"]["modes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m == modes),
+            "{f}: {out}"
+        );
+        for secret in [
+            "6f1c1f4e-5d1e-4a55-9a0c-3b8f2d7e9a11",
+            "lic-0123456789",
+            "s3cret-db-pass",
+        ] {
+            assert!(
+                !out.contains(secret) && !err.contains(secret),
+                "{f} prints a secret"
+            );
         }
     }
 }
