@@ -25,7 +25,9 @@ pub fn gather(paths: &Paths) -> HostFacts {
     HostFacts {
         hostname: hostname(),
         ips: ips(),
-        num_cpu: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        num_cpu: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         memory_bytes: kb("MemTotal:"),
         memory_available_bytes: kb("MemAvailable:"),
         disk_available_root: disk_available("/"),
@@ -83,7 +85,9 @@ pub fn ips() -> Vec<String> {
 }
 
 pub fn disk_available(path: &str) -> u64 {
-    let Ok(c) = std::ffi::CString::new(path) else { return 0 };
+    let Ok(c) = std::ffi::CString::new(path) else {
+        return 0;
+    };
     // SAFETY: zeroed statvfs is a valid out-parameter.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is a valid path and st a valid out-parameter.

@@ -24,7 +24,8 @@ pub fn read_file<R: Read + Seek>(img: &mut R, path: &str) -> Result<Option<Vec<u
                 return Err(format!("{path} is larger than 16 MiB"));
             }
             let mut buf = vec![0; elen as usize];
-            img.seek(SeekFrom::Start(elba as u64 * SECTOR)).map_err(|e| e.to_string())?;
+            img.seek(SeekFrom::Start(elba as u64 * SECTOR))
+                .map_err(|e| e.to_string())?;
             img.read_exact(&mut buf).map_err(|e| e.to_string())?;
             return Ok(Some(buf));
         }
@@ -46,7 +47,8 @@ pub fn volume_id<R: Read + Seek>(img: &mut R) -> Result<String, String> {
 fn descriptor<R: Read + Seek>(img: &mut R, kind: u8) -> Result<Option<Vec<u8>>, String> {
     for i in 16..64u64 {
         let mut d = vec![0u8; SECTOR as usize];
-        img.seek(SeekFrom::Start(i * SECTOR)).map_err(|e| e.to_string())?;
+        img.seek(SeekFrom::Start(i * SECTOR))
+            .map_err(|e| e.to_string())?;
         if img.read_exact(&mut d).is_err() {
             return Err("not an ISO 9660 image (too short)".into());
         }
@@ -56,7 +58,8 @@ fn descriptor<R: Read + Seek>(img: &mut R, kind: u8) -> Result<Option<Vec<u8>>, 
         if d[0] == 255 {
             return Ok(None);
         }
-        let is_joliet = d[0] == 2 && d[88] == b'%' && d[89] == b'/' && matches!(d[90], b'@' | b'C' | b'E');
+        let is_joliet =
+            d[0] == 2 && d[88] == b'%' && d[89] == b'/' && matches!(d[90], b'@' | b'C' | b'E');
         if (kind == 2 && is_joliet) || (kind == 1 && d[0] == 1) {
             return Ok(Some(d));
         }
@@ -67,7 +70,10 @@ fn descriptor<R: Read + Seek>(img: &mut R, kind: u8) -> Result<Option<Vec<u8>>, 
 fn root_dir<R: Read + Seek>(img: &mut R) -> Result<(u32, u32, bool), String> {
     let (d, joliet) = match descriptor(img, 2)? {
         Some(d) => (d, true),
-        None => (descriptor(img, 1)?.ok_or("no primary volume descriptor")?, false),
+        None => (
+            descriptor(img, 1)?.ok_or("no primary volume descriptor")?,
+            false,
+        ),
     };
     let r = &d[156..190];
     Ok((le32(&r[2..6]), le32(&r[10..14]), joliet))
@@ -77,11 +83,19 @@ fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn find<R: Read + Seek>(img: &mut R, lba: u32, len: u32, want: &str, joliet: bool) -> Result<Option<(u32, u32, bool)>, String> {
+fn find<R: Read + Seek>(
+    img: &mut R,
+    lba: u32,
+    len: u32,
+    want: &str,
+    joliet: bool,
+) -> Result<Option<(u32, u32, bool)>, String> {
     let len = len.min(4 << 20) as usize;
     let mut dir = vec![0u8; len];
-    img.seek(SeekFrom::Start(lba as u64 * SECTOR)).map_err(|e| e.to_string())?;
-    img.read_exact(&mut dir).map_err(|e| format!("directory unreadable: {e}"))?;
+    img.seek(SeekFrom::Start(lba as u64 * SECTOR))
+        .map_err(|e| e.to_string())?;
+    img.read_exact(&mut dir)
+        .map_err(|e| format!("directory unreadable: {e}"))?;
     let mut off = 0usize;
     while off < dir.len() {
         let rl = dir[off] as usize;
@@ -97,15 +111,27 @@ fn find<R: Read + Seek>(img: &mut R, lba: u32, len: u32, want: &str, joliet: boo
         if 33 + nl <= rl {
             let raw = &rec[33..33 + nl];
             let name = if joliet {
-                let u: Vec<u16> = raw.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+                let u: Vec<u16> = raw
+                    .chunks_exact(2)
+                    .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                    .collect();
                 String::from_utf16_lossy(&u)
             } else {
                 String::from_utf8_lossy(raw).to_ascii_lowercase()
             };
-            let name = name.split(';').next().unwrap_or("").trim_end_matches('.').to_string();
+            let name = name
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim_end_matches('.')
+                .to_string();
             let plain = !joliet && name.replace('_', "-") == want.replace('_', "-");
             if name == want || plain {
-                return Ok(Some((le32(&rec[2..6]), le32(&rec[10..14]), rec[25] & 2 != 0)));
+                return Ok(Some((
+                    le32(&rec[2..6]),
+                    le32(&rec[10..14]),
+                    rec[25] & 2 != 0,
+                )));
             }
         }
         off += rl;

@@ -1,11 +1,19 @@
 //! aiw-agent: the first-boot agent of aiwimg images.
+//!
+//! Pipeline (see [`agent`]): [`datasource`] → [`userdata`] → [`settings`] →
+//! [`apply`] (with [`systemd`]) → [`join`] → [`status`] and [`metrics`].
+pub mod agent;
+pub mod apply;
 pub mod datasource;
 pub mod gpu;
 pub mod host;
 pub mod iso9660;
+pub mod join;
 pub mod log;
+pub mod metrics;
 pub mod modes;
 pub mod paths;
 pub mod settings;
+pub mod status;
 pub mod systemd;
 pub mod userdata;

@@ -1,4 +1,179 @@
-fn main() {
-    eprintln!("aiw-agent: not yet implemented");
-    std::process::exit(2);
+//! aiw-agent: the first-boot agent of aiwimg images.
+//!
+//!   aiw-agent [run]              configure the node and join the controller (the service)
+//!   aiw-agent check FILE         validate user-data; prints resolved settings as JSON (secrets redacted)
+//!          [--image image.json] [--modes modes.toml]   (defaults: this image's, when present)
+//!   aiw-agent status [--json]    what the agent did on this boot
+//!
+//! All paths are under AIW_AGENT_ROOT (default /).
+
+use aiw_agent::agent::{Agent, AgentConfig, Outcome};
+use aiw_agent::modes::{ImageInfo, ModeTable};
+use aiw_agent::paths::Paths;
+use aiw_agent::settings::{self, ImageContext, Settings};
+use aiw_agent::status::Status;
+use aiw_agent::systemd::{DbusSystemd, NoSystemd, UnitControl};
+use aiw_agent::{log, userdata};
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: aiw-agent [run] | check FILE [--image image.json] [--modes modes.toml] | status [--json]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let paths = Paths::from_env();
+    match args.first().map(String::as_str) {
+        None | Some("run") => run(paths),
+        Some("check") => check(&paths, &args[1..]),
+        Some("status") => status(&paths, args.iter().any(|a| a == "--json")),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Some("--version" | "version") => {
+            println!("aiw-agent {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Some(other) => {
+            eprintln!("aiw-agent: unknown command {other:?}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(paths: Paths) -> ExitCode {
+    let units: Box<dyn UnitControl> = match DbusSystemd::connect() {
+        Ok(d) => Box::new(d),
+        Err(e) => {
+            log::console(&format!("{e}; mode services cannot be managed"));
+            Box::new(NoSystemd(e))
+        }
+    };
+    let cfg = AgentConfig::for_system(paths);
+    let agent = Agent::new(cfg, units.as_ref());
+    let outcome = agent.run();
+    if std::env::var_os("AIW_AGENT_EXIT_AFTER_HEARTBEATS").is_some() {
+        return ExitCode::SUCCESS;
+    }
+    // The service stays up after every outcome, serving status and metrics;
+    // a bad launch never fails the boot or restarts in a loop.
+    if matches!(
+        outcome,
+        Outcome::Ready | Outcome::NoUserData | Outcome::Invalid(_) | Outcome::JoinFailed(_)
+    ) {
+        loop {
+            std::thread::park();
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn check(paths: &Paths, args: &[String]) -> ExitCode {
+    let mut file = None;
+    let mut image_path = paths.image_json();
+    let mut modes_path = paths.modes_toml();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--image" => image_path = it.next().map(Into::into).unwrap_or_default(),
+            "--modes" => modes_path = it.next().map(Into::into).unwrap_or_default(),
+            f if file.is_none() => file = Some(f.to_string()),
+            other => {
+                eprintln!("aiw-agent check: unexpected argument {other:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(file) = file else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let data = if file == "-" {
+        let mut b = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut b);
+        b
+    } else {
+        match std::fs::read(&file) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("aiw-agent check: cannot read {file}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let image: Option<ImageInfo> = std::fs::read(&image_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let table = ModeTable::load(&modes_path).ok();
+    let mut notes = Vec::new();
+    if image.is_none() {
+        notes.push(format!("no image description at {}: modes are checked against the guide only, not against an image", image_path.display()));
+    }
+    let (out, errs) = match userdata::parse(&data) {
+        Err(e) => (
+            serde_json::json!({"file": file, "valid": false, "errors": [e.0], "notes": notes}),
+            vec![e.0],
+        ),
+        Ok(u) => {
+            let formats = u.formats.clone();
+            let s = Settings::from_user_data(u, None);
+            log::add_secrets(s.secrets());
+            let errs: Vec<String> = settings::validate(
+                &s,
+                &ImageContext {
+                    table: table.as_ref(),
+                    image: image.as_ref(),
+                },
+            )
+            .iter()
+            .map(|e| log::scrub(e))
+            .collect();
+            (
+                serde_json::json!({
+                    "file": file, "valid": errs.is_empty(), "formats": formats, "errors": errs,
+                    "settings": s.redacted_json(), "notes": notes,
+                    "image": image.as_ref().map(|i| i.profile.clone()),
+                }),
+                errs,
+            )
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    if errs.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        for e in &errs {
+            eprintln!("aiw-agent check: invalid: {e}");
+        }
+        ExitCode::from(1)
+    }
+}
+
+fn status(paths: &Paths, json: bool) -> ExitCode {
+    let file = paths.status_file();
+    let mut st: Status = match std::fs::read(&file)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(s) => s,
+        None => {
+            eprintln!("aiw-agent status: {} not found: the agent has not run on this boot (systemctl status aiw-agent)", file.display());
+            return ExitCode::from(3);
+        }
+    };
+    // Service states now, not when the agent wrote them.
+    if paths.is_real_root() {
+        if let Ok(d) = DbusSystemd::connect() {
+            for m in &mut st.modes {
+                for (unit, state) in &mut m.services {
+                    *state = d.active_state(unit);
+                }
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+    } else {
+        print!("{}", st.human());
+    }
+    ExitCode::SUCCESS
 }

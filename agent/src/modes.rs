@@ -16,7 +16,17 @@ pub const IMAGE_INFO_PATH: &str = "/usr/lib/aiware/image.json";
 
 /// The twelve run modes of the aiWARE install guide.
 pub const KNOWN_MODES: [&str; 12] = [
-    "api", "controller", "db", "es", "engine", "lb", "minio", "nfs", "nsq", "prometheus", "redis",
+    "api",
+    "controller",
+    "db",
+    "es",
+    "engine",
+    "lb",
+    "minio",
+    "nfs",
+    "nsq",
+    "prometheus",
+    "redis",
     "registry",
 ];
 
@@ -252,10 +262,18 @@ mod tests {
         let t = repo_table();
         assert_eq!(t.modes.len(), 12);
         assert_eq!(
-            t.get("es").unwrap().sysctls.get("vm.max_map_count").map(String::as_str),
+            t.get("es")
+                .unwrap()
+                .sysctls
+                .get("vm.max_map_count")
+                .map(String::as_str),
             Some("262144")
         );
-        assert!(t.get("db").unwrap().ports.contains(&"tcp/5432".parse().unwrap()));
+        assert!(t
+            .get("db")
+            .unwrap()
+            .ports
+            .contains(&"tcp/5432".parse().unwrap()));
     }
 
     #[test]

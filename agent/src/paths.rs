@@ -15,7 +15,11 @@ impl Paths {
 
     /// `AIW_AGENT_ROOT` or `/`.
     pub fn from_env() -> Paths {
-        Paths::new(std::env::var_os("AIW_AGENT_ROOT").map(PathBuf::from).unwrap_or_else(|| "/".into()))
+        Paths::new(
+            std::env::var_os("AIW_AGENT_ROOT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/".into()),
+        )
     }
 
     /// `rel` is written as an absolute path of the real system, e.g. `/var/lib/aiware`.

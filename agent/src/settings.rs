@@ -13,15 +13,30 @@ use std::net::IpAddr;
 pub const KNOWN_VARS: &[(&str, &str)] = &[
     ("AIWARE_MODE", "run modes of this node, comma separated"),
     ("AIWARE_LICENSE", "aiWARE license key"),
-    ("AIWARE_CONTROLLER", "Edge API URL of the controller, http://IP:9000/edge/v1"),
-    ("AIWARE_INIT_TOKEN", "initial admin token, the bearer token for the controller"),
-    ("AIWARE_HOST_EXPIRE", "true/false: whether aiWARE may expire this host"),
+    (
+        "AIWARE_CONTROLLER",
+        "Edge API URL of the controller, http://IP:9000/edge/v1",
+    ),
+    (
+        "AIWARE_INIT_TOKEN",
+        "initial admin token, the bearer token for the controller",
+    ),
+    (
+        "AIWARE_HOST_EXPIRE",
+        "true/false: whether aiWARE may expire this host",
+    ),
     ("AIWARE_DOMAIN_NAME", "domain name served by the lb mode"),
     ("AIWARE_HOST_IP", "IP address this host announces"),
     ("AIWARE_ROOT", "aiWARE root directory (default /opt/aiware)"),
     ("AIWARE_REGION", "region label of this host"),
-    ("AIWARE_AGENT_UPDATE_INTERVAL", "seconds between status reports (default 60)"),
-    ("AIWARE_AGENT_PORT", "port of the agent's metrics (default 8000)"),
+    (
+        "AIWARE_AGENT_UPDATE_INTERVAL",
+        "seconds between status reports (default 60)",
+    ),
+    (
+        "AIWARE_AGENT_PORT",
+        "port of the agent's metrics (default 8000)",
+    ),
     ("AIWARE_DB_HOST", "PostgreSQL host"),
     ("AIWARE_DB_PORT", "PostgreSQL port (default 5432)"),
     ("AIWARE_DB_NAME", "PostgreSQL database"),
@@ -29,15 +44,24 @@ pub const KNOWN_VARS: &[(&str, &str)] = &[
     ("AIWARE_DB_PASS", "PostgreSQL password"),
     ("AIWARE_DB_PASSWORD", "PostgreSQL password (alias)"),
     ("AIWARE_NFS_SERVER", "NFS server for the cache"),
-    ("AIWARE_NFS_PATH", "exported path of the cache (default /opt/aiware/nfs)"),
-    ("AIWARE_NFS_PERMITTED", "clients allowed to mount the nfs export"),
+    (
+        "AIWARE_NFS_PATH",
+        "exported path of the cache (default /opt/aiware/nfs)",
+    ),
+    (
+        "AIWARE_NFS_PERMITTED",
+        "clients allowed to mount the nfs export",
+    ),
     ("AIWARE_REDIS_PASSWORD", "Redis password"),
     ("AIWARE_REGISTRY", "Docker registry the engines pull from"),
     ("AIWARE_REGISTRY_USER", "registry user"),
     ("AIWARE_REGISTRY_PASSWORD", "registry password"),
     ("AIWARE_MINIO_ACCESS_KEY", "MinIO access key"),
     ("AIWARE_MINIO_SECRET_KEY", "MinIO secret key"),
-    ("AIWARE_CACHE_DIR", "local path of the cluster cache (default /cache)"),
+    (
+        "AIWARE_CACHE_DIR",
+        "local path of the cluster cache (default /cache)",
+    ),
 ];
 
 pub const DEFAULT_UPDATE_INTERVAL_S: u64 = 60;
@@ -260,7 +284,11 @@ pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
             errs.push(format!("AIWARE_HOST_EXPIRE={v}: must be true or false"));
         }
     }
-    for k in ["AIWARE_AGENT_UPDATE_INTERVAL", "AIWARE_DB_PORT", "AIWARE_AGENT_PORT"] {
+    for k in [
+        "AIWARE_AGENT_UPDATE_INTERVAL",
+        "AIWARE_DB_PORT",
+        "AIWARE_AGENT_PORT",
+    ] {
         if let Some(v) = s.get(k) {
             if v.parse::<u32>().ok().filter(|n| *n > 0).is_none() {
                 errs.push(format!("{k}={v}: must be a positive whole number"));
@@ -269,9 +297,7 @@ pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
     }
     if let Some(ip) = s.get("AIWARE_HOST_IP") {
         if ip.parse::<IpAddr>().is_err() {
-            errs.push(format!(
-                "AIWARE_HOST_IP={ip}: not an IPv4 or IPv6 address"
-            ));
+            errs.push(format!("AIWARE_HOST_IP={ip}: not an IPv4 or IPv6 address"));
         }
     }
     if let Some(h) = &s.hostname {
@@ -306,7 +332,10 @@ pub fn check_write_path(path: &str) -> Result<(), String> {
             "write_files path {path:?} must be absolute, without '..'"
         ));
     }
-    if ["/var/", "/run/", "/opt/"].iter().any(|r| path.starts_with(r)) {
+    if ["/var/", "/run/", "/opt/"]
+        .iter()
+        .any(|r| path.starts_with(r))
+    {
         return Ok(());
     }
     if path.starts_with("/etc/") || path.starts_with("/usr/") {
@@ -359,7 +388,9 @@ pub fn check_url(url: &str) -> Result<(), String> {
         return Err("has no host".into());
     }
     if host.parse::<IpAddr>().is_err() && !valid_hostname(host) {
-        return Err(format!("host {host:?} is neither an IP address nor a host name"));
+        return Err(format!(
+            "host {host:?} is neither an IP address nor a host name"
+        ));
     }
     if let Some(p) = port {
         if p.parse::<u16>().ok().filter(|p| *p > 0).is_none() {
@@ -384,7 +415,10 @@ mod tests {
             modes: vec!["engine".into()],
             profiles: [
                 ("engine".to_string(), vec!["engine".to_string()]),
-                ("controller".to_string(), vec!["controller".into(), "db".into(), "nfs".into()]),
+                (
+                    "controller".to_string(),
+                    vec!["controller".into(), "db".into(), "nfs".into()],
+                ),
             ]
             .into(),
             gpu: false,
@@ -394,7 +428,13 @@ mod tests {
     fn errs(text: &str) -> Vec<String> {
         let s = Settings::from_user_data(parse(text.as_bytes()).unwrap(), None);
         let img = image();
-        validate(&s, &ImageContext { table: None, image: Some(&img) })
+        validate(
+            &s,
+            &ImageContext {
+                table: None,
+                image: Some(&img),
+            },
+        )
     }
 
     #[test]
@@ -406,8 +446,15 @@ mod tests {
     #[test]
     fn engine_without_controller_and_unbaked_mode() {
         let e = errs("AIWARE_MODE=engine,db\nAIWARE_LICENSE=L\n");
-        assert!(e.iter().any(|m| m.contains("needs AIWARE_CONTROLLER")), "{e:?}");
-        assert!(e.iter().any(|m| m.contains("\"db\" is not baked") && m.contains("controller")), "{e:?}");
+        assert!(
+            e.iter().any(|m| m.contains("needs AIWARE_CONTROLLER")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.contains("\"db\" is not baked") && m.contains("controller")),
+            "{e:?}"
+        );
         let e = errs("AIWARE_MODE=ftp\n");
         assert!(e[0].contains("unknown mode \"ftp\""), "{e:?}");
     }
@@ -419,7 +466,10 @@ mod tests {
         assert!(check_url("http://host:99999/").is_err());
         let e = errs("AIWARE_MODE=engine\nAIWARE_LICENSE=<LICENSE_KEY>\nAIWARE_CONTROLLER=http://c:9000/edge/v1\nAIWARE_INIT_TOKEN=tok-secret\n");
         assert!(e.iter().any(|m| m.contains("placeholder")), "{e:?}");
-        let s = Settings::from_user_data(parse(b"AIWARE_INIT_TOKEN=tok-secret\nAIWARE_X=1\n").unwrap(), None);
+        let s = Settings::from_user_data(
+            parse(b"AIWARE_INIT_TOKEN=tok-secret\nAIWARE_X=1\n").unwrap(),
+            None,
+        );
         let j = s.redacted_json().to_string();
         assert!(!j.contains("tok-secret") && j.contains(REDACTED));
         assert!(s.warnings.iter().any(|w| w.contains("AIWARE_X")));
@@ -428,7 +478,9 @@ mod tests {
     #[test]
     fn write_paths() {
         assert!(check_write_path("/var/opt/aiware/x").is_ok());
-        assert!(check_write_path("/etc/passwd").unwrap_err().contains("read-only"));
+        assert!(check_write_path("/etc/passwd")
+            .unwrap_err()
+            .contains("read-only"));
         assert!(check_write_path("/var/../etc/x").is_err());
     }
 }

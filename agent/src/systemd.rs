@@ -52,7 +52,11 @@ impl UnitControl for DbusSystemd {
                 errs.push(format!("{u}: {e}"));
             }
         }
-        if errs.is_empty() { Ok(()) } else { Err(errs.join("; ")) }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("; "))
+        }
     }
 
     fn stop_and_disable(&self, units: &[String]) -> Result<(), String> {
@@ -65,14 +69,20 @@ impl UnitControl for DbusSystemd {
             }
         }
         let _ = self.call("DisableUnitFiles", &(units.to_vec(), true));
-        if errs.is_empty() { Ok(()) } else { Err(errs.join("; ")) }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("; "))
+        }
     }
 
     fn active_state(&self, unit: &str) -> String {
         let path: Result<zbus::zvariant::OwnedObjectPath, String> = self
             .call("LoadUnit", &(unit,))
             .and_then(|m| m.body().deserialize().map_err(|e| e.to_string()));
-        let Ok(path) = path else { return "unknown".into() };
+        let Ok(path) = path else {
+            return "unknown".into();
+        };
         let r = self.conn.call_method(
             Some(DEST),
             path.as_str(),
@@ -98,19 +108,30 @@ impl UnitControl for RecordingUnits {
     fn enable_and_start(&self, units: &[String]) -> Result<(), String> {
         for u in units {
             self.calls.lock().unwrap().push(format!("start {u}"));
-            self.states.lock().unwrap().insert(u.clone(), "active".into());
+            self.states
+                .lock()
+                .unwrap()
+                .insert(u.clone(), "active".into());
         }
         Ok(())
     }
     fn stop_and_disable(&self, units: &[String]) -> Result<(), String> {
         for u in units {
             self.calls.lock().unwrap().push(format!("stop {u}"));
-            self.states.lock().unwrap().insert(u.clone(), "inactive".into());
+            self.states
+                .lock()
+                .unwrap()
+                .insert(u.clone(), "inactive".into());
         }
         Ok(())
     }
     fn active_state(&self, unit: &str) -> String {
-        self.states.lock().unwrap().get(unit).cloned().unwrap_or_else(|| "inactive".into())
+        self.states
+            .lock()
+            .unwrap()
+            .get(unit)
+            .cloned()
+            .unwrap_or_else(|| "inactive".into())
     }
 }
 

@@ -120,7 +120,11 @@ fn gunzip(data: &[u8]) -> Result<Vec<u8>, ParseError> {
     flate2::read::MultiGzDecoder::new(data)
         .take(MAX_USER_DATA as u64 + 1)
         .read_to_end(&mut out)
-        .map_err(|e| perr(format!("user-data looks gzipped but does not decompress: {e}")))?;
+        .map_err(|e| {
+            perr(format!(
+                "user-data looks gzipped but does not decompress: {e}"
+            ))
+        })?;
     if out.len() > MAX_USER_DATA {
         return Err(perr(format!(
             "gzipped user-data expands past {MAX_USER_DATA} bytes"
@@ -213,7 +217,9 @@ fn take_document(doc: &Value, out: &mut UserData, what: &str) -> Result<(), Pars
                 };
                 for k in keys {
                     let k = k.as_str().ok_or_else(|| {
-                        perr(format!("{what}: ssh_authorized_keys entries must be strings"))
+                        perr(format!(
+                            "{what}: ssh_authorized_keys entries must be strings"
+                        ))
                     })?;
                     out.ssh_authorized_keys.push(k.trim().to_string());
                 }
@@ -272,7 +278,10 @@ fn write_file(f: &Value, i: usize, what: &str) -> Result<WriteFile, ParseError> 
         Value::Null => String::new(),
         _ => return Err(at("`content` must be a string")),
     };
-    let encoding = f["encoding"].as_str().unwrap_or("text").to_ascii_lowercase();
+    let encoding = f["encoding"]
+        .as_str()
+        .unwrap_or("text")
+        .to_ascii_lowercase();
     let content = match encoding.as_str() {
         "text" | "" => raw.into_bytes(),
         "b64" | "base64" => b64(&raw).map_err(|e| at(&format!("base64 content: {e}")))?,
@@ -355,8 +364,7 @@ fn parse_env(text: &str, out: &mut UserData) -> Result<(), ParseError> {
             ));
             continue;
         };
-        let value = unquote(rest)
-            .map_err(|m| perr(format!("line {lineno}: {key}: {m}")))?;
+        let value = unquote(rest).map_err(|m| perr(format!("line {lineno}: {key}: {m}")))?;
         if !key.to_ascii_uppercase().starts_with("AIWARE_") {
             out.warnings.push(format!(
                 "line {lineno}: {key} is not an AIWARE_* setting (ignored)"
@@ -482,7 +490,12 @@ fn parse_mime(text: &str, out: &mut UserData, depth: usize) -> Result<(), ParseE
     Ok(())
 }
 
-fn parse_part(ctype: &str, data: &[u8], out: &mut UserData, depth: usize) -> Result<(), ParseError> {
+fn parse_part(
+    ctype: &str,
+    data: &[u8],
+    out: &mut UserData,
+    depth: usize,
+) -> Result<(), ParseError> {
     let ct = ctype
         .split(';')
         .next()
@@ -571,7 +584,9 @@ mod tests {
 
     #[test]
     fn substitutions_are_rejected_with_why() {
-        let e = parse(b"export AIWARE_INIT_TOKEN=`uuidgen`\n").unwrap_err().0;
+        let e = parse(b"export AIWARE_INIT_TOKEN=`uuidgen`\n")
+            .unwrap_err()
+            .0;
         assert!(e.contains("never executed") && e.contains("uuidgen"), "{e}");
         let e = parse(b"AIWARE_INIT_TOKEN=$(uuidgen)\n").unwrap_err().0;
         assert!(e.contains("command substitution"), "{e}");

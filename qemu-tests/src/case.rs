@@ -28,6 +28,10 @@ impl TestCase {
     /// makes a fresh work dir, starts the deadline, and turns an error or a
     /// panic into a failure that names the artifacts dir.
     pub fn run(name: &str, budget: Duration, body: impl FnOnce(&TestCase) -> Result<()>) {
+        assert!(
+            !name.is_empty() && name != "images" && !name.contains('/') && !name.starts_with('.'),
+            "test name {name:?} would clash with target/qemu-tests/{name}"
+        );
         let _guard = VM_TESTS.lock().unwrap_or_else(|e| e.into_inner());
         let root = qemu_tests_root();
         std::fs::create_dir_all(&root).expect("creating target/qemu-tests");

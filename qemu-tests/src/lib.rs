@@ -9,6 +9,7 @@
 //! - [`test_images`]: the built image for a profile.
 //! - [`checks`]: what users check on a node (failed units, ports, mounts).
 //! - [`docker_archive`]: a tiny image for `docker load`, made without Docker.
+//! - [`node`]: a node joining the Edge API test controller.
 //! - [`edge_controller`]: the Edge API test controller (a test double).
 
 pub mod accel;
@@ -20,6 +21,7 @@ pub mod docker_archive;
 pub mod edge_controller;
 pub mod firmware;
 pub mod netdev;
+pub mod node;
 pub mod process;
 pub mod seed;
 pub mod ssh;

@@ -49,7 +49,13 @@ pub fn aiware_args(cmdline: &str) -> Vec<(String, String)> {
 pub fn to_env_lines(cmdline: &str) -> String {
     aiware_args(cmdline)
         .into_iter()
-        .map(|(k, v)| format!("AIWARE_{}='{}'\n", k.to_ascii_uppercase().replace(['-', '.'], "_"), v.replace('\'', "")))
+        .map(|(k, v)| {
+            format!(
+                "AIWARE_{}='{}'\n",
+                k.to_ascii_uppercase().replace(['-', '.'], "_"),
+                v.replace('\'', "")
+            )
+        })
         .collect()
 }
 
@@ -65,6 +71,9 @@ impl Datasource for CmdlineSource {
         })?;
         let env = to_env_lines(&text);
         let instance_id = Some(super::digest_id("cmdline", env.as_bytes()));
-        Ok(LaunchData { user_data: Some(env.into_bytes()), instance_id })
+        Ok(LaunchData {
+            user_data: Some(env.into_bytes()),
+            instance_id,
+        })
     }
 }

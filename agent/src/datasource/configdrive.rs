@@ -21,14 +21,24 @@ impl Datasource for ConfigDriveSource {
         "configdrive"
     }
     fn fetch(&self, _deadline: Instant) -> Result<LaunchData, DsError> {
-        let fail = |message: String| DsError::Failed { source_name: "configdrive", message };
-        let label = if self.paths.by_label().join("config-2").exists() { "config-2" } else { "CONFIG-2" };
+        let fail = |message: String| DsError::Failed {
+            source_name: "configdrive",
+            message,
+        };
+        let label = if self.paths.by_label().join("config-2").exists() {
+            "config-2"
+        } else {
+            "CONFIG-2"
+        };
         let fs = SeedFs::open(&self.paths, label).map_err(fail)?;
         let user_data = fs.read("openstack/latest/user_data").map_err(fail)?;
         let meta = fs.read("openstack/latest/meta_data.json").map_err(fail)?;
         let instance_id = meta
             .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m).ok())
             .and_then(|v| v["uuid"].as_str().map(String::from));
-        Ok(LaunchData { user_data, instance_id })
+        Ok(LaunchData {
+            user_data,
+            instance_id,
+        })
     }
 }

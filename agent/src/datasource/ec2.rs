@@ -17,26 +17,42 @@ const TOKEN_HEADER: &str = "X-aws-ec2-metadata-token";
 
 impl Ec2Source {
     pub fn new(base: &str) -> Self {
-        Ec2Source { base: base.trim_end_matches('/').into(), client: RetryClient::new("ec2") }
+        Ec2Source {
+            base: base.trim_end_matches('/').into(),
+            client: RetryClient::new("ec2"),
+        }
     }
 
     /// `Some(token)`, or `None` when IMDSv2 is refused (fall back to v1).
     fn token(&self, deadline: Instant) -> Result<Option<String>, DsError> {
         let url = format!("{}/latest/api/token", self.base);
-        match self.client.call("the IMDSv2 session token", deadline, &[429], Some(b""), &|a| {
-            a.put(&url).set(TOKEN_TTL_HEADER, "21600")
-        })? {
+        match self.client.call(
+            "the IMDSv2 session token",
+            deadline,
+            &[429],
+            Some(b""),
+            &|a| a.put(&url).set(TOKEN_TTL_HEADER, "21600"),
+        )? {
             Outcome::Body(b) => Ok(Some(String::from_utf8_lossy(&b).trim().to_string())),
-            Outcome::Status(403 | 404 | 405) => {
+            Outcome::Status(403..=405) => {
                 crate::log::info("ec2: IMDSv2 token refused; falling back to IMDSv1");
                 Ok(None)
             }
-            Outcome::Status(c) => Err(DsError::Failed { source_name: "ec2", message: format!("token PUT answered HTTP {c}") }),
+            Outcome::Status(c) => Err(DsError::Failed {
+                source_name: "ec2",
+                message: format!("token PUT answered HTTP {c}"),
+            }),
         }
     }
 
     /// GET `path`; `Ok(None)` on 404. Refreshes the token on 401 (a few times).
-    fn get(&self, path: &str, what: &str, token: &RefCell<Option<String>>, deadline: Instant) -> Result<Option<Vec<u8>>, DsError> {
+    fn get(
+        &self,
+        path: &str,
+        what: &str,
+        token: &RefCell<Option<String>>,
+        deadline: Instant,
+    ) -> Result<Option<Vec<u8>>, DsError> {
         let url = format!("{}{path}", self.base);
         for _ in 0..4 {
             let tok = token.borrow().clone();
@@ -55,11 +71,17 @@ impl Ec2Source {
                     *token.borrow_mut() = self.token(deadline)?;
                 }
                 Outcome::Status(c) => {
-                    return Err(DsError::Failed { source_name: "ec2", message: format!("GET {path} answered HTTP {c}") })
+                    return Err(DsError::Failed {
+                        source_name: "ec2",
+                        message: format!("GET {path} answered HTTP {c}"),
+                    })
                 }
             }
         }
-        Err(DsError::Failed { source_name: "ec2", message: format!("GET {path}: still 401 after refreshing the token") })
+        Err(DsError::Failed {
+            source_name: "ec2",
+            message: format!("GET {path}: still 401 after refreshing the token"),
+        })
     }
 }
 
@@ -70,9 +92,17 @@ impl Datasource for Ec2Source {
     fn fetch(&self, deadline: Instant) -> Result<LaunchData, DsError> {
         let token = RefCell::new(self.token(deadline)?);
         let instance_id = self
-            .get("/latest/meta-data/instance-id", "the instance-id", &token, deadline)?
+            .get(
+                "/latest/meta-data/instance-id",
+                "the instance-id",
+                &token,
+                deadline,
+            )?
             .map(|b| String::from_utf8_lossy(&b).trim().to_string());
         let user_data = self.get("/latest/user-data", "user-data", &token, deadline)?;
-        Ok(LaunchData { user_data, instance_id })
+        Ok(LaunchData {
+            user_data,
+            instance_id,
+        })
     }
 }

@@ -26,6 +26,9 @@ impl Datasource for EspSource {
             message: format!("cannot read {}: {e}", p.display()),
         })?;
         let instance_id = Some(super::digest_id("esp", &data));
-        Ok(LaunchData { user_data: Some(data), instance_id })
+        Ok(LaunchData {
+            user_data: Some(data),
+            instance_id,
+        })
     }
 }

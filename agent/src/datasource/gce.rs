@@ -12,15 +12,23 @@ pub struct GceSource {
 
 impl GceSource {
     pub fn new(base: &str) -> Self {
-        GceSource { base: base.trim_end_matches('/').into(), client: RetryClient::new("gce") }
+        GceSource {
+            base: base.trim_end_matches('/').into(),
+            client: RetryClient::new("gce"),
+        }
     }
 
     fn get(&self, path: &str, what: &str, deadline: Instant) -> Result<Option<Vec<u8>>, DsError> {
         let url = format!("{}/computeMetadata/v1/{path}", self.base);
-        match self.client.call(what, deadline, &[429], None, &|a| a.get(&url).set("Metadata-Flavor", "Google"))? {
+        match self.client.call(what, deadline, &[429], None, &|a| {
+            a.get(&url).set("Metadata-Flavor", "Google")
+        })? {
             Outcome::Body(b) => Ok(Some(b)),
             Outcome::Status(404) => Ok(None),
-            Outcome::Status(c) => Err(DsError::Failed { source_name: "gce", message: format!("GET {path} answered HTTP {c}") }),
+            Outcome::Status(c) => Err(DsError::Failed {
+                source_name: "gce",
+                message: format!("GET {path} answered HTTP {c}"),
+            }),
         }
     }
 }
@@ -30,8 +38,13 @@ impl Datasource for GceSource {
         "gce"
     }
     fn fetch(&self, deadline: Instant) -> Result<LaunchData, DsError> {
-        let instance_id = self.get("instance/id", "the instance id", deadline)?.map(|b| String::from_utf8_lossy(&b).trim().to_string());
+        let instance_id = self
+            .get("instance/id", "the instance id", deadline)?
+            .map(|b| String::from_utf8_lossy(&b).trim().to_string());
         let user_data = self.get("instance/attributes/user-data", "user-data", deadline)?;
-        Ok(LaunchData { user_data, instance_id })
+        Ok(LaunchData {
+            user_data,
+            instance_id,
+        })
     }
 }

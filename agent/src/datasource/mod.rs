@@ -40,9 +40,16 @@ pub struct LaunchData {
 #[derive(Debug, thiserror::Error)]
 pub enum DsError {
     #[error("{source_name}: gave up at the deadline while waiting for {what}: {last}")]
-    Deadline { source_name: &'static str, what: String, last: String },
+    Deadline {
+        source_name: &'static str,
+        what: String,
+        last: String,
+    },
     #[error("{source_name}: {message}")]
-    Failed { source_name: &'static str, message: String },
+    Failed {
+        source_name: &'static str,
+        message: String,
+    },
 }
 
 pub trait Datasource {
@@ -71,7 +78,8 @@ pub struct Endpoints {
 impl Default for Endpoints {
     fn default() -> Self {
         // GCE's metadata.google.internal is 169.254.169.254 as well; the IP needs no DNS.
-        let imds = std::env::var("AIW_AGENT_IMDS_URL").unwrap_or_else(|_| "http://169.254.169.254".into());
+        let imds =
+            std::env::var("AIW_AGENT_IMDS_URL").unwrap_or_else(|_| "http://169.254.169.254".into());
         Endpoints {
             ec2: imds.clone(),
             gce: imds.clone(),
@@ -82,7 +90,9 @@ impl Default for Endpoints {
 }
 
 fn read_trim(p: &std::path::Path) -> String {
-    std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Facts the choice is made on, kept for `status`.
@@ -101,7 +111,11 @@ pub struct Evidence {
 
 pub fn gather_evidence(paths: &Paths) -> Evidence {
     let labels = std::fs::read_dir(paths.by_label())
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_else(|_| Vec::new());
     let cmdline = read_trim(&paths.cmdline());
     Evidence {
@@ -112,7 +126,10 @@ pub fn gather_evidence(paths: &Paths) -> Evidence {
         board_vendor: read_trim(&paths.dmi("board_vendor")),
         bios_vendor: read_trim(&paths.dmi("bios_vendor")),
         labels,
-        cmdline_keys: cmdline::aiware_args(&cmdline).into_iter().map(|(k, _)| k).collect(),
+        cmdline_keys: cmdline::aiware_args(&cmdline)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect(),
         esp_file: paths.esp_user_data().is_file(),
     }
 }
@@ -123,32 +140,70 @@ const AZURE_ASSET_TAG: &str = "7783-7084-3265-9085-8269-3286-77";
 /// Datasources to try, in order, each with the evidence that put it there.
 pub fn identify(paths: &Paths, ep: &Endpoints, ev: &Evidence) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = Vec::new();
-    let mut add = |source: Box<dyn Datasource>, reason: String| out.push(Candidate { source, reason });
+    let mut add =
+        |source: Box<dyn Datasource>, reason: String| out.push(Candidate { source, reason });
     for label in ["cidata", "CIDATA"] {
         if ev.labels.iter().any(|l| l == label) {
-            add(Box::new(NoCloudSource::new(paths.clone(), label)), format!("a filesystem labelled {label} is present"));
+            add(
+                Box::new(NoCloudSource::new(paths.clone(), label)),
+                format!("a filesystem labelled {label} is present"),
+            );
             break;
         }
     }
     if ev.labels.iter().any(|l| l == "config-2" || l == "CONFIG-2") {
-        add(Box::new(ConfigDriveSource::new(paths.clone())), "a filesystem labelled config-2 is present (OpenStack config drive)".into());
+        add(
+            Box::new(ConfigDriveSource::new(paths.clone())),
+            "a filesystem labelled config-2 is present (OpenStack config drive)".into(),
+        );
     }
     if ev.esp_file {
-        add(Box::new(EspSource::new(paths.clone())), "the ESP holds /efi/aiware/user-data".into());
+        add(
+            Box::new(EspSource::new(paths.clone())),
+            "the ESP holds /efi/aiware/user-data".into(),
+        );
     }
     if !ev.cmdline_keys.is_empty() {
-        add(Box::new(CmdlineSource::new(paths.clone())), format!("the kernel command line has {}", ev.cmdline_keys.join(" ")));
+        add(
+            Box::new(CmdlineSource::new(paths.clone())),
+            format!("the kernel command line has {}", ev.cmdline_keys.join(" ")),
+        );
     }
-    let dmi = [&ev.sys_vendor, &ev.product_name, &ev.product_version, &ev.bios_vendor, &ev.board_vendor, &ev.chassis_asset_tag];
+    let dmi = [
+        &ev.sys_vendor,
+        &ev.product_name,
+        &ev.product_version,
+        &ev.bios_vendor,
+        &ev.board_vendor,
+        &ev.chassis_asset_tag,
+    ];
     let any = |needle: &str| dmi.iter().any(|v| v.to_ascii_lowercase().contains(needle));
     if ev.chassis_asset_tag == AZURE_ASSET_TAG {
-        add(Box::new(AzureSource::new(&ep.azure)), format!("DMI chassis_asset_tag is Azure's {AZURE_ASSET_TAG}"));
+        add(
+            Box::new(AzureSource::new(&ep.azure)),
+            format!("DMI chassis_asset_tag is Azure's {AZURE_ASSET_TAG}"),
+        );
     } else if any("amazon") || ev.product_version.to_ascii_lowercase().contains("amazon") {
-        add(Box::new(Ec2Source::new(&ep.ec2)), format!("DMI says Amazon EC2 (sys_vendor {:?}, product_version {:?})", ev.sys_vendor, ev.product_version));
+        add(
+            Box::new(Ec2Source::new(&ep.ec2)),
+            format!(
+                "DMI says Amazon EC2 (sys_vendor {:?}, product_version {:?})",
+                ev.sys_vendor, ev.product_version
+            ),
+        );
     } else if any("google") {
-        add(Box::new(GceSource::new(&ep.gce)), format!("DMI says Google Compute Engine (product_name {:?})", ev.product_name));
+        add(
+            Box::new(GceSource::new(&ep.gce)),
+            format!(
+                "DMI says Google Compute Engine (product_name {:?})",
+                ev.product_name
+            ),
+        );
     } else if ev.sys_vendor.to_ascii_lowercase().contains("vmware") {
-        add(Box::new(VmwareSource::new(&ep.vmware_rpctool)), format!("DMI sys_vendor is {:?}", ev.sys_vendor));
+        add(
+            Box::new(VmwareSource::new(&ep.vmware_rpctool)),
+            format!("DMI sys_vendor is {:?}", ev.sys_vendor),
+        );
     }
     out
 }
@@ -156,5 +211,8 @@ pub fn identify(paths: &Paths, ep: &Endpoints, ev: &Evidence) -> Vec<Candidate> 
 /// A stable id for launch data that carries none: its digest.
 pub fn digest_id(prefix: &str, data: &[u8]) -> String {
     use sha2::Digest;
-    format!("{prefix}-{}", &hex::encode(sha2::Sha256::digest(data))[..16])
+    format!(
+        "{prefix}-{}",
+        &hex::encode(sha2::Sha256::digest(data))[..16]
+    )
 }

@@ -13,7 +13,10 @@ pub struct NoCloudSource {
 
 impl NoCloudSource {
     pub fn new(paths: Paths, label: &str) -> Self {
-        NoCloudSource { paths, label: label.into() }
+        NoCloudSource {
+            paths,
+            label: label.into(),
+        }
     }
 }
 
@@ -30,13 +33,20 @@ impl Datasource for NoCloudSource {
         "nocloud"
     }
     fn fetch(&self, _deadline: Instant) -> Result<LaunchData, DsError> {
-        let fail = |message: String| DsError::Failed { source_name: "nocloud", message };
+        let fail = |message: String| DsError::Failed {
+            source_name: "nocloud",
+            message,
+        };
         let fs = SeedFs::open(&self.paths, &self.label).map_err(fail)?;
         let user_data = fs.read("user-data").map_err(fail)?;
         let meta = fs.read("meta-data").map_err(fail)?;
-        let instance_id = meta.as_deref().and_then(meta_instance_id).or_else(|| {
-            user_data.as_deref().map(|u| super::digest_id("nocloud", u))
-        });
-        Ok(LaunchData { user_data, instance_id })
+        let instance_id = meta
+            .as_deref()
+            .and_then(meta_instance_id)
+            .or_else(|| user_data.as_deref().map(|u| super::digest_id("nocloud", u)));
+        Ok(LaunchData {
+            user_data,
+            instance_id,
+        })
     }
 }

@@ -12,7 +12,10 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { first: Duration::from_millis(250), max: Duration::from_secs(5) }
+        Backoff {
+            first: Duration::from_millis(250),
+            max: Duration::from_secs(5),
+        }
     }
 }
 
@@ -38,7 +41,11 @@ impl RetryClient {
             .redirects(0)
             .try_proxy_from_env(false)
             .build();
-        RetryClient { agent, backoff: Backoff::default(), source_name }
+        RetryClient {
+            agent,
+            backoff: Backoff::default(),
+            source_name,
+        }
     }
 
     /// Sends `make()` (with `body` if given) until it answers with a status not in
@@ -54,7 +61,8 @@ impl RetryClient {
         let mut wait = self.backoff.first;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let req = make(&self.agent).timeout(left.clamp(Duration::from_millis(50), Duration::from_secs(5)));
+            let req = make(&self.agent)
+                .timeout(left.clamp(Duration::from_millis(50), Duration::from_secs(5)));
             let res = match body {
                 Some(b) => req.send_bytes(b),
                 None => req.call(),
@@ -63,7 +71,11 @@ impl RetryClient {
                 Ok(resp) => {
                     let mut buf = Vec::new();
                     use std::io::Read;
-                    match resp.into_reader().take(crate::userdata::MAX_USER_DATA as u64 + 1).read_to_end(&mut buf) {
+                    match resp
+                        .into_reader()
+                        .take(crate::userdata::MAX_USER_DATA as u64 + 1)
+                        .read_to_end(&mut buf)
+                    {
                         Ok(_) => return Ok(Outcome::Body(buf)),
                         Err(e) => format!("reading the answer failed: {e}"),
                     }
@@ -76,7 +88,11 @@ impl RetryClient {
             };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(DsError::Deadline { source_name: self.source_name, what: what.into(), last: why });
+                return Err(DsError::Deadline {
+                    source_name: self.source_name,
+                    what: what.into(),
+                    last: why,
+                });
             }
             let nap = wait.min(left);
             crate::log::info(&format!(

@@ -17,14 +17,19 @@ impl SeedFs {
         if dev.is_dir() {
             return Ok(SeedFs { dev, mounted: None });
         }
-        let mut f = std::fs::File::open(&dev).map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
+        let mut f =
+            std::fs::File::open(&dev).map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
         if crate::iso9660::volume_id(&mut f).is_ok() {
             return Ok(SeedFs { dev, mounted: None });
         }
         let target = paths.run_dir().join("seed").join(label);
-        std::fs::create_dir_all(&target).map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+        std::fs::create_dir_all(&target)
+            .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
         mount_ro(&dev, &target, "vfat")?;
-        Ok(SeedFs { dev, mounted: Some(target) })
+        Ok(SeedFs {
+            dev,
+            mounted: Some(target),
+        })
     }
 
     /// `Ok(None)` when the file is not there.
@@ -54,7 +59,9 @@ impl Drop for SeedFs {
 }
 
 fn mount_ro(dev: &Path, target: &Path, fstype: &str) -> Result<(), String> {
-    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string());
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())
+    };
     let (d, t) = (c(dev)?, c(target)?);
     let fs = std::ffi::CString::new(fstype).unwrap();
     let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;

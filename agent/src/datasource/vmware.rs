@@ -12,7 +12,9 @@ pub struct VmwareSource {
 
 impl VmwareSource {
     pub fn new(rpctool: &str) -> Self {
-        VmwareSource { rpctool: rpctool.into() }
+        VmwareSource {
+            rpctool: rpctool.into(),
+        }
     }
 
     /// `Ok(None)` when the key is not set (rpctool exits non-zero with "No value found").
@@ -20,7 +22,10 @@ impl VmwareSource {
         let out = std::process::Command::new(&self.rpctool)
             .arg(format!("info-get {key}"))
             .output()
-            .map_err(|e| DsError::Failed { source_name: "vmware", message: format!("cannot run {}: {e}", self.rpctool) })?;
+            .map_err(|e| DsError::Failed {
+                source_name: "vmware",
+                message: format!("cannot run {}: {e}", self.rpctool),
+            })?;
         if !out.status.success() {
             return Ok(None);
         }
@@ -32,7 +37,9 @@ impl VmwareSource {
 pub fn decode(value: &str, encoding: Option<&str>) -> Result<Vec<u8>, String> {
     let b64 = |s: &str| {
         let c: String = s.split_ascii_whitespace().collect();
-        base64::engine::general_purpose::STANDARD.decode(c).map_err(|e| format!("not base64: {e}"))
+        base64::engine::general_purpose::STANDARD
+            .decode(c)
+            .map_err(|e| format!("not base64: {e}"))
     };
     match encoding.map(str::to_ascii_lowercase).as_deref() {
         None | Some("") => Ok(value.as_bytes().to_vec()),
@@ -46,7 +53,9 @@ pub fn decode(value: &str, encoding: Option<&str>) -> Result<Vec<u8>, String> {
                 .map_err(|e| format!("not gzip: {e}"))?;
             Ok(out)
         }
-        Some(other) => Err(format!("guestinfo.userdata.encoding {other:?} is not base64 or gzip+base64")),
+        Some(other) => Err(format!(
+            "guestinfo.userdata.encoding {other:?} is not base64 or gzip+base64"
+        )),
     }
 }
 
@@ -59,8 +68,14 @@ impl Datasource for VmwareSource {
             return Ok(LaunchData::default());
         };
         let enc = self.info_get("guestinfo.userdata.encoding")?;
-        let data = decode(&value, enc.as_deref()).map_err(|message| DsError::Failed { source_name: "vmware", message })?;
+        let data = decode(&value, enc.as_deref()).map_err(|message| DsError::Failed {
+            source_name: "vmware",
+            message,
+        })?;
         let instance_id = Some(super::digest_id("vmware", &data));
-        Ok(LaunchData { user_data: Some(data), instance_id })
+        Ok(LaunchData {
+            user_data: Some(data),
+            instance_id,
+        })
     }
 }

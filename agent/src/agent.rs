@@ -1,0 +1,528 @@
+//! The boot pipeline, top to bottom: find launch data → parse → validate →
+//! apply → join → report. Each stage updates the status that `aiw-agent status`
+//! and `/metrics` show.
+
+use crate::datasource::{self, Endpoints, LaunchData};
+use crate::join::{self, Backoff, EdgeClient, HostReport, JoinRecord};
+use crate::modes::{ImageInfo, ModeTable};
+use crate::paths::Paths;
+use crate::settings::{self, ImageContext, Settings};
+use crate::status::{now_unix, ModeStatus, Status};
+use crate::systemd::UnitControl;
+use crate::{apply, gpu, host, log, userdata};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct AgentConfig {
+    pub paths: Paths,
+    pub endpoints: Endpoints,
+    /// Overall deadline for finding launch data.
+    pub datasource_deadline: Duration,
+    /// `None`: wait for the controller as long as it takes.
+    pub join_deadline: Option<Duration>,
+    pub join_backoff_max: Duration,
+    pub metrics_addr: Option<SocketAddr>,
+    pub real_system: bool,
+    /// Overrides AIWARE_AGENT_UPDATE_INTERVAL (tests).
+    pub heartbeat_override: Option<Duration>,
+    /// Return after this many heartbeats (tests, measurements); `None`: run forever.
+    pub stop_after_heartbeats: Option<u64>,
+}
+
+impl AgentConfig {
+    pub fn for_system(paths: Paths) -> Self {
+        let env_secs = |k: &str, d: u64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        AgentConfig {
+            real_system: paths.is_real_root(),
+            paths,
+            endpoints: Endpoints::default(),
+            datasource_deadline: Duration::from_secs(env_secs("AIW_AGENT_DATASOURCE_DEADLINE", 90)),
+            join_deadline: None,
+            join_backoff_max: Duration::from_secs(30),
+            metrics_addr: std::env::var("AIW_AGENT_METRICS_ADDR")
+                .ok()
+                .and_then(|a| a.parse().ok())
+                .or_else(|| Some(([0, 0, 0, 0], 8000).into())),
+            heartbeat_override: None,
+            // For measurements and smoke tests: exit after N status reports.
+            stop_after_heartbeats: std::env::var("AIW_AGENT_EXIT_AFTER_HEARTBEATS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        }
+    }
+}
+
+/// How the run ended (for tests; the service itself keeps running).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Ready,
+    NoUserData,
+    Invalid(String),
+    JoinFailed(String),
+}
+
+pub struct Agent<'a> {
+    cfg: AgentConfig,
+    units: &'a dyn UnitControl,
+    pub status: Arc<Mutex<Status>>,
+}
+
+fn sd_notify(msg: &str) {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let sock = std::os::unix::net::UnixDatagram::unbound();
+        if let Ok(s) = sock {
+            let p = std::path::PathBuf::from(&path);
+            let b = path.as_encoded_bytes();
+            if b.first() == Some(&b'@') {
+                use std::os::linux::net::SocketAddrExt;
+                if let Ok(addr) = std::os::unix::net::SocketAddr::from_abstract_name(&b[1..]) {
+                    let _ = s.send_to_addr(msg.as_bytes(), &addr);
+                }
+            } else {
+                let _ = s.send_to(msg.as_bytes(), p);
+            }
+        }
+    }
+}
+
+impl<'a> Agent<'a> {
+    pub fn new(cfg: AgentConfig, units: &'a dyn UnitControl) -> Self {
+        let status = Status {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            phase: "starting".into(),
+            ..Default::default()
+        };
+        Agent {
+            cfg,
+            units,
+            status: Arc::new(Mutex::new(status)),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st);
+        st.updated_unix = now_unix();
+        let json = serde_json::to_vec_pretty(&*st).unwrap_or_default();
+        drop(st);
+        let _ = apply::write_private(&self.cfg.paths.status_file(), &json, 0o644);
+    }
+
+    fn error(&self, e: &str) {
+        log::info(&format!("error: {e}"));
+        self.update(|s| {
+            s.last_error = Some(log::scrub(e));
+            s.errors_total += 1;
+        });
+    }
+
+    /// Finds launch data: the first identified datasource that has some.
+    fn find_launch_data(&self) -> Option<(String, String, LaunchData)> {
+        let paths = &self.cfg.paths;
+        let ev = datasource::gather_evidence(paths);
+        self.update(|s| s.evidence = serde_json::to_value(&ev).ok());
+        let candidates = datasource::identify(paths, &self.cfg.endpoints, &ev);
+        if candidates.is_empty() {
+            log::info("no datasource identified: no cidata/config-2 label, no /efi/aiware/user-data, no aiware.* on the kernel command line, no cloud in DMI");
+        }
+        let deadline = Instant::now() + self.cfg.datasource_deadline;
+        for c in candidates {
+            log::info(&format!(
+                "trying datasource {} because {}",
+                c.source.name(),
+                c.reason
+            ));
+            match c.source.fetch(deadline) {
+                Ok(ld) if ld.user_data.is_some() => {
+                    return Some((c.source.name().to_string(), c.reason, ld))
+                }
+                Ok(_) => log::info(&format!("datasource {} has no user-data", c.source.name())),
+                Err(e) => self.error(&e.to_string()),
+            }
+        }
+        None
+    }
+
+    pub fn run(&self) -> Outcome {
+        let paths = self.cfg.paths.clone();
+        if let Some(addr) = self.cfg.metrics_addr {
+            match crate::metrics::serve(addr, self.status.clone()) {
+                Ok(a) => log::info(&format!("metrics on http://{a}/metrics")),
+                Err(e) => self.error(&format!("cannot serve metrics on {addr}: {e}")),
+            }
+        }
+        let image: Option<ImageInfo> = std::fs::read(paths.image_json())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let table = match ModeTable::load(&paths.modes_toml()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.error(&format!(
+                    "{e}: the image lacks its mode table, so no mode service can be managed"
+                ));
+                None
+            }
+        };
+        let gpus = gpu::find_nvidia(&paths);
+        if image.as_ref().is_some_and(|i| i.gpu) && gpus.is_empty() {
+            log::console("no GPU found on PCI (no NVIDIA device, vendor 0x10de): this GPU image runs with 0 GPUs");
+        }
+        self.update(|s| {
+            s.image = image.as_ref().and_then(|i| serde_json::to_value(i).ok());
+            s.gpus = gpus.clone();
+        });
+
+        // Launch data, or the settings persisted by an earlier boot.
+        let persisted = apply::load_settings(&paths);
+        let found = self.find_launch_data();
+        let (source, reason, settings) = match (found, persisted) {
+            (Some((name, reason, ld)), prev) => {
+                if let Some(p) =
+                    prev.filter(|p| p.instance_id.is_some() && p.instance_id == ld.instance_id)
+                {
+                    (
+                        name,
+                        format!(
+                            "{reason}; same instance-id as the persisted settings, which are kept"
+                        ),
+                        Ok(p),
+                    )
+                } else {
+                    let parsed = userdata::parse(ld.user_data.as_deref().unwrap_or_default())
+                        .map(|u| Settings::from_user_data(u, ld.instance_id.clone()))
+                        .map_err(|e| e.0);
+                    (name, reason, parsed)
+                }
+            }
+            (None, Some(p)) => (
+                "persisted".into(),
+                "no launch data this boot; using the settings persisted in /var/lib/aiware".into(),
+                Ok(p),
+            ),
+            (None, None) => {
+                let msg = "no user-data found (no NoCloud seed, ESP file, kernel command line or cloud metadata); running with no modes";
+                log::console(msg);
+                if let Some(t) = &table {
+                    let a = apply::Applier {
+                        paths: &paths,
+                        table: t,
+                        units: self.units,
+                        real_system: self.cfg.real_system,
+                    };
+                    if let Err(e) = a.stop_all() {
+                        self.error(&e);
+                    }
+                }
+                self.update(|s| {
+                    s.phase = "no-user-data".into();
+                    s.settings_valid = true;
+                    s.join.state = "not-configured".into();
+                    s.ports = table
+                        .as_ref()
+                        .map(|t| apply::ports(t, &[]))
+                        .unwrap_or_default();
+                });
+                sd_notify("READY=1\nSTATUS=no user-data; no modes");
+                log::console("ready (no modes, no user-data)");
+                return Outcome::NoUserData;
+            }
+        };
+        self.update(|s| {
+            s.datasource = Some(source.clone());
+            s.datasource_reason = Some(reason.clone());
+        });
+        log::info(&format!("datasource {source}: {reason}"));
+
+        let settings = match settings {
+            Ok(s) => s,
+            Err(e) => {
+                return self.invalid(
+                    vec![format!("user-data cannot be parsed: {e}")],
+                    table.as_ref(),
+                )
+            }
+        };
+        log::add_secrets(settings.secrets());
+        for w in &settings.warnings {
+            log::info(&format!("warning: {w}"));
+        }
+        let mut errs = settings::validate(
+            &settings,
+            &ImageContext {
+                table: table.as_ref(),
+                image: image.as_ref(),
+            },
+        );
+        if table.is_none() {
+            errs.push(format!(
+                "{} is missing or unreadable",
+                crate::modes::MODES_PATH
+            ));
+        }
+        self.update(|s| s.settings = Some(settings.redacted_json()));
+        if !errs.is_empty() {
+            return self.invalid(errs, table.as_ref());
+        }
+        let table = table.expect("checked above");
+        let modes = settings.modes();
+        let a = apply::Applier {
+            paths: &paths,
+            table: &table,
+            units: self.units,
+            real_system: self.cfg.real_system,
+        };
+        for e in a.apply(&settings) {
+            self.error(&e);
+        }
+        let mode_status: Vec<ModeStatus> = modes
+            .iter()
+            .map(|m| ModeStatus {
+                mode: m.clone(),
+                services: table
+                    .get(m)
+                    .map(|s| {
+                        s.services
+                            .iter()
+                            .map(|u| (u.clone(), self.units.active_state(u)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect();
+        self.update(|s| {
+            s.phase = "configured".into();
+            s.settings_valid = true;
+            s.validation_errors.clear();
+            s.modes = mode_status;
+            s.ports = apply::ports(&table, &modes);
+            s.join.controller = settings.controller().map(String::from);
+            s.join.state = if settings.controller().is_some() {
+                "waiting-for-controller".into()
+            } else {
+                "not-configured".into()
+            };
+        });
+        sd_notify(&format!("READY=1\nSTATUS=configured: {}", modes.join(",")));
+
+        match settings.controller() {
+            None => {
+                log::console(&format!(
+                    "ready modes={} datasource={source} (no controller to join)",
+                    modes.join(",")
+                ));
+                Outcome::Ready
+            }
+            Some(url) => self.join_and_report(url, &settings, &modes, &gpus, &source),
+        }
+    }
+
+    fn invalid(&self, errs: Vec<String>, table: Option<&ModeTable>) -> Outcome {
+        let first = log::scrub(&errs[0]);
+        let more = if errs.len() > 1 {
+            format!(" (and {} more: see aiw-agent status)", errs.len() - 1)
+        } else {
+            String::new()
+        };
+        log::console(&format!("invalid settings: {first}{more}"));
+        for e in &errs {
+            log::info(&format!("invalid setting: {e}"));
+        }
+        if let Some(t) = table {
+            let a = apply::Applier {
+                paths: &self.cfg.paths,
+                table: t,
+                units: self.units,
+                real_system: self.cfg.real_system,
+            };
+            if let Err(e) = a.stop_all() {
+                self.error(&e);
+            }
+        }
+        self.update(|s| {
+            s.phase = "invalid-settings".into();
+            s.settings_valid = false;
+            s.validation_errors = errs.iter().map(|e| log::scrub(e)).collect();
+            s.last_error = Some(format!("invalid settings: {first}"));
+            s.errors_total += 1;
+            s.join.state = "not-configured".into();
+        });
+        sd_notify(&format!("READY=1\nSTATUS=invalid settings: {first}"));
+        Outcome::Invalid(first)
+    }
+
+    fn join_and_report(
+        &self,
+        url: &str,
+        s: &Settings,
+        modes: &[String],
+        gpus: &[gpu::Gpu],
+        source: &str,
+    ) -> Outcome {
+        let paths = &self.cfg.paths;
+        let client = EdgeClient::new(url);
+        let init = s.get("AIWARE_INIT_TOKEN").unwrap_or("").to_string();
+        let image_version = self
+            .status
+            .lock()
+            .map(|st| {
+                st.image
+                    .as_ref()
+                    .and_then(|i| i["version"].as_str().map(String::from))
+            })
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let previous = join::load(paths);
+        let deadline = self.cfg.join_deadline.map(|d| Instant::now() + d);
+        let mut backoff = Backoff::new(Duration::from_millis(200), self.cfg.join_backoff_max);
+        let facts = host::gather(paths);
+        let report = HostReport {
+            facts: &facts,
+            modes,
+            gpus,
+            host_expire: s
+                .get("AIWARE_HOST_EXPIRE")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            instance_id: s.instance_id.as_deref(),
+            image_version: &image_version,
+        };
+        let mut on_wait = |m: &str| log::info(m);
+        let reply = match join::join(
+            &client,
+            &init,
+            &report,
+            previous.as_ref(),
+            &mut backoff,
+            deadline,
+            &mut on_wait,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                let msg = format!("cannot join the controller: {e}");
+                log::console(&msg);
+                self.error(&msg);
+                self.update(|st| st.join.state = "failed".into());
+                return Outcome::JoinFailed(msg);
+            }
+        };
+        let host_id = reply["hostID"].as_str().unwrap_or_default().to_string();
+        let mut token = reply["hostToken"].as_str().unwrap_or_default().to_string();
+        log::add_secrets([token.clone()]);
+        if let Some(p) = &previous {
+            if p.host_id != host_id && p.controller == client.base {
+                log::info(&format!(
+                    "the controller gave a new hostID {host_id} (was {})",
+                    p.host_id
+                ));
+            }
+        }
+        let mounts: Vec<serde_json::Value> = reply["mount"].as_array().cloned().unwrap_or_default();
+        let rec = JoinRecord {
+            controller: client.base.clone(),
+            host_id: host_id.clone(),
+            host_token: token.clone(),
+            joined_unix: now_unix(),
+            mounts: mounts.clone(),
+        };
+        if let Err(e) = join::save(paths, &rec) {
+            self.error(&format!(
+                "cannot keep the join state in {}: {e}",
+                paths.join_file().display()
+            ));
+        }
+        let mut mount_lines = Vec::new();
+        for r in join::mount_all(paths, &mounts, self.cfg.real_system) {
+            match r {
+                Ok(l) => mount_lines.push(l),
+                Err(e) => self.error(&e),
+            }
+        }
+        self.update(|st| {
+            st.phase = "joined".into();
+            st.join.state = "joined".into();
+            st.join.host_id = Some(host_id.clone());
+            st.join.joined_unix = Some(now_unix());
+            st.join.mounts = mount_lines;
+        });
+        sd_notify(&format!("STATUS=joined {url} as {host_id}"));
+        log::console(&format!(
+            "ready modes={} host_id={host_id} datasource={source} controller={url}",
+            modes.join(",")
+        ));
+
+        // Report status every interval; a 401 re-registers (same hostID) with the init token.
+        let interval = self
+            .cfg
+            .heartbeat_override
+            .unwrap_or(Duration::from_secs(s.update_interval_s()));
+        let prometheus = modes.iter().any(|m| m == "prometheus");
+        let mut beats = 0u64;
+        loop {
+            let facts = host::gather(paths);
+            let report = HostReport {
+                facts: &facts,
+                ..report
+            };
+            match client.update_status(&host_id, &token, &report.status(Some(&host_id))) {
+                Ok(_) => {
+                    beats += 1;
+                    self.update(|st| {
+                        st.join.heartbeats += 1;
+                        st.join.last_heartbeat_unix = Some(now_unix());
+                        st.join.state = "joined".into();
+                    });
+                }
+                Err(join::JoinError::Unauthorized { .. }) => {
+                    log::info(
+                        "the controller refused the host token; registering again as the same host",
+                    );
+                    match client.register(&init, &report.register_request(Some(&host_id))) {
+                        Ok(v) => {
+                            token = v["hostToken"].as_str().unwrap_or_default().to_string();
+                            log::add_secrets([token.clone()]);
+                            let rec = JoinRecord {
+                                host_token: token.clone(),
+                                ..rec.clone()
+                            };
+                            let _ = join::save(paths, &rec);
+                        }
+                        Err(e) => self.error(&format!("re-registering: {e}")),
+                    }
+                }
+                Err(e) => self.error(&format!("status report: {e}")),
+            }
+            if prometheus {
+                match client.hosts(&token) {
+                    Ok(h) => {
+                        let t = join::prometheus_targets(&h);
+                        let file = paths.prometheus_sd_dir().join("aiware-hosts.json");
+                        if let Err(e) =
+                            std::fs::create_dir_all(paths.prometheus_sd_dir()).and_then(|_| {
+                                apply::write_private(
+                                    &file,
+                                    serde_json::to_string_pretty(&t)
+                                        .unwrap_or_default()
+                                        .as_bytes(),
+                                    0o644,
+                                )
+                            })
+                        {
+                            self.error(&format!("cannot write {}: {e}", file.display()));
+                        }
+                    }
+                    Err(e) => self.error(&format!("listing hosts for Prometheus: {e}")),
+                }
+            }
+            if self.cfg.stop_after_heartbeats.is_some_and(|n| beats >= n) {
+                return Outcome::Ready;
+            }
+            std::thread::sleep(interval);
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Applying settings to the node: persisted state, directories, sysctls,
+//! kernel modules, SSH keys, hostname, write_files, rendered config files and
+//! the mode services. Settings flow one way: settings → files → units.
+
+use crate::modes::ModeTable;
+use crate::paths::Paths;
+use crate::settings::Settings;
+use crate::systemd::UnitControl;
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// Writes `data` to `path` atomically with `mode`, creating the parent directory.
+pub fn write_private(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+pub fn save_settings(paths: &Paths, s: &Settings) -> std::io::Result<()> {
+    let dir = paths.state_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    write_private(
+        &paths.settings_file(),
+        &serde_json::to_vec_pretty(s).unwrap_or_default(),
+        0o600,
+    )
+}
+
+pub fn load_settings(paths: &Paths) -> Option<Settings> {
+    serde_json::from_slice(&std::fs::read(paths.settings_file()).ok()?).ok()
+}
+
+/// The services of the chosen modes, and of the other modes (to keep stopped).
+pub fn split_services(table: &ModeTable, modes: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut wanted: BTreeSet<String> = BTreeSet::new();
+    for m in modes {
+        if let Some(spec) = table.get(m) {
+            wanted.extend(spec.services.iter().cloned());
+        }
+    }
+    let others = table
+        .all_mode_services()
+        .into_iter()
+        .filter(|s| !wanted.contains(s))
+        .collect();
+    (wanted.into_iter().collect(), others)
+}
+
+/// Ports open on a node with these modes (common ones included), for status and the firewall.
+pub fn ports(table: &ModeTable, modes: &[String]) -> Vec<String> {
+    let mut p: BTreeSet<crate::modes::Port> = table.common.ports.iter().copied().collect();
+    for m in modes {
+        if let Some(spec) = table.get(m) {
+            p.extend(spec.ports.iter().copied());
+        }
+    }
+    p.into_iter().map(|p| p.to_string()).collect()
+}
+
+pub struct Applier<'a> {
+    pub paths: &'a Paths,
+    pub table: &'a ModeTable,
+    pub units: &'a dyn UnitControl,
+    /// False in tests: no modprobe, sethostname or mounts on the real system.
+    pub real_system: bool,
+}
+
+impl Applier<'_> {
+    /// Stops every mode service: used when settings are invalid.
+    pub fn stop_all(&self) -> Result<(), String> {
+        self.units.stop_and_disable(&self.table.all_mode_services())
+    }
+
+    /// Applies valid settings; returns the problems met (none is fatal to the others).
+    pub fn apply(&self, s: &Settings) -> Vec<String> {
+        let mut errs = Vec::new();
+        let modes = s.modes();
+        if let Err(e) = save_settings(self.paths, s) {
+            errs.push(format!(
+                "cannot persist settings in {}: {e}",
+                self.paths.state_dir().display()
+            ));
+        }
+        for m in &modes {
+            let Some(spec) = self.table.get(m) else {
+                continue;
+            };
+            for d in &spec.directories {
+                let p = self.paths.var_opt_aiware().join(d);
+                if let Err(e) = std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(&p)
+                {
+                    errs.push(format!("cannot create {}: {e}", p.display()));
+                }
+            }
+            for (k, v) in &spec.sysctls {
+                let p = self.paths.proc_sys().join(k.replace('.', "/"));
+                if let Err(e) = std::fs::write(&p, v) {
+                    errs.push(format!(
+                        "sysctl {k}={v} (mode {m}): cannot write {}: {e}",
+                        p.display()
+                    ));
+                }
+            }
+            for km in &spec.kernel_modules {
+                if self.real_system {
+                    match std::process::Command::new("modprobe")
+                        .arg("--")
+                        .arg(km)
+                        .status()
+                    {
+                        Ok(st) if st.success() => {}
+                        Ok(st) => errs.push(format!("modprobe {km} (mode {m}) exited with {st}")),
+                        Err(e) => errs.push(format!("cannot run modprobe {km}: {e}")),
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.ssh_keys(&s.ssh_authorized_keys) {
+            errs.push(e);
+        }
+        if let Some(h) = &s.hostname {
+            if let Err(e) = self.hostname(h) {
+                errs.push(e);
+            }
+        }
+        for f in &s.write_files {
+            if let Err(e) = self.write_file(f) {
+                errs.push(e);
+            }
+        }
+        if let Err(e) = self.render_env(s) {
+            errs.push(e);
+        }
+        let (wanted, others) = split_services(self.table, &modes);
+        if let Err(e) = self.units.stop_and_disable(&others) {
+            errs.push(format!("stopping services of modes not chosen: {e}"));
+        }
+        if let Err(e) = self.units.enable_and_start(&wanted) {
+            errs.push(format!("starting mode services: {e}"));
+        }
+        errs
+    }
+
+    fn ssh_keys(&self, keys: &[String]) -> Result<(), String> {
+        let dir = self.paths.ssh_root_dir();
+        let parent = dir.parent().unwrap_or(&dir).to_path_buf();
+        let mk = |p: &Path, mode: u32| -> Result<(), String> {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(p)
+                .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| format!("chmod {}: {e}", p.display()))
+        };
+        // sshd StrictModes: every directory on the way root-owned and not group/world-writable.
+        mk(&parent, 0o755)?;
+        mk(&dir, 0o700)?;
+        let mut text = String::new();
+        for k in keys {
+            text.push_str(k);
+            text.push('\n');
+        }
+        write_private(&dir.join("authorized_keys"), text.as_bytes(), 0o600)
+            .map_err(|e| format!("cannot write authorized_keys: {e}"))
+    }
+
+    fn hostname(&self, h: &str) -> Result<(), String> {
+        write_private(
+            &self.paths.run_dir().join("hostname"),
+            format!("{h}\n").as_bytes(),
+            0o644,
+        )
+        .map_err(|e| format!("cannot write /run/aiware/hostname: {e}"))?;
+        if self.real_system {
+            // SAFETY: pointer and length describe h's bytes.
+            let rc = unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) };
+            if rc != 0 {
+                return Err(format!(
+                    "sethostname({h}): {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn write_file(&self, f: &crate::userdata::WriteFile) -> Result<(), String> {
+        crate::settings::check_write_path(&f.path)?;
+        let p = self.paths.at(&f.path);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).map_err(|e| format!("write_files {}: {e}", f.path))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .append(f.append)
+            .truncate(!f.append)
+            .mode(f.permissions)
+            .open(&p)
+            .map_err(|e| format!("write_files {}: {e}", f.path))?;
+        file.write_all(&f.content)
+            .map_err(|e| format!("write_files {}: {e}", f.path))?;
+        file.set_permissions(std::fs::Permissions::from_mode(f.permissions))
+            .map_err(|e| format!("write_files {}: {e}", f.path))
+    }
+
+    /// /run/aiware/aiware.env for the aiWARE containers, rendered from its template.
+    fn render_env(&self, s: &Settings) -> Result<(), String> {
+        let mut tera = tera::Tera::default();
+        tera.add_raw_template("aiware.env", include_str!("../templates/aiware.env.tera"))
+            .map_err(|e| format!("template aiware.env: {e}"))?;
+        let mut ctx = tera::Context::new();
+        ctx.insert("root", s.get("AIWARE_ROOT").unwrap_or("/opt/aiware"));
+        ctx.insert("cache_dir", s.get("AIWARE_CACHE_DIR").unwrap_or("/cache"));
+        let vars: Vec<(&String, String)> = s
+            .vars
+            .iter()
+            .filter(|(k, _)| *k != "AIWARE_ROOT" && *k != "AIWARE_CACHE_DIR")
+            .map(|(k, v)| (k, v.replace(['\n', '\r'], " ")))
+            .collect();
+        ctx.insert("vars", &vars);
+        let text = tera
+            .render("aiware.env", &ctx)
+            .map_err(|e| format!("template aiware.env: {e}"))?;
+        write_private(
+            &self.paths.run_dir().join("aiware.env"),
+            text.as_bytes(),
+            0o600,
+        )
+        .map_err(|e| format!("cannot write aiware.env: {e}"))
+    }
+}

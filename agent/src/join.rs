@@ -1,0 +1,384 @@
+//! Joining the controller over the Edge API: wait for `/version`, register
+//! (`POST /host/register`), keep hostID/hostToken (0600), mount the NFS cache it
+//! names, then report status (`POST /host/{id}/updatestatus`). A restart
+//! re-registers with the kept hostID, so the controller keeps the same host.
+
+use crate::paths::Paths;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct JoinRecord {
+    pub controller: String,
+    pub host_id: String,
+    pub host_token: String,
+    pub joined_unix: u64,
+    #[serde(default)]
+    pub mounts: Vec<Value>,
+}
+
+pub fn load(paths: &Paths) -> Option<JoinRecord> {
+    serde_json::from_slice(&std::fs::read(paths.join_file()).ok()?).ok()
+}
+
+pub fn save(paths: &Paths, r: &JoinRecord) -> std::io::Result<()> {
+    crate::apply::write_private(
+        &paths.join_file(),
+        &serde_json::to_vec_pretty(r).unwrap_or_default(),
+        0o600,
+    )
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("the controller at {url} refused the token (HTTP 401): check AIWARE_INIT_TOKEN is the cluster's init token")]
+    Unauthorized { url: String },
+    #[error("the controller at {url} answered HTTP {code} to {what}: {body}")]
+    Status {
+        url: String,
+        what: String,
+        code: u16,
+        body: String,
+    },
+    #[error("cannot reach the controller at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("the controller's answer to {what} is not what the Edge API says: {message}")]
+    Protocol { what: String, message: String },
+}
+
+pub struct EdgeClient {
+    pub base: String,
+    agent: ureq::Agent,
+}
+
+impl EdgeClient {
+    pub fn new(base: &str) -> Self {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(3))
+            .timeout(Duration::from_secs(15))
+            .try_proxy_from_env(false)
+            .build();
+        EdgeClient {
+            base: base.trim_end_matches('/').to_string(),
+            agent,
+        }
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+        what: &str,
+    ) -> Result<Value, JoinError> {
+        let url = format!("{}{path}", self.base);
+        let req = self
+            .agent
+            .request(method, &url)
+            .set("Authorization", &format!("Bearer {token}"))
+            .set("Accept", "application/json");
+        let res = match body {
+            Some(b) => req
+                .set("Content-Type", "application/json")
+                .send_string(&b.to_string()),
+            None => req.call(),
+        };
+        match res {
+            Ok(r) => {
+                let text = r.into_string().map_err(|e| JoinError::Protocol {
+                    what: what.into(),
+                    message: e.to_string(),
+                })?;
+                if text.trim().is_empty() {
+                    return Ok(Value::Null);
+                }
+                serde_json::from_str(&text).map_err(|e| JoinError::Protocol {
+                    what: what.into(),
+                    message: format!("not JSON ({e})"),
+                })
+            }
+            Err(ureq::Error::Status(401, _)) => Err(JoinError::Unauthorized {
+                url: self.base.clone(),
+            }),
+            Err(ureq::Error::Status(code, r)) => {
+                let body: String = r
+                    .into_string()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(300)
+                    .collect();
+                Err(JoinError::Status {
+                    url: self.base.clone(),
+                    what: what.into(),
+                    code,
+                    body,
+                })
+            }
+            Err(ureq::Error::Transport(t)) => Err(JoinError::Unreachable {
+                url: self.base.clone(),
+                message: t.to_string(),
+            }),
+        }
+    }
+
+    pub fn version(&self, token: &str) -> Result<String, JoinError> {
+        let v = self.send("GET", "/version", token, None, "GET /version")?;
+        Ok(v["version"].as_str().unwrap_or("").to_string())
+    }
+
+    pub fn register(&self, init_token: &str, req: &Value) -> Result<Value, JoinError> {
+        let v = self.send(
+            "POST",
+            "/host/register",
+            init_token,
+            Some(req),
+            "POST /host/register",
+        )?;
+        for key in ["hostID", "hostToken"] {
+            if v[key].as_str().filter(|s| !s.is_empty()).is_none() {
+                return Err(JoinError::Protocol {
+                    what: "POST /host/register".into(),
+                    message: format!("no {key} in the reply"),
+                });
+            }
+        }
+        Ok(v)
+    }
+
+    pub fn update_status(
+        &self,
+        host_id: &str,
+        token: &str,
+        status: &Value,
+    ) -> Result<Value, JoinError> {
+        self.send(
+            "POST",
+            &format!("/host/{host_id}/updatestatus"),
+            token,
+            Some(status),
+            "POST /host/{id}/updatestatus",
+        )
+    }
+
+    pub fn hosts(&self, token: &str) -> Result<Value, JoinError> {
+        self.send("GET", "/hosts", token, None, "GET /hosts")
+    }
+}
+
+/// What the host tells the controller about itself.
+pub struct HostReport<'a> {
+    pub facts: &'a crate::host::HostFacts,
+    pub modes: &'a [String],
+    pub gpus: &'a [crate::gpu::Gpu],
+    pub host_expire: bool,
+    pub instance_id: Option<&'a str>,
+    pub image_version: &'a str,
+}
+
+impl HostReport<'_> {
+    pub fn status(&self, host_id: Option<&str>) -> Value {
+        let f = self.facts;
+        let mut v = json!({
+            "hostIP": f.ips.first().cloned().unwrap_or_default(),
+            "numCPU": f.num_cpu,
+            "numGPU": self.gpus.len(),
+            "GPUAvailable": self.gpus.len(),
+            "memoryAvailable": f.memory_available_bytes,
+            "memoryUsed": f.memory_bytes.saturating_sub(f.memory_available_bytes),
+            "diskAvailableRoot": f.disk_available_root,
+            "diskAvailableOptAiware": f.disk_available_var,
+            "vCPUAvailable": f.num_cpu * 1024,
+            "numContainers": 0,
+            "numEngineInstances": 0,
+        });
+        if let Some(id) = host_id {
+            v["hostID"] = json!(id);
+        }
+        v
+    }
+
+    pub fn register_request(&self, host_id: Option<&str>) -> Value {
+        let f = self.facts;
+        let has = |m: &str| self.modes.iter().any(|x| x == m);
+        let gpu_type = self
+            .gpus
+            .first()
+            .map(|g| g.name.clone())
+            .unwrap_or_default();
+        let mut info = json!({
+            "hostname": f.hostname,
+            "ips": f.ips,
+            "numCPU": f.num_cpu,
+            "memory": f.memory_bytes,
+            "numGPU": self.gpus.len(),
+            "gpuAvailable": self.gpus.len(),
+            "gpu_type": gpu_type,
+            "runModes": self.modes,
+            "shouldExpire": self.host_expire,
+            "agentLabel": "aiw-agent",
+            "agentVersionNumber": env!("CARGO_PKG_VERSION"),
+            "serverTypeName": self.image_version,
+            "isEngine": has("engine"), "isController": has("controller"), "isDB": has("db"),
+            "isNFS": has("nfs"), "isRegistry": has("registry"), "isPrometheus": has("prometheus"),
+            "isAPI": has("api"), "isES": has("es"), "isLB": has("lb"), "isNSQ": has("nsq"),
+            "isRedis": has("redis"),
+        });
+        if let Some(id) = host_id {
+            info["hostID"] = json!(id);
+        }
+        if let Some(i) = self.instance_id {
+            info["cloudProviderInstanceID"] = json!(i);
+        }
+        json!({
+            "info": info,
+            "launchConfig": { "modes": self.modes },
+            "status": self.status(host_id),
+        })
+    }
+}
+
+/// Capped exponential backoff for controller waits.
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Backoff { next: first, max }
+    }
+    pub fn next_wait(&mut self) -> Duration {
+        let w = self.next;
+        self.next = (self.next * 2).min(self.max);
+        w
+    }
+}
+
+/// Waits for the controller's `/version`, then registers. Waits while the
+/// controller is unreachable or answers 5xx; stops on 401 or at `deadline`.
+pub fn join(
+    client: &EdgeClient,
+    init_token: &str,
+    report: &HostReport,
+    previous: Option<&JoinRecord>,
+    backoff: &mut Backoff,
+    deadline: Option<Instant>,
+    on_wait: &mut dyn FnMut(&str),
+) -> Result<Value, JoinError> {
+    loop {
+        let res = client.version(init_token).and_then(|_| {
+            let id = previous
+                .filter(|p| p.controller == client.base)
+                .map(|p| p.host_id.as_str());
+            client.register(init_token, &report.register_request(id))
+        });
+        match res {
+            Ok(v) => return Ok(v),
+            Err(e @ JoinError::Unauthorized { .. }) => return Err(e),
+            Err(
+                e @ JoinError::Status {
+                    code: 400..=499, ..
+                },
+            ) if !matches!(
+                e,
+                JoinError::Status {
+                    code: 404 | 429,
+                    ..
+                }
+            ) =>
+            {
+                return Err(e)
+            }
+            Err(e) => {
+                let wait = backoff.next_wait();
+                if deadline.is_some_and(|d| Instant::now() + wait > d) {
+                    return Err(e);
+                }
+                on_wait(&format!(
+                    "waiting {:.1}s for the controller ({e})",
+                    wait.as_secs_f32()
+                ));
+                std::thread::sleep(wait);
+            }
+        }
+    }
+}
+
+/// Mounts what the registration reply's `mount[]` names (NFS). Returns one
+/// line per mount for status, or the error.
+pub fn mount_all(
+    paths: &Paths,
+    mounts: &[Value],
+    real_system: bool,
+) -> Vec<Result<String, String>> {
+    let mut sorted: Vec<&Value> = mounts.iter().collect();
+    sorted.sort_by_key(|m| m["priority"].as_i64().unwrap_or(0));
+    sorted
+        .into_iter()
+        .map(|m| {
+            let kind = m["mountType"].as_str().unwrap_or("nfs");
+            let local = m["local_path"].as_str().unwrap_or("/cache");
+            let server = m["ips"].as_array().and_then(|a| a.first()).and_then(|v| v.as_str()).unwrap_or("");
+            let rpath = m["server_path"].as_str().unwrap_or("");
+            let opts = m["options"].as_str().unwrap_or("nfsvers=4");
+            if kind != "nfs" {
+                return Err(format!("mount type {kind} for {local} is not supported (only nfs)"));
+            }
+            if server.is_empty() || rpath.is_empty() || !local.starts_with('/') {
+                return Err(format!("the controller's mount for {local:?} lacks ips, server_path or an absolute local_path"));
+            }
+            let src = if server.contains(':') { format!("[{server}]:{rpath}") } else { format!("{server}:{rpath}") };
+            let line = format!("{src} on {local} (nfs, {opts})");
+            if !real_system {
+                return Ok(format!("{line} [not mounted: test root {}]", paths.root.display()));
+            }
+            if is_mounted(local) {
+                return Ok(line);
+            }
+            if let Err(e) = std::fs::create_dir_all(local) {
+                return Err(format!("cannot create mount point {local}: {e}"));
+            }
+            match std::process::Command::new("mount").args(["-t", "nfs", "-o", opts, &src, local]).output() {
+                Ok(o) if o.status.success() => Ok(line),
+                Ok(o) => Err(format!("mount {src} on {local} failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
+                Err(e) => Err(format!("cannot run mount: {e}")),
+            }
+        })
+        .collect()
+}
+
+fn is_mounted(local: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| {
+            t.lines()
+                .any(|l| l.split_whitespace().nth(4) == Some(local))
+        })
+        .unwrap_or(false)
+}
+
+/// Prometheus file-based discovery from `GET /hosts`: every host's agent (8000)
+/// and node exporter (9100).
+pub fn prometheus_targets(hosts: &Value) -> Value {
+    let mut groups = Vec::new();
+    for h in hosts["result"].as_array().into_iter().flatten() {
+        let Some(ip) = h["ips"]
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(|v| v.as_str())
+        else {
+            continue;
+        };
+        let ip = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        };
+        groups.push(json!({
+            "targets": [format!("{ip}:8000"), format!("{ip}:9100")],
+            "labels": { "host_id": h["hostID"], "hostname": h["hostname"] },
+        }));
+    }
+    Value::Array(groups)
+}

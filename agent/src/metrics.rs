@@ -1,0 +1,100 @@
+//! Prometheus metrics on port 8000 (`/metrics`), the agent port of the guide.
+//! A tiny blocking HTTP/1.1 server: one short-lived thread per connection.
+
+use crate::status::Status;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub fn render(st: &Status) -> String {
+    let b = |v: bool| if v { 1 } else { 0 };
+    let mut out = String::new();
+    let mut m = |name: &str, help: &str, kind: &str, value: String| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    m(
+        "aiw_agent_joined",
+        "1 when the host is registered with the controller",
+        "gauge",
+        b(st.join.state == "joined").to_string(),
+    );
+    m(
+        "aiw_agent_settings_valid",
+        "1 when the launch settings validated",
+        "gauge",
+        b(st.settings_valid).to_string(),
+    );
+    m(
+        "aiw_agent_last_heartbeat_timestamp_seconds",
+        "Unix time of the last accepted status report",
+        "gauge",
+        st.join.last_heartbeat_unix.unwrap_or(0).to_string(),
+    );
+    m(
+        "aiw_agent_heartbeats_total",
+        "Status reports accepted by the controller",
+        "counter",
+        st.join.heartbeats.to_string(),
+    );
+    m(
+        "aiw_agent_errors_total",
+        "Errors met since the agent started",
+        "counter",
+        st.errors_total.to_string(),
+    );
+    m(
+        "aiw_agent_gpus",
+        "NVIDIA GPUs found on PCI",
+        "gauge",
+        st.gpus.len().to_string(),
+    );
+    out.push_str(
+        "# HELP aiw_agent_mode Run modes enabled on this node\n# TYPE aiw_agent_mode gauge\n",
+    );
+    for md in &st.modes {
+        out.push_str(&format!("aiw_agent_mode{{mode=\"{}\"}} 1\n", md.mode));
+    }
+    out
+}
+
+/// Serves `/metrics` from the shared status until the process ends.
+pub fn serve(addr: SocketAddr, status: Arc<Mutex<Status>>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let status = status.clone();
+            std::thread::spawn(move || {
+                let _ = answer(conn, &status);
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn answer(mut s: TcpStream, status: &Mutex<Status>) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let (code, ctype, body) = match path {
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            render(&status.lock().unwrap_or_else(|e| e.into_inner())),
+        ),
+        _ => ("404 Not Found", "text/plain", "see /metrics\n".into()),
+    };
+    write!(s, "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    s.flush()
+}

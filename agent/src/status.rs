@@ -1,0 +1,149 @@
+//! What `aiw-agent status` shows, kept in /run/aiware/status.json (no secrets).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub agent_version: String,
+    pub image: Option<Value>,
+    /// `starting`, `invalid-settings`, `no-user-data`, `configured`, `joining`, `joined`.
+    pub phase: String,
+    pub datasource: Option<String>,
+    pub datasource_reason: Option<String>,
+    pub evidence: Option<Value>,
+    pub settings: Option<Value>,
+    pub settings_valid: bool,
+    pub validation_errors: Vec<String>,
+    pub modes: Vec<ModeStatus>,
+    pub ports: Vec<String>,
+    pub join: JoinStatus,
+    pub gpus: Vec<crate::gpu::Gpu>,
+    pub last_error: Option<String>,
+    pub errors_total: u64,
+    pub updated_unix: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ModeStatus {
+    pub mode: String,
+    pub services: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JoinStatus {
+    pub controller: Option<String>,
+    /// `not-configured`, `waiting-for-controller`, `registering`, `joined`, `failed`.
+    pub state: String,
+    pub host_id: Option<String>,
+    pub joined_unix: Option<u64>,
+    pub last_heartbeat_unix: Option<u64>,
+    pub heartbeats: u64,
+    pub mounts: Vec<String>,
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Status {
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "aiw-agent {}  phase: {}", self.agent_version, self.phase);
+        if let Some(img) = &self.image {
+            let _ = writeln!(
+                s,
+                "image:      profile {} version {}",
+                img["profile"].as_str().unwrap_or("?"),
+                img["version"].as_str().unwrap_or("?")
+            );
+        }
+        let _ = writeln!(
+            s,
+            "datasource: {} ({})",
+            self.datasource.as_deref().unwrap_or("none"),
+            self.datasource_reason
+                .as_deref()
+                .unwrap_or("no evidence of any")
+        );
+        if !self.validation_errors.is_empty() {
+            let _ = writeln!(s, "settings:   INVALID");
+            for e in &self.validation_errors {
+                let _ = writeln!(s, "  - {e}");
+            }
+        } else {
+            let _ = writeln!(s, "settings:   valid");
+        }
+        if let Some(set) = &self.settings {
+            if let Some(vars) = set["vars"].as_object() {
+                for (k, v) in vars {
+                    let _ = writeln!(s, "  {k}={}", v.as_str().unwrap_or(""));
+                }
+            }
+            if let Some(w) = set["warnings"].as_array() {
+                for w in w {
+                    let _ = writeln!(s, "  warning: {}", w.as_str().unwrap_or(""));
+                }
+            }
+        }
+        let _ = writeln!(s, "modes:");
+        if self.modes.is_empty() {
+            let _ = writeln!(s, "  (none)");
+        }
+        for m in &self.modes {
+            let svc: Vec<String> = m
+                .services
+                .iter()
+                .map(|(u, st)| format!("{u} {st}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  {:<11} {}",
+                m.mode,
+                if svc.is_empty() {
+                    "(no services)".into()
+                } else {
+                    svc.join(", ")
+                }
+            );
+        }
+        let _ = writeln!(s, "ports:      {}", self.ports.join(" "));
+        let j = &self.join;
+        let _ = writeln!(
+            s,
+            "join:       {} (controller {})",
+            j.state,
+            j.controller.as_deref().unwrap_or("none")
+        );
+        if let Some(id) = &j.host_id {
+            let _ = writeln!(
+                s,
+                "  hostID {id}, heartbeats {}, last at {}",
+                j.heartbeats,
+                j.last_heartbeat_unix
+                    .map(|t| t.to_string())
+                    .unwrap_or("-".into())
+            );
+        }
+        for m in &j.mounts {
+            let _ = writeln!(s, "  mount {m}");
+        }
+        if self.gpus.is_empty() {
+            let _ = writeln!(s, "gpus:       none");
+        } else {
+            for g in &self.gpus {
+                let _ = writeln!(s, "gpu:        {} {}", g.pci_address, g.name);
+            }
+        }
+        let _ = writeln!(
+            s,
+            "last error: {}",
+            self.last_error.as_deref().unwrap_or("none")
+        );
+        s
+    }
+}

@@ -1,0 +1,361 @@
+//! Boot tests of issue 4: each profile booted under QEMU with real user-data,
+//! checked as users would. Slow (a TCG boot takes minutes); VM tests run one
+//! at a time whatever the thread count (`TestCase` holds a process-wide lock
+//! and a lock file). They need the built images (built on demand, or
+//! `AIWIMG_TEST_IMAGES=DIR`), QEMU and OVMF, and fail with a clear message
+//! when those are missing: they never pass without booting.
+//!
+//! Run: `cargo test -p qemu-tests --test boot -- --test-threads=1 --nocapture`.
+
+use anyhow::{bail, ensure, Result};
+use qemu_tests::case::DEFAULT_BUDGET;
+use qemu_tests::checks::{
+    agent_status, assert_active, assert_console_clean, assert_no_failed_units, assert_not_active,
+    assert_root_verity_erofs, assert_var_grown, wait_listening,
+};
+use qemu_tests::docker_archive::{hello_image_archive, HELLO_LINE, HELLO_TAG};
+use qemu_tests::node::{
+    controller_url_in_guest, joining_user_data, mode_list, node_vm, sorted_modes, start_controller,
+    wait_for_hosts, TEST_LICENSE,
+};
+use qemu_tests::test_images::{image_for, TestImage};
+use qemu_tests::{AgentReport, TestCase, UserData, Vm};
+
+/// The built image of `profile`, fetched or built before the test's deadline starts.
+fn image(profile: &str) -> TestImage {
+    image_for(profile).unwrap_or_else(|e| panic!("no {profile:?} image to boot: {e:#}"))
+}
+
+/// Boots `vm` to the agent's `ready`, records the time, and lets SSH in.
+fn boot_ready(case: &TestCase, vm: &mut Vm) -> Result<()> {
+    let took = vm.wait_ready(case.deadline())?;
+    case.timing("boot to ready", took);
+    vm.wait_ssh(case.deadline())
+}
+
+/// The checks every healthy node passes.
+fn healthy(case: &TestCase, vm: &Vm) -> Result<()> {
+    let dl = case.deadline();
+    assert_no_failed_units(vm, dl)?;
+    assert_console_clean(vm, &[])?;
+    let status = agent_status(vm, dl)?;
+    ensure!(
+        status["settings_valid"] == true,
+        "aiw-agent status says settings are not valid: {status}"
+    );
+    Ok(())
+}
+
+/// The guide's check that the controller answers: `curl $AIWARE_CONTROLLER/version`.
+fn controller_answers_version(case: &TestCase, vm: &Vm) -> Result<()> {
+    let url = format!("{}/version", controller_url_in_guest());
+    let out = vm.check(
+        &format!(
+            "if command -v curl >/dev/null; then curl -fsS {url}; \
+             else bash -c 'exec 3<>/dev/tcp/{host}/{port}; printf \"GET {path} HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3'; fi",
+            host = qemu_tests::node::CONTROLLER_GUEST_ADDR,
+            port = qemu_tests::node::CONTROLLER_GUEST_PORT,
+            path = "/edge/v1/version",
+        ),
+        case.deadline(),
+    )?;
+    ensure!(
+        out.contains("Build number"),
+        "controller /version from the guest: {out}"
+    );
+    Ok(())
+}
+
+#[test]
+fn engine() {
+    let image = image("engine");
+    TestCase::run("engine", DEFAULT_BUDGET, |case| {
+        let dl = case.deadline();
+        let controller = start_controller()?;
+        let mut vm = node_vm(case.dir(), "engine", &image, Some(&controller))?
+            .user_data(joining_user_data("engine-1", "engine"))
+            .start()?;
+        boot_ready(case, &mut vm)?;
+
+        let hosts = wait_for_hosts(&controller, 1, dl)?;
+        ensure!(
+            sorted_modes(&hosts[0]) == ["engine"],
+            "registered modes: {:?}",
+            hosts[0].run_modes()
+        );
+
+        assert_active(&vm, &["docker.service"], dl)?;
+        let root = vm.check("docker info --format '{{.DockerRootDir}}'", dl)?;
+        let root = root.trim();
+        let mount = vm.check(&format!("findmnt -n -o TARGET --target {root}"), dl)?;
+        ensure!(
+            mount.trim() == "/var",
+            "Docker's data-root {root} is on {} , not /var",
+            mount.trim()
+        );
+
+        let loaded = vm.check_with_input("docker load", &hello_image_archive(), dl)?;
+        ensure!(loaded.contains(HELLO_TAG), "docker load said: {loaded}");
+        let out = vm.check(&format!("docker run --rm {HELLO_TAG}"), dl)?;
+        ensure!(out.trim() == HELLO_LINE, "docker run printed {out:?}");
+
+        healthy(case, &vm)
+    });
+}
+
+#[test]
+fn controller() {
+    let image = image("controller");
+    TestCase::run("controller", DEFAULT_BUDGET, |case| {
+        let dl = case.deadline();
+        let modes = "controller,db,nfs";
+        let controller = start_controller()?;
+        let mut vm = node_vm(case.dir(), "controller", &image, Some(&controller))?
+            .user_data(joining_user_data("controller-1", modes))
+            .start()?;
+        boot_ready(case, &mut vm)?;
+
+        let hosts = wait_for_hosts(&controller, 1, dl)?;
+        ensure!(
+            sorted_modes(&hosts[0]) == mode_list(modes),
+            "registered modes: {:?}",
+            hosts[0].run_modes()
+        );
+        assert_active(&vm, &["postgresql.service", "nfs-server.service"], dl)?;
+        wait_listening(&vm, &[5432, 2049], dl)?;
+        vm.check("pg_isready -h 127.0.0.1 -p 5432", dl)?;
+        // The guide's validation steps.
+        let exports = vm.check("exportfs -v", dl)?;
+        ensure!(
+            exports.contains("/opt/aiware/nfs"),
+            "exportfs lists: {exports}"
+        );
+        controller_answers_version(case, &vm)?;
+        healthy(case, &vm)
+    });
+}
+
+#[test]
+fn coreless() {
+    let image = image("coreless");
+    TestCase::run("coreless", DEFAULT_BUDGET, |case| {
+        let dl = case.deadline();
+        let modes = "controller,db,engine,nfs,prometheus,registry";
+        let controller = start_controller()?;
+        let mut vm = node_vm(case.dir(), "coreless", &image, Some(&controller))?
+            .memory_mib(3072)
+            .user_data(joining_user_data("coreless-1", modes))
+            .start()?;
+        boot_ready(case, &mut vm)?;
+
+        let hosts = wait_for_hosts(&controller, 1, dl)?;
+        ensure!(
+            sorted_modes(&hosts[0]) == mode_list(modes),
+            "registered modes: {:?}",
+            hosts[0].run_modes()
+        );
+        assert_active(
+            &vm,
+            &[
+                "docker.service",
+                "postgresql.service",
+                "nfs-server.service",
+                "prometheus.service",
+                "docker-registry.service",
+            ],
+            dl,
+        )?;
+        wait_listening(&vm, &[5432, 2049, 9090, 5000], dl)?;
+        let exports = vm.check("exportfs -v", dl)?;
+        ensure!(
+            exports.contains("/opt/aiware/nfs"),
+            "exportfs lists: {exports}"
+        );
+        controller_answers_version(case, &vm)?;
+        healthy(case, &vm)
+    });
+}
+
+#[test]
+fn engine_gpu_without_a_gpu() {
+    let image = image("engine-gpu");
+    TestCase::run("engine-gpu-no-gpu", DEFAULT_BUDGET, |case| {
+        let dl = case.deadline();
+        let controller = start_controller()?;
+        let mut vm = node_vm(case.dir(), "engine-gpu", &image, Some(&controller))?
+            .user_data(joining_user_data("engine-gpu-1", "engine"))
+            .start()?;
+        boot_ready(case, &mut vm)?;
+        let said = vm
+            .console()
+            .lines()
+            .into_iter()
+            .find(|l| l.contains("aiw-agent:") && l.contains("no GPU"));
+        ensure!(
+            said.is_some(),
+            "the agent did not say on the console that no GPU was found"
+        );
+        let hosts = wait_for_hosts(&controller, 1, dl)?;
+        ensure!(
+            sorted_modes(&hosts[0]) == ["engine"],
+            "registered modes: {:?}",
+            hosts[0].run_modes()
+        );
+        let status = agent_status(&vm, dl)?;
+        ensure!(
+            status["gpus"].as_array().is_some_and(|g| g.is_empty()),
+            "gpus in status: {}",
+            status["gpus"]
+        );
+        assert_active(&vm, &["docker.service"], dl)?;
+        healthy(case, &vm)
+    });
+}
+
+/// Boots the engine image with `user_data` and expects the agent to refuse it
+/// with a message containing `reason`, leaving the node up and the role down.
+fn refused(case: &TestCase, image: &TestImage, user_data: UserData, reason: &str) -> Result<()> {
+    let dl = case.deadline();
+    let controller = start_controller()?;
+    let mut vm = node_vm(case.dir(), "invalid", image, Some(&controller))?
+        .user_data(user_data)
+        .start()?;
+    let report = vm.wait_for_agent(dl)?;
+    case.timing("boot to agent report", vm.since_boot());
+    let AgentReport::InvalidSettings(line) = report else {
+        bail!("the agent accepted invalid settings: {report:?}");
+    };
+    ensure!(
+        line.contains(reason),
+        "console reason {line:?} does not mention {reason:?}"
+    );
+    vm.wait_ssh(dl)?;
+    let status = agent_status(&vm, dl)?;
+    let errors = status["validation_errors"].to_string();
+    ensure!(
+        errors.contains(reason),
+        "aiw-agent status errors {errors} do not mention {reason:?}"
+    );
+    ensure!(
+        status["settings_valid"] == false,
+        "status says settings valid: {status}"
+    );
+    assert_not_active(&vm, &["docker.service"], dl)?;
+    assert_no_failed_units(&vm, dl)?;
+    assert_console_clean(&vm, &[])?;
+    ensure!(
+        controller.hosts().is_empty(),
+        "a node with invalid settings registered"
+    );
+    Ok(())
+}
+
+#[test]
+fn invalid_user_data_unknown_mode() {
+    let image = image("engine");
+    TestCase::run("invalid-unknown-mode", DEFAULT_BUDGET, |case| {
+        let ud = UserData::cloud_config()
+            .setting("AIWARE_MODE", "ftp")
+            .setting("AIWARE_LICENSE", TEST_LICENSE);
+        refused(case, &image, ud, "unknown mode \"ftp\"")
+    });
+}
+
+#[test]
+fn invalid_user_data_engine_without_controller() {
+    let image = image("engine");
+    TestCase::run("invalid-engine-no-controller", DEFAULT_BUDGET, |case| {
+        let ud = UserData::cloud_config()
+            .setting("AIWARE_MODE", "engine")
+            .setting("AIWARE_LICENSE", TEST_LICENSE);
+        refused(case, &image, ud, "AIWARE_CONTROLLER")
+    });
+}
+
+#[test]
+fn persistence_across_reboot() {
+    let image = image("engine");
+    TestCase::run("persistence", DEFAULT_BUDGET + DEFAULT_BUDGET / 2, |case| {
+        let dl = case.deadline();
+        let controller = start_controller()?;
+        let mut vm = node_vm(case.dir(), "engine", &image, Some(&controller))?
+            .user_data(joining_user_data("engine-p", "engine"))
+            .start()?;
+        boot_ready(case, &mut vm)?;
+        let first = wait_for_hosts(&controller, 1, dl)?;
+        let token = format!("written-before-reboot-{}", std::process::id());
+        vm.check(
+            &format!(
+                "mkdir -p /var/opt/aiware && echo {token} > /var/opt/aiware/persist-check && sync"
+            ),
+            dl,
+        )?;
+
+        let report = vm.reboot(dl)?;
+        ensure!(
+            matches!(report, AgentReport::Ready(_)),
+            "second boot: {report:?}"
+        );
+        case.timing("reboot to ready", vm.since_boot());
+        vm.wait_ssh(dl)?;
+        let read = vm.check("cat /var/opt/aiware/persist-check", dl)?;
+        ensure!(read.trim() == token, "after reboot the file holds {read:?}");
+        let boots = vm.check("journalctl --list-boots --no-pager | wc -l", dl)?;
+        ensure!(
+            boots.trim().parse::<u32>().unwrap_or(0) >= 2,
+            "journal lists {} boots",
+            boots.trim()
+        );
+
+        controller.wait_for(dl.cap(std::time::Duration::from_secs(120)), |h| {
+            h.len() == 1 && h[0].registrations >= 2
+        });
+        let after = controller.hosts();
+        ensure!(
+            after.len() == 1,
+            "after reboot the controller knows {} hosts",
+            after.len()
+        );
+        ensure!(
+            after[0].host_id == first[0].host_id,
+            "host ID changed: {} -> {}",
+            first[0].host_id,
+            after[0].host_id
+        );
+        ensure!(
+            after[0].registrations >= 2,
+            "the second boot did not re-join (registrations {})",
+            after[0].registrations
+        );
+        healthy(case, &vm)
+    });
+}
+
+#[test]
+fn read_only_root_and_growing_var() {
+    let image = image("engine");
+    TestCase::run("readonly-root", DEFAULT_BUDGET, |case| {
+        let dl = case.deadline();
+        let controller = start_controller()?;
+        let disk_gib = 12;
+        let mut vm = node_vm(case.dir(), "engine", &image, Some(&controller))?
+            .disk_size_gib(disk_gib)
+            .user_data(joining_user_data("engine-ro", "engine"))
+            .start()?;
+        boot_ready(case, &mut vm)?;
+        assert_root_verity_erofs(&vm, dl)?;
+        vm.ssh()?.check_fails("touch /usr/aiwimg-write-test", dl)?;
+        vm.ssh()?.check_fails("touch /aiwimg-write-test", dl)?;
+        let image_bytes = std::fs::metadata(&image.disk)?.len();
+        let disk_bytes = u64::from(disk_gib) << 30;
+        // /var gets what the image's partitions leave, less filesystem overhead.
+        let min_var = (disk_bytes.saturating_sub(image_bytes)) / 10 * 8;
+        let var = assert_var_grown(&vm, min_var, dl)?;
+        eprintln!(
+            "qemu-tests: /var is {} MiB of a {disk_gib} GiB disk",
+            var.size >> 20
+        );
+        vm.check("dd if=/dev/zero of=/var/tmp/aiwimg-fill bs=1M count=256 status=none && sync && rm /var/tmp/aiwimg-fill", dl)?;
+        healthy(case, &vm)
+    });
+}
