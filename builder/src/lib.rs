@@ -1,1 +1,15 @@
+//! aiwimg: builds immutable, verity-protected appliance OS images for the
+//! nodes of an aiWARE Anywhere cluster. `pipeline::build` is the whole build.
+pub mod cache;
+pub mod gpt;
+pub mod host;
+pub mod inspect;
+pub mod manifest;
+pub mod openpgp;
+pub mod outputs;
+pub mod pipeline;
 pub mod profile;
+pub mod run;
+pub mod stages;
+pub mod tools;
+pub mod verity;

@@ -1,0 +1,245 @@
+//! `aiwimg build`: the whole pipeline, top to bottom.
+//!
+//! tools -> rootfs -> customize -> initrd -> disk -> outputs
+//!
+//! Each stage is a function from its inputs to an artifact in the cache, keyed
+//! by the sha256 of those inputs (see `cache.rs`). `build` below is the one
+//! place that shows the order; the stages live in `stages/`.
+
+use crate::cache::{remove_tree, Cache, Slot};
+use crate::host;
+use crate::manifest::Manifest;
+use crate::outputs::Format;
+use crate::profile::Profile;
+use crate::stages;
+use crate::tools::ToolsTree;
+use aiw_agent::modes::ModeTable;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything `aiwimg build` was asked for.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// The project checkout: holds images/, overlays/, agent/.
+    pub project: PathBuf,
+    pub profile: String,
+    pub output_dir: PathBuf,
+    pub formats: Vec<Format>,
+    pub cache_dir: PathBuf,
+    /// Overrides the profile's mirror.
+    pub mirror: Option<String>,
+    pub image_version: String,
+    /// Install exactly the versions of `images/<profile>.lock`.
+    pub locked: bool,
+    /// A prebuilt aiw-agent instead of building it from `agent/`.
+    pub agent_bin: Option<PathBuf>,
+    /// `--repo-mirror NAME=URL`: a local mirror for a profile's third-party repository.
+    pub repo_mirrors: BTreeMap<String, String>,
+    /// Print progress as JSON lines instead of text.
+    pub json: bool,
+}
+
+/// What a stage did, for progress and for `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    pub stage: String,
+    pub key: String,
+    pub cached: bool,
+    pub seconds: f64,
+}
+
+/// Everything the stages read that is not the artifact of an earlier stage.
+pub struct BuildContext {
+    pub opts: BuildOptions,
+    pub profile: Profile,
+    pub modes: ModeTable,
+    pub cache: Cache,
+    /// Every profile's modes, baked into image.json.
+    pub all_profiles: BTreeMap<String, Vec<String>>,
+    /// The mirror in effect (command line over profile), None = mmdebstrap's default.
+    pub mirror: Option<String>,
+}
+
+impl BuildContext {
+    pub fn images_dir(&self) -> PathBuf {
+        self.opts.project.join("images")
+    }
+    pub fn lock_path(&self) -> PathBuf {
+        self.images_dir().join(format!("{}.lock", self.profile.name))
+    }
+    pub fn image_name(&self) -> String {
+        format!("aiware-{}_{}", self.profile.name, self.opts.image_version)
+    }
+}
+
+pub struct BuildResult {
+    pub output: PathBuf,
+    pub manifest: Manifest,
+    pub stages: Vec<StageReport>,
+}
+
+struct Progress {
+    json: bool,
+    total: usize,
+    done: Vec<StageReport>,
+}
+
+impl Progress {
+    /// Runs one cached stage: reuses the slot when done, else fills it.
+    fn stage(
+        &mut self,
+        name: &str,
+        slot: &Slot,
+        make: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
+        let n = self.done.len() + 1;
+        let started = Instant::now();
+        let cached = slot.is_done();
+        if !cached {
+            if !self.json {
+                eprint!("[{n}/{}] {name:<9} building ...", self.total);
+                let _ = std::io::stderr().flush();
+            }
+            slot.fill(make)
+                .with_context(|| format!("stage {name} failed"))
+                .inspect_err(|_| {
+                    if !self.json {
+                        eprintln!(" failed");
+                    }
+                })?;
+        }
+        self.report(name, &slot.key, cached, started);
+        Ok(())
+    }
+
+    /// Reports a stage that is not cached (always runs).
+    fn report(&mut self, name: &str, key: &str, cached: bool, started: Instant) {
+        let r = StageReport {
+            stage: name.to_string(),
+            key: key.to_string(),
+            cached,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        let n = self.done.len() + 1;
+        if self.json {
+            println!("{}", serde_json::to_string(&r).unwrap());
+        } else if cached {
+            eprintln!(
+                "[{n}/{}] {:<9} cached    {:>6.1}s  key {}",
+                self.total,
+                name,
+                r.seconds,
+                &key[..12.min(key.len())]
+            );
+        } else {
+            eprintln!(
+                "\r[{n}/{}] {:<9} built     {:>6.1}s  key {}",
+                self.total,
+                name,
+                r.seconds,
+                &key[..12.min(key.len())]
+            );
+        }
+        self.done.push(r);
+    }
+}
+
+pub fn build(opts: BuildOptions) -> Result<BuildResult> {
+    let modes = ModeTable::load(&opts.project.join("images/modes.toml"))?;
+    let profile = Profile::load(&opts.project.join("images"), &opts.profile, &modes)?;
+    host::check_build_host(&opts)?;
+    let mut all_profiles = BTreeMap::new();
+    for name in crate::profile::list_profiles(&opts.project.join("images"))? {
+        if let Ok(p) = Profile::load(&opts.project.join("images"), &name, &modes) {
+            all_profiles.insert(name, p.modes);
+        }
+    }
+    let mirror = opts.mirror.clone().or(profile.mirror.clone());
+    if let Some(m) = &mirror {
+        host::check_mirror(m, &profile.suite)?;
+    }
+    stages::rootfs::check_repositories(&profile, &opts.repo_mirrors)?;
+    // Reproducible timestamps for every tool that honours it.
+    std::env::set_var("SOURCE_DATE_EPOCH", profile.source_date_epoch.to_string());
+    let ctx = BuildContext {
+        cache: Cache::new(opts.cache_dir.clone())?,
+        opts,
+        profile,
+        modes,
+        all_profiles,
+        mirror,
+    };
+    let mut progress = Progress {
+        json: ctx.opts.json,
+        total: 6,
+        done: Vec::new(),
+    };
+
+    // 1. Tools tree: every image tool runs in it.
+    let tools_slot = stages::tools_stage::slot(&ctx);
+    progress.stage("tools", &tools_slot, |tmp| stages::tools_stage::make(&ctx, tmp))?;
+    let tools = ToolsTree {
+        root: tools_slot.dir.join("root"),
+    };
+
+    // 2. Root filesystem: packages installed by mmdebstrap, lock file written.
+    let rootfs_slot = stages::rootfs::slot(&ctx)?;
+    progress.stage("rootfs", &rootfs_slot, |tmp| {
+        stages::rootfs::make(&ctx, tmp)
+    })?;
+    if !ctx.opts.locked {
+        stages::rootfs::write_lock(&ctx, &rootfs_slot)?;
+    }
+
+    // 3. Customize: overlays, agent, immutable layout; ends as the erofs root.
+    let agent = stages::customize::AgentInput::resolve(&ctx)?;
+    let custom_slot = stages::customize::slot(&ctx, &rootfs_slot, &agent)?;
+    progress.stage("customize", &custom_slot, |tmp| {
+        stages::customize::make(&ctx, &tools, &rootfs_slot, &agent, tmp)
+    })?;
+
+    // 4. Initrd: systemd + veritysetup, only the drivers boot needs.
+    let initrd_slot = stages::initrd::slot(&ctx, &tools_slot, &rootfs_slot);
+    progress.stage("initrd", &initrd_slot, |tmp| {
+        stages::initrd::make(&tools, &rootfs_slot, tmp)
+    })?;
+
+    // 5. Disk: GPT with ESP (systemd-boot + UKI with the roothash), root A/B.
+    let disk_slot = stages::disk::slot(&ctx, &tools_slot, &custom_slot, &initrd_slot);
+    progress.stage("disk", &disk_slot, |tmp| {
+        stages::disk::make(&ctx, &tools, &rootfs_slot, &custom_slot, &initrd_slot, tmp)
+    })?;
+
+    // 6. Outputs: converted in a temporary folder, moved into place on success.
+    let started = Instant::now();
+    let final_dir = ctx.opts.output_dir.join(&ctx.profile.name);
+    let tmp_dir = ctx.opts.output_dir.join(format!(
+        ".{}.partial-{}",
+        ctx.profile.name,
+        std::process::id()
+    ));
+    remove_tree(&tmp_dir)?;
+    std::fs::create_dir_all(&tmp_dir)
+        .with_context(|| format!("creating {}", tmp_dir.display()))?;
+    let result = crate::outputs::write_all(&ctx, &rootfs_slot, &custom_slot, &disk_slot, &tmp_dir);
+    let manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = remove_tree(&tmp_dir);
+            return Err(e.context("stage outputs failed"));
+        }
+    };
+    remove_tree(&final_dir)?;
+    std::fs::rename(&tmp_dir, &final_dir)?;
+    progress.report("outputs", &manifest.input_hash, false, started);
+
+    Ok(BuildResult {
+        output: final_dir,
+        manifest,
+        stages: progress.done,
+    })
+}

@@ -1,0 +1,406 @@
+//! Stage 3: customize the root filesystem into the immutable layout, then
+//! pack it as the erofs root image.
+//!
+//! - overlays copied in order (`*.tera` files rendered with the profile);
+//! - aiw-agent, its units, modes.toml and image.json installed;
+//! - `/usr/lib/os-release` gets IMAGE_ID / IMAGE_VERSION;
+//! - `/etc/machine-id` empty (first boot), no SSH host keys baked;
+//! - `/var` emptied into `/usr/share/factory/var`, re-created on the
+//!   persistent /var partition by tmpfiles `C` lines at boot;
+//! - mode services disabled (the agent starts those the node is launched with).
+
+use crate::cache::{remove_tree, sha256_file, KeyBuilder, Slot};
+use crate::pipeline::BuildContext;
+use crate::run::{run_cmd, Cmd};
+use crate::tools::{Bind, ToolsTree};
+use aiw_agent::modes::ImageInfo;
+use anyhow::{bail, Context, Result};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Units that come with mode packages but must not start on their own.
+const MODE_HELPER_UNITS: &[&str] = &["docker.socket", "containerd.service"];
+/// Units every node runs, whatever its modes.
+const ALWAYS_ENABLED: &[&str] = &["systemd-networkd.service", "systemd-resolved.service"];
+
+/// Where the agent binary comes from: built from `agent/`, or given.
+pub enum AgentInput {
+    Source { files: Vec<PathBuf> },
+    Binary(PathBuf),
+}
+
+impl AgentInput {
+    pub fn resolve(ctx: &BuildContext) -> Result<Self> {
+        if let Some(b) = &ctx.opts.agent_bin {
+            if !b.is_file() {
+                bail!("--agent-bin {}: no such file", b.display());
+            }
+            return Ok(AgentInput::Binary(b.clone()));
+        }
+        let p = &ctx.opts.project;
+        Ok(AgentInput::Source {
+            files: vec![
+                p.join("agent/src"),
+                p.join("agent/Cargo.toml"),
+                p.join("agent/units"),
+                p.join("agent/templates"),
+                p.join("Cargo.lock"),
+            ],
+        })
+    }
+
+    fn add_to_key(&self, k: &mut KeyBuilder, project: &Path) -> Result<()> {
+        match self {
+            AgentInput::Binary(b) => {
+                k.field("agent-bin", &sha256_file(b)?);
+                k.path("agent-units", &project.join("agent/units"))?;
+            }
+            AgentInput::Source { files } => {
+                for f in files {
+                    let rel = f.strip_prefix(project).unwrap_or(f);
+                    k.path(&format!("agent:{}", rel.display()), f)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The binary to install, building it when needed.
+    fn binary(&self, project: &Path) -> Result<PathBuf> {
+        match self {
+            AgentInput::Binary(b) => Ok(b.clone()),
+            AgentInput::Source { .. } => {
+                let target_dir = project.join("target");
+                run_cmd(
+                    "building aiw-agent (cargo build --release --target x86_64-unknown-linux-musl)",
+                    Cmd::new("cargo")
+                        .current_dir(project)
+                        .args([
+                            "build",
+                            "--release",
+                            "--locked",
+                            "-p",
+                            "aiw-agent",
+                            "--target",
+                            "x86_64-unknown-linux-musl",
+                        ])
+                        .env("CARGO_TARGET_DIR", &target_dir),
+                )?;
+                Ok(target_dir.join("x86_64-unknown-linux-musl/release/aiw-agent"))
+            }
+        }
+    }
+}
+
+pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slot> {
+    let p = &ctx.profile;
+    let mut k = KeyBuilder::new("customize");
+    k.key("rootfs", &rootfs.key)
+        .field("profile", &serde_json::to_string(p)?)
+        .field("image-version", &ctx.opts.image_version)
+        .field("image-info", &serde_json::to_string(&image_info(ctx))?)
+        .path("modes.toml", &ctx.images_dir().join("modes.toml"))?;
+    for o in &p.overlays {
+        k.path(&format!("overlay:{o}"), &ctx.opts.project.join("overlays").join(o))?;
+    }
+    agent.add_to_key(&mut k, &ctx.opts.project)?;
+    Ok(ctx.cache.slot("customize", &k.finish()))
+}
+
+fn image_info(ctx: &BuildContext) -> ImageInfo {
+    ImageInfo {
+        profile: ctx.profile.name.clone(),
+        version: ctx.opts.image_version.clone(),
+        modes: ctx.profile.modes.clone(),
+        profiles: ctx.all_profiles.clone(),
+        gpu: ctx.profile.gpu,
+    }
+}
+
+pub fn make(
+    ctx: &BuildContext,
+    tools: &ToolsTree,
+    rootfs: &Slot,
+    agent: &AgentInput,
+    tmp: &Path,
+) -> Result<()> {
+    let agent_bin = agent.binary(&ctx.opts.project)?;
+    let tree = tmp.join("tree");
+    run_cmd(
+        "copying the root filesystem",
+        Cmd::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(rootfs.dir.join("tree"))
+            .arg(&tree),
+    )?;
+
+    for o in &ctx.profile.overlays {
+        let dir = ctx.opts.project.join("overlays").join(o);
+        if !dir.is_dir() {
+            bail!(
+                "profile {}: overlay {o:?} does not exist (expected folder {})",
+                ctx.profile.name,
+                dir.display()
+            );
+        }
+        apply_overlay(&dir, &tree, &ctx.profile)?;
+    }
+    install_agent(ctx, &agent_bin, &tree)?;
+    write_os_release(ctx, &tree)?;
+    clear_per_machine_state(&tree)?;
+    move_var_to_factory(&tree)?;
+    set_unit_states(ctx, tools, &tree)?;
+    for d in ["efi", "opt/aiware", "cache", "var"] {
+        std::fs::create_dir_all(tree.join(d))?;
+    }
+
+    // The UKI's .osrel section is made from this copy.
+    std::fs::copy(tree.join("usr/lib/os-release"), tmp.join("os-release"))?;
+    let erofs = tmp.join("root.erofs");
+    tools.run(
+        "packing the root as erofs",
+        &[
+            "mkfs.erofs",
+            "--quiet",
+            &format!("-z{}", ctx.profile.root_compression),
+            &format!("-T{}", ctx.profile.source_date_epoch),
+            "--ignore-mtime",
+            &format!("-U{}", uuid_from_key(&rootfs.key)),
+            "/out/root.erofs",
+            "/tree",
+        ],
+        &[
+            Bind { host: tmp, inside: "/out" },
+            Bind { host: &tree, inside: "/tree" },
+        ],
+    )?;
+    anyhow::ensure!(erofs.is_file(), "mkfs.erofs wrote no image");
+    remove_tree(&tree)?;
+    Ok(())
+}
+
+/// A UUID string from the first 128 bits of a hex key (reproducible IDs).
+pub fn uuid_from_key(key: &str) -> String {
+    format!(
+        "{}-{}-{}-{}-{}",
+        &key[0..8],
+        &key[8..12],
+        &key[12..16],
+        &key[16..20],
+        &key[20..32]
+    )
+}
+
+/// Copies an overlay tree into the image; `x.tera` is rendered to `x`.
+pub fn apply_overlay(src: &Path, tree: &Path, profile: &crate::profile::Profile) -> Result<()> {
+    let mut tctx = tera::Context::new();
+    tctx.insert("profile", profile);
+    copy_overlay_dir(src, src, tree, &tctx)
+}
+
+fn copy_overlay_dir(root: &Path, dir: &Path, tree: &Path, tctx: &tera::Context) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let path = e.path();
+        let rel = path.strip_prefix(root).unwrap();
+        let meta = std::fs::symlink_metadata(&path)?;
+        let mut dest = tree.join(rel);
+        if meta.file_type().is_symlink() {
+            let _ = std::fs::remove_file(&dest);
+            std::os::unix::fs::symlink(std::fs::read_link(&path)?, &dest)?;
+        } else if meta.is_dir() {
+            std::fs::create_dir_all(&dest)?;
+            copy_overlay_dir(root, &path, tree, tctx)?;
+        } else {
+            let bytes = if path.extension().is_some_and(|x| x == "tera") {
+                dest.set_extension("");
+                let text = std::fs::read_to_string(&path)?;
+                tera::Tera::one_off(&text, tctx, false)
+                    .map_err(|e| anyhow::anyhow!("rendering {}: {e:?}", path.display()))?
+                    .into_bytes()
+            } else {
+                std::fs::read(&path)?
+            };
+            // Replace, never write through, a link a package left at that path.
+            if std::fs::symlink_metadata(&dest).is_ok() {
+                std::fs::remove_file(&dest)?;
+            }
+            std::fs::write(&dest, bytes).with_context(|| format!("writing {}", dest.display()))?;
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        }
+    }
+    Ok(())
+}
+
+fn install_agent(ctx: &BuildContext, bin: &Path, tree: &Path) -> Result<()> {
+    let dest = tree.join("usr/bin/aiw-agent");
+    std::fs::copy(bin, &dest).with_context(|| format!("installing {}", bin.display()))?;
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))?;
+    let units = ctx.opts.project.join("agent/units");
+    if units.is_dir() {
+        for e in std::fs::read_dir(&units)? {
+            let e = e?;
+            let to = tree.join("usr/lib/systemd/system").join(e.file_name());
+            std::fs::copy(e.path(), &to)?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644))?;
+        }
+    }
+    let lib = tree.join("usr/lib/aiware");
+    std::fs::create_dir_all(&lib)?;
+    std::fs::copy(ctx.images_dir().join("modes.toml"), lib.join("modes.toml"))?;
+    std::fs::write(
+        lib.join("image.json"),
+        serde_json::to_string_pretty(&image_info(ctx))? + "\n",
+    )?;
+    Ok(())
+}
+
+fn write_os_release(ctx: &BuildContext, tree: &Path) -> Result<()> {
+    let path = tree.join("usr/lib/os-release");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut out: String = old
+        .lines()
+        .filter(|l| {
+            !["IMAGE_ID=", "IMAGE_VERSION=", "VARIANT=", "VARIANT_ID=", "PRETTY_NAME="]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let debian = old
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .unwrap_or("\"Debian\"")
+        .trim_matches('"')
+        .to_string();
+    out.push_str(&format!(
+        "PRETTY_NAME=\"aiWARE {} node {} ({debian})\"\nVARIANT=\"aiWARE {} node\"\nVARIANT_ID=aiware-{}\nIMAGE_ID=aiware-{}\nIMAGE_VERSION={}\n",
+        ctx.profile.name,
+        ctx.opts.image_version,
+        ctx.profile.name,
+        ctx.profile.name,
+        ctx.profile.name,
+        ctx.opts.image_version
+    ));
+    std::fs::write(&path, out)?;
+    Ok(())
+}
+
+/// What must differ between machines is never baked.
+fn clear_per_machine_state(tree: &Path) -> Result<()> {
+    std::fs::write(tree.join("etc/machine-id"), b"")?;
+    let _ = std::fs::remove_file(tree.join("var/lib/dbus/machine-id"));
+    for e in std::fs::read_dir(tree.join("etc/ssh"))? {
+        let e = e?;
+        if e.file_name().to_string_lossy().starts_with("ssh_host_") {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    std::fs::write(tree.join("etc/hostname"), b"aiware\n")?;
+    let _ = std::fs::remove_file(tree.join("var/cache/ldconfig/aux-cache"));
+    Ok(())
+}
+
+/// `/var` of the image is a fresh partition made at first boot; what packages
+/// put there is kept in `/usr/share/factory/var` and copied over by tmpfiles
+/// when missing (the systemd factory convention).
+fn move_var_to_factory(tree: &Path) -> Result<()> {
+    let var = tree.join("var");
+    let factory = tree.join("usr/share/factory/var");
+    std::fs::create_dir_all(factory.parent().unwrap())?;
+    remove_tree(&factory)?;
+    // Caches and logs of the build are not state worth shipping.
+    for junk in ["cache/apt", "lib/apt", "log/apt", "log/dpkg.log", "log/alternatives.log", "log/bootstrap.log"] {
+        remove_tree(&var.join(junk))?;
+    }
+    run_cmd(
+        "moving /var to /usr/share/factory/var",
+        Cmd::new("cp").args(["-a"]).arg(&var).arg(&factory),
+    )?;
+    let mut rules = String::from(
+        "# Written by aiwimg: re-creates on the /var partition what packages put in /var.\n",
+    );
+    let mut top: Vec<_> = std::fs::read_dir(&factory)?.collect::<std::io::Result<_>>()?;
+    top.sort_by_key(|e| e.file_name());
+    for e in top {
+        let name = e.file_name().to_string_lossy().to_string();
+        let meta = std::fs::symlink_metadata(e.path())?;
+        if meta.is_dir() {
+            rules.push_str(&format!(
+                "d /var/{name} {:04o} {} {} -\n",
+                meta.mode() & 0o7777,
+                meta.uid(),
+                meta.gid()
+            ));
+            let mut sub: Vec<_> = std::fs::read_dir(e.path())?.collect::<std::io::Result<_>>()?;
+            sub.sort_by_key(|e| e.file_name());
+            for s in sub {
+                let sname = s.file_name().to_string_lossy().to_string();
+                rules.push_str(&format!(
+                    "C /var/{name}/{sname} - - - - /usr/share/factory/var/{name}/{sname}\n"
+                ));
+            }
+        } else {
+            rules.push_str(&format!("C /var/{name} - - - - /usr/share/factory/var/{name}\n"));
+        }
+    }
+    std::fs::write(tree.join("usr/lib/tmpfiles.d/00-aiwimg-factory-var.conf"), rules)?;
+    remove_tree(&var)?;
+    std::fs::create_dir(&var)?;
+    Ok(())
+}
+
+fn unit_exists(tree: &Path, unit: &str) -> bool {
+    ["usr/lib/systemd/system", "lib/systemd/system", "etc/systemd/system"]
+        .iter()
+        .any(|d| tree.join(d).join(unit).exists())
+}
+
+/// Enables what every node runs and disables what only modes start, baked
+/// into /etc since /etc is read-only at run time.
+fn set_unit_states(ctx: &BuildContext, tools: &ToolsTree, tree: &Path) -> Result<()> {
+    let mut disable: Vec<String> = ctx.modes.all_mode_services();
+    disable.extend(MODE_HELPER_UNITS.iter().map(|s| s.to_string()));
+    disable.retain(|u| !ctx.modes.common.services.contains(u) && unit_exists(tree, u));
+    disable.sort();
+    disable.dedup();
+    let mut enable: Vec<String> = ALWAYS_ENABLED.iter().map(|s| s.to_string()).collect();
+    enable.extend(ctx.modes.common.services.iter().cloned());
+    let units = ctx.opts.project.join("agent/units");
+    if let Ok(rd) = std::fs::read_dir(&units) {
+        for e in rd.flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            if text.contains("[Install]") {
+                enable.push(e.file_name().to_string_lossy().to_string());
+            }
+        }
+    }
+    // Overlay units with an [Install] section are enabled too.
+    for dir in ["usr/lib/systemd/system"] {
+        for o in &ctx.profile.overlays {
+            let d = ctx.opts.project.join("overlays").join(o).join(dir);
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    if text.contains("[Install]") {
+                        enable.push(e.file_name().to_string_lossy().to_string());
+                    }
+                }
+            }
+        }
+    }
+    enable.retain(|u| unit_exists(tree, u));
+    enable.sort();
+    enable.dedup();
+    let bind = [Bind { host: tree, inside: "/image" }];
+    if !disable.is_empty() {
+        let mut args = vec!["systemctl", "--root=/image", "--no-reload", "disable"];
+        args.extend(disable.iter().map(String::as_str));
+        tools.run("disabling mode services", &args, &bind)?;
+    }
+    let mut args = vec!["systemctl", "--root=/image", "--no-reload", "enable"];
+    args.extend(enable.iter().map(String::as_str));
+    tools.run("enabling node services", &args, &bind)?;
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! Stage 5: the GPT disk, made by systemd-repart offline in two runs.
+//!
+//! Layout: ESP (systemd-boot + the UKI), root-A (erofs) + its dm-verity hash
+//! partition, root-B + hash reserved empty for A/B updates. `/var` is not in
+//! the image: repart in the booted system creates it and fills the disk.
+//!
+//! The roothash must be on the UKI's command line, and the UKI lives on the
+//! ESP, so repart runs twice: root partitions first (`--defer-partitions=esp`,
+//! which reports the roothash), then the ESP once the UKI exists.
+//! `--sector-size=512`: without it the ESP gets 4096-byte FAT sectors, which
+//! OVMF will not boot.
+
+use crate::cache::{KeyBuilder, Slot};
+use crate::pipeline::BuildContext;
+use crate::stages::customize::uuid_from_key;
+use crate::tools::{Bind, ToolsTree};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+const MIB: u64 = 1 << 20;
+
+pub fn slot(ctx: &BuildContext, tools: &Slot, custom: &Slot, initrd: &Slot) -> Slot {
+    let key = KeyBuilder::new("disk")
+        .key("tools", &tools.key)
+        .key("customize", &custom.key)
+        .key("initrd", &initrd.key)
+        .list("cmdline", &ctx.profile.kernel_cmdline)
+        .field("esp-size", &ctx.profile.esp_size_mib.to_string())
+        .field("name", &ctx.image_name())
+        .finish();
+    ctx.cache.slot("disk", &key)
+}
+
+/// What the disk stage learned, kept beside disk.raw.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub roothash: String,
+    pub cmdline: String,
+    pub uki: String,
+    pub kernel_version: String,
+    pub root_size: u64,
+    pub partitions: Vec<PartitionInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    pub label: String,
+    #[serde(rename = "type")]
+    pub ptype: String,
+    pub uuid: String,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// repart's `--json` rows (the fields we read).
+#[derive(Deserialize)]
+struct RepartRow {
+    #[serde(rename = "type")]
+    ptype: String,
+    label: String,
+    uuid: String,
+    offset: u64,
+    raw_size: u64,
+    roothash: Option<String>,
+}
+
+pub fn info(slot: &Slot) -> Result<DiskInfo> {
+    let text = std::fs::read_to_string(slot.dir.join("disk.json"))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn round_up(n: u64, to: u64) -> u64 {
+    n.div_ceil(to) * to
+}
+
+pub fn make(
+    ctx: &BuildContext,
+    tools: &ToolsTree,
+    rootfs: &Slot,
+    custom: &Slot,
+    initrd: &Slot,
+    tmp: &Path,
+) -> Result<()> {
+    let root_size = std::fs::metadata(custom.dir.join("root.erofs"))?.len();
+    // Room for the next version's root to grow by a quarter.
+    let b_size = round_up(root_size + root_size / 4, MIB);
+    let b_verity = round_up((b_size / 4096) * 32 * 130 / 128 + 2 * MIB, MIB).max(10 * MIB);
+    let defs = tmp.join("repart.d");
+    std::fs::create_dir_all(&defs)?;
+    let esp = ctx.profile.esp_size_mib * MIB;
+    let files = [
+        (
+            "00-esp.conf",
+            format!("[Partition]\nType=esp\nLabel=ESP\nFormat=vfat\nCopyFiles=/work/esp:/\nSizeMinBytes={esp}\nSizeMaxBytes={esp}\n"),
+        ),
+        (
+            "10-root-a.conf",
+            "[Partition]\nType=root\nLabel=root-a\nCopyBlocks=/custom/root.erofs\nVerity=data\nVerityMatchKey=root\n".to_string(),
+        ),
+        (
+            "11-root-a-verity.conf",
+            "[Partition]\nType=root-verity\nLabel=root-a-verity\nVerity=hash\nVerityMatchKey=root\nMinimize=best\n".to_string(),
+        ),
+        (
+            "20-root-b.conf",
+            format!("[Partition]\nType=root\nLabel=root-b\nSizeMinBytes={b_size}\nSizeMaxBytes={b_size}\n"),
+        ),
+        (
+            "21-root-b-verity.conf",
+            format!("[Partition]\nType=root-verity\nLabel=root-b-verity\nSizeMinBytes={b_verity}\nSizeMaxBytes={b_verity}\n"),
+        ),
+    ];
+    for (name, text) in &files {
+        std::fs::write(defs.join(name), text)?;
+    }
+    let seed = uuid_from_key(&KeyBuilder::new("disk-seed").key("customize", &custom.key).finish());
+    let binds = [
+        Bind { host: tmp, inside: "/work" },
+        Bind { host: &custom.dir, inside: "/custom" },
+        Bind { host: &initrd.dir, inside: "/initrd" },
+        Bind { host: &rootfs.dir.join("tree"), inside: "/image" },
+    ];
+    let repart = |what: &str, extra: &[&str]| -> Result<Vec<RepartRow>> {
+        let mut args = vec![
+            "systemd-repart",
+            "--offline=yes",
+            "--sector-size=512",
+            "--dry-run=no",
+            "--definitions=/work/repart.d",
+            "--json=short",
+            "--no-pager",
+        ];
+        let seed_arg = format!("--seed={seed}");
+        args.push(&seed_arg);
+        args.extend_from_slice(extra);
+        args.push("/work/disk.raw");
+        let out = tools.run(what, &args, &binds)?;
+        serde_json::from_str(&out).with_context(|| format!("reading systemd-repart's JSON: {out}"))
+    };
+
+    // Run 1: root partitions (and the reserved B pair); the ESP's space is kept.
+    let rows = repart(
+        "writing the root partitions (systemd-repart)",
+        &["--empty=create", "--size=auto", "--defer-partitions=esp"],
+    )?;
+    let roothash = rows
+        .iter()
+        .find_map(|r| r.roothash.clone().filter(|h| !h.is_empty()))
+        .context("systemd-repart reported no roothash")?;
+
+    // The UKI: kernel + initrd + command line naming the verity root.
+    let kver = std::fs::read_to_string(initrd.dir.join("kernel-version"))?;
+    let mut cmdline = format!("roothash={roothash} root=/dev/mapper/root rootfstype=erofs ro");
+    for w in &ctx.profile.kernel_cmdline {
+        cmdline.push(' ');
+        cmdline.push_str(w);
+    }
+    let espdir = tmp.join("esp");
+    for d in ["EFI/BOOT", "EFI/systemd", "EFI/Linux", "loader", "aiware"] {
+        std::fs::create_dir_all(espdir.join(d))?;
+    }
+    std::fs::write(espdir.join("loader/loader.conf"), "timeout 0\neditor no\n")?;
+    std::fs::write(
+        espdir.join("aiware/README.txt"),
+        "Bare metal: put the node's launch data in this folder as `user-data`\r\n\
+         (#cloud-config, KEY=VALUE lines or TOML); aiw-agent reads it at boot.\r\n",
+    )?;
+    let uki = format!("{}.efi", ctx.image_name());
+    tools.run(
+        "installing systemd-boot",
+        &[
+            "sh",
+            "-c",
+            "cp /usr/lib/systemd/boot/efi/systemd-bootx64.efi /work/esp/EFI/BOOT/BOOTX64.EFI && \
+             cp /usr/lib/systemd/boot/efi/systemd-bootx64.efi /work/esp/EFI/systemd/systemd-bootx64.efi",
+        ],
+        &binds,
+    )?;
+    let uki_out = format!("--output=/work/esp/EFI/Linux/{uki}");
+    let cmdline_arg = format!("--cmdline={cmdline}");
+    let uname = format!("--uname={kver}");
+    tools.run(
+        "making the unified kernel image (ukify)",
+        &[
+            "ukify",
+            "build",
+            "--linux=/initrd/vmlinuz",
+            "--initrd=/initrd/initrd.img",
+            &cmdline_arg,
+            "--os-release=@/custom/os-release",
+            &uname,
+            &uki_out,
+        ],
+        &binds,
+    )?;
+
+    // Run 2: the ESP, now that the UKI exists.
+    let rows = repart("writing the ESP (systemd-repart)", &[])?;
+    let partitions = rows
+        .iter()
+        .filter(|r| r.raw_size > 0)
+        .map(|r| PartitionInfo {
+            label: r.label.clone(),
+            ptype: r.ptype.clone(),
+            uuid: r.uuid.clone(),
+            offset: r.offset,
+            size: r.raw_size,
+        })
+        .collect();
+    std::fs::remove_dir_all(&espdir)?;
+    std::fs::remove_dir_all(&defs)?;
+    let info = DiskInfo {
+        roothash,
+        cmdline,
+        uki,
+        kernel_version: kver,
+        root_size,
+        partitions,
+    };
+    std::fs::write(tmp.join("disk.json"), serde_json::to_string_pretty(&info)?)?;
+    Ok(())
+}

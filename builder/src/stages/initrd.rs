@@ -1,0 +1,85 @@
+//! Stage 4: the initrd. dracut from the tools tree, run against the image's
+//! own kernel modules, systemd-based, holding only what boot needs: the disk
+//! and bus drivers of the platforms we boot on, erofs, dm-verity, ext4, vfat.
+
+use crate::cache::{KeyBuilder, Slot};
+use crate::pipeline::BuildContext;
+use crate::tools::{Bind, ToolsTree};
+use anyhow::{bail, Result};
+use std::path::Path;
+
+const DRACUT_MODULES: &str = "systemd systemd-initrd systemd-veritysetup dracut-systemd \
+     kernel-modules base fs-lib rootfs-block udev-rules dm";
+/// virtio (KVM/QEMU), nvme (EC2 Nitro, GCE), ahci (bare metal, Hyper-V gen2
+/// uses hv_storvsc), xen-blkfront (EC2 Xen), ena (EC2 network).
+const DRIVERS: &str = "virtio_blk virtio_scsi virtio_pci virtio_net nvme ahci sd_mod sr_mod \
+     xen-blkfront hv_storvsc hv_vmbus ena erofs dm-verity ext4 vfat";
+const FILESYSTEMS: &str = "erofs ext4 vfat";
+
+pub fn slot(ctx: &BuildContext, tools: &Slot, rootfs: &Slot) -> Slot {
+    let key = KeyBuilder::new("initrd")
+        .key("tools", &tools.key)
+        .key("rootfs", &rootfs.key)
+        .field("modules", DRACUT_MODULES)
+        .field("drivers", DRIVERS)
+        .field("filesystems", FILESYSTEMS)
+        .finish();
+    ctx.cache.slot("initrd", &key)
+}
+
+/// The image kernel's version: the one folder under /usr/lib/modules.
+pub fn kernel_version(rootfs_tree: &Path) -> Result<String> {
+    let mut kvers: Vec<String> = std::fs::read_dir(rootfs_tree.join("usr/lib/modules"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| rootfs_tree.join("boot").join(format!("vmlinuz-{n}")).is_file())
+        .collect();
+    kvers.sort();
+    match kvers.len() {
+        1 => Ok(kvers.remove(0)),
+        0 => bail!("the root filesystem has no kernel: add linux-image-amd64 to the profile's packages"),
+        _ => bail!("the root filesystem has several kernels ({}); keep one", kvers.join(", ")),
+    }
+}
+
+pub fn make(tools: &ToolsTree, rootfs: &Slot, tmp: &Path) -> Result<()> {
+    let tree = rootfs.dir.join("tree");
+    let kver = kernel_version(&tree)?;
+    let kmoddir = format!("/image/usr/lib/modules/{kver}");
+    tools.run(
+        "making the initrd with dracut",
+        &[
+            "dracut",
+            "--quiet",
+            "--no-hostonly",
+            "--reproducible",
+            "--no-early-microcode",
+            "--kver",
+            &kver,
+            "--kmoddir",
+            &kmoddir,
+            "--fwdir",
+            "/image/usr/lib/firmware",
+            "-m",
+            DRACUT_MODULES,
+            "--drivers",
+            DRIVERS,
+            "--filesystems",
+            FILESYSTEMS,
+            "--compress",
+            "zstd",
+            "--force",
+            "/out/initrd.img",
+        ],
+        &[
+            Bind { host: tmp, inside: "/out" },
+            Bind { host: &tree, inside: "/image" },
+        ],
+    )?;
+    std::fs::copy(
+        tree.join("boot").join(format!("vmlinuz-{kver}")),
+        tmp.join("vmlinuz"),
+    )?;
+    std::fs::write(tmp.join("kernel-version"), &kver)?;
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! Stage 2: the root filesystem, installed by mmdebstrap.
+//!
+//! Essential packages plus the profile's and its modes' packages, without
+//! recommends, docs, man pages or locales. apt itself is not installed: the
+//! image never needs a package manager at run time. The exact versions
+//! installed are recorded as `packages.lock`, copied to `images/<p>.lock`;
+//! `--locked` installs exactly those.
+
+use crate::cache::{KeyBuilder, Slot};
+use crate::host;
+use crate::pipeline::BuildContext;
+use crate::profile::{Profile, Repository};
+use crate::run::{run_cmd, Cmd};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// dpkg path filters: what an appliance never reads.
+const DPKG_EXCLUDES: &[&str] = &[
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/lintian/*",
+];
+
+pub fn slot(ctx: &BuildContext) -> Result<Slot> {
+    let p = &ctx.profile;
+    let mut k = KeyBuilder::new("rootfs");
+    k.field("suite", &p.suite)
+        .field("mirror", ctx.mirror.as_deref().unwrap_or(""))
+        .list("components", &p.components)
+        .list("packages", &p.packages)
+        .list(
+            "dpkg-excludes",
+            &DPKG_EXCLUDES.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+        .field("source_date_epoch", &p.source_date_epoch.to_string());
+    for r in &p.repositories {
+        k.field("repo", &serde_json::to_string(r)?)
+            .field("repo-url", &repo_url(r, &ctx.opts.repo_mirrors))
+            .path("repo-key", &ctx.images_dir().join(&r.key))?;
+    }
+    if ctx.opts.locked {
+        k.path("lock", &ctx.lock_path())?;
+    }
+    Ok(ctx.cache.slot("rootfs", &k.finish()))
+}
+
+/// The URL a repository is fetched from: its `--repo-mirror` if given.
+pub fn repo_url(r: &Repository, mirrors: &BTreeMap<String, String>) -> String {
+    mirrors.get(&r.name).cloned().unwrap_or_else(|| r.url.clone())
+}
+
+/// Fails early, before any slow stage, when a third-party repository cannot
+/// be reached or a `--repo-mirror` names no repository of the profile.
+pub fn check_repositories(p: &Profile, mirrors: &BTreeMap<String, String>) -> Result<()> {
+    for name in mirrors.keys() {
+        if !p.repositories.iter().any(|r| &r.name == name) {
+            let known: Vec<&str> = p.repositories.iter().map(|r| r.name.as_str()).collect();
+            bail!(
+                "--repo-mirror {name}=...: profile {} has no repository {name:?} (it has: {})",
+                p.name,
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            );
+        }
+    }
+    for r in &p.repositories {
+        let url = repo_url(r, mirrors);
+        let probe = if r.suite.ends_with('/') {
+            format!("{}/{}Release", url.trim_end_matches('/'), r.suite)
+        } else {
+            format!("{}/dists/{}/Release", url.trim_end_matches('/'), r.suite)
+        };
+        if let Err(e) = host::probe_url(&probe) {
+            bail!(
+                "repository {:?} of profile {} cannot be reached at {url}: {e}\n  \
+                 For an air-gapped or offline build, point it at a local mirror: \
+                 --repo-mirror {}=URL",
+                r.name,
+                p.name,
+                r.name
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn make(ctx: &BuildContext, tmp: &Path) -> Result<()> {
+    let p = &ctx.profile;
+    let archives = ctx.cache.root.join("apt-archives");
+    std::fs::create_dir_all(&archives)?;
+    let tree = tmp.join("tree");
+
+    let include: Vec<String> = if ctx.opts.locked {
+        let lock = std::fs::read_to_string(ctx.lock_path()).with_context(|| {
+            format!(
+                "--locked needs {}; build once without --locked to write it",
+                ctx.lock_path().display()
+            )
+        })?;
+        lock.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect()
+    } else {
+        p.packages.clone()
+    };
+
+    let mut cmd = super::mmdebstrap(&archives);
+    cmd.args(["--variant=essential", "--mode=root", "--format=directory"])
+        .arg(format!("--components={}", p.components.join(",")))
+        .arg(format!("--include={}", include.join(",")));
+    for ex in DPKG_EXCLUDES {
+        cmd.arg(format!("--dpkgopt={ex}"));
+    }
+    // Debian's kernel package asks for an initramfs generator; the image's own
+    // initrd is made by dracut in the tools tree, so the one made here is dropped.
+    cmd.arg("--customize-hook=rm -f \"$1\"/boot/initrd.img*");
+    // Third-party repositories go in as extra sources through setup hooks,
+    // which run before apt's first update, so the base mirror stays whatever
+    // the user chose (or mmdebstrap's own default).
+    let keys = tmp.join("keys");
+    std::fs::create_dir_all(&keys)?;
+    for r in &p.repositories {
+        let key = keys.join(format!("{}.asc", r.name));
+        std::fs::copy(ctx.images_dir().join(&r.key), &key)
+            .with_context(|| format!("repository {}: key {}", r.name, r.key))?;
+        host::check_key_fingerprint(&key, &r.fingerprint)
+            .with_context(|| format!("repository {}: key {}", r.name, r.key))?;
+        let list = keys.join(format!("aiwimg-{}.list", r.name));
+        std::fs::write(
+            &list,
+            format!(
+                "deb [signed-by={}] {} {} {}\n",
+                key.display(),
+                repo_url(r, &ctx.opts.repo_mirrors),
+                r.suite,
+                r.components.join(" ")
+            ),
+        )?;
+        cmd.arg(format!(
+            "--setup-hook=cp {} \"$1\"/etc/apt/sources.list.d/",
+            list.display()
+        ));
+    }
+    cmd.arg("--customize-hook=rm -f \"$1\"/etc/apt/sources.list.d/aiwimg-*.list");
+    cmd.arg(&p.suite).arg(&tree);
+    if let Some(m) = &ctx.mirror {
+        cmd.arg(m);
+    }
+    run_cmd("installing the root filesystem with mmdebstrap", &mut cmd)?;
+
+    let lock = run_cmd(
+        "listing installed packages",
+        Cmd::new("dpkg-query")
+            .arg(format!("--admindir={}/var/lib/dpkg", tree.display()))
+            .args(["-W", "-f", "${Package}=${Version}\n"]),
+    )?;
+    let mut lines: Vec<&str> = lock.lines().filter(|l| !l.is_empty()).collect();
+    lines.sort();
+    std::fs::write(tmp.join("packages.lock"), lines.join("\n") + "\n")?;
+    Ok(())
+}
+
+/// Copies the installed versions to `images/<profile>.lock`.
+pub fn write_lock(ctx: &BuildContext, slot: &Slot) -> Result<()> {
+    let body = std::fs::read_to_string(slot.dir.join("packages.lock"))?;
+    let text = format!(
+        "# Exact package versions of the {} image, written by `aiwimg build`.\n\
+         # `aiwimg build --profile {} --locked` installs exactly these.\n{body}",
+        ctx.profile.name, ctx.profile.name
+    );
+    let path = ctx.lock_path();
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Installed packages as (name, version), from the rootfs slot.
+pub fn installed(slot: &Slot) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(slot.dir.join("packages.lock"))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect())
+}
