@@ -102,7 +102,12 @@ impl KeyBuilder {
 /// All entries under `root` (root itself as ""), sorted, without following links.
 fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     out.push(rel.to_path_buf());
-    let full = root.join(rel);
+    // join("") would add a trailing slash, which fails on a plain file.
+    let full = if rel.as_os_str().is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(rel)
+    };
     let meta = std::fs::symlink_metadata(&full)?;
     if meta.is_dir() {
         let mut names: Vec<_> = std::fs::read_dir(&full)
@@ -242,6 +247,16 @@ mod tests {
         assert_ne!(k2, k3);
         std::os::unix::fs::symlink("b", root.join("etc/c")).unwrap();
         assert_ne!(k3, key());
+    }
+
+    #[test]
+    fn single_file_input() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("Cargo.lock");
+        std::fs::write(&f, "a").unwrap();
+        let k1 = KeyBuilder::new("s").path("f", &f).unwrap().finish();
+        std::fs::write(&f, "b").unwrap();
+        assert_ne!(k1, KeyBuilder::new("s").path("f", &f).unwrap().finish());
     }
 
     #[test]

@@ -17,7 +17,6 @@ use aiw_agent::modes::ModeTable;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -101,16 +100,11 @@ impl Progress {
         let cached = slot.is_done();
         if !cached {
             if !self.json {
-                eprint!("[{n}/{}] {name:<9} building ...", self.total);
-                let _ = std::io::stderr().flush();
+                eprintln!("[{n}/{}] {name:<9} building ...", self.total);
             }
             slot.fill(make)
                 .with_context(|| format!("stage {name} failed"))
-                .inspect_err(|_| {
-                    if !self.json {
-                        eprintln!(" failed");
-                    }
-                })?;
+?;
         }
         self.report(name, &slot.key, cached, started);
         Ok(())
@@ -137,7 +131,7 @@ impl Progress {
             );
         } else {
             eprintln!(
-                "\r[{n}/{}] {:<9} built     {:>6.1}s  key {}",
+                "[{n}/{}] {:<9} built     {:>6.1}s  key {}",
                 self.total,
                 name,
                 r.seconds,
