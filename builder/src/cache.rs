@@ -195,8 +195,7 @@ pub fn remove_tree(path: &Path) -> Result<()> {
 /// sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<String> {
     use std::io::Read;
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -221,7 +220,9 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(a, c);
         assert_eq!(a, KeyBuilder::new("s").field("a", "bc").finish());
-        let l1 = KeyBuilder::new("s").list("l", &["a".into(), "b".into()]).finish();
+        let l1 = KeyBuilder::new("s")
+            .list("l", &["a".into(), "b".into()])
+            .finish();
         let l2 = KeyBuilder::new("s").list("l", &["ab".into()]).finish();
         assert_ne!(l1, l2);
     }
@@ -272,7 +273,8 @@ mod tests {
         assert!(r.is_err());
         assert!(!slot.is_done());
         assert!(!slot.dir.exists());
-        slot.fill(|tmp| Ok(std::fs::write(tmp.join("art"), "x")?)).unwrap();
+        slot.fill(|tmp| Ok(std::fs::write(tmp.join("art"), "x")?))
+            .unwrap();
         assert!(slot.is_done());
         assert!(slot.dir.join("art").is_file());
     }

@@ -102,7 +102,10 @@ pub fn check_mirror(mirror: &str, suite: &str) -> Result<()> {
 /// Fetches the head of `url` (http, file, or a plain path; https is checked by
 /// connecting). Errors say what went wrong in a few words.
 pub fn probe_url(url: &str) -> std::result::Result<(), String> {
-    if let Some(path) = url.strip_prefix("file://").or_else(|| url.strip_prefix("copy://")) {
+    if let Some(path) = url
+        .strip_prefix("file://")
+        .or_else(|| url.strip_prefix("copy://"))
+    {
         return if Path::new(path).is_file() {
             Ok(())
         } else {
@@ -140,7 +143,10 @@ pub fn probe_url(url: &str) -> std::result::Result<(), String> {
         return Ok(());
     }
     s.set_read_timeout(Some(Duration::from_secs(15))).ok();
-    let host = hostport.rsplit_once(':').map(|(h, _)| h).unwrap_or(&hostport);
+    let host = hostport
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(&hostport);
     write!(
         s,
         "HEAD /{path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: aiwimg\r\n\r\n"

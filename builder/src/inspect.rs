@@ -20,9 +20,13 @@ pub fn locate(image: &Path) -> Result<(PathBuf, Manifest)> {
     };
     let mpath = dir.join("manifest.json");
     let text = std::fs::read_to_string(&mpath).with_context(|| {
-        format!("{}: no manifest.json beside it; give the folder `aiwimg build` wrote", image.display())
+        format!(
+            "{}: no manifest.json beside it; give the folder `aiwimg build` wrote",
+            image.display()
+        )
     })?;
-    let m: Manifest = serde_json::from_str(&text).with_context(|| format!("reading {}", mpath.display()))?;
+    let m: Manifest =
+        serde_json::from_str(&text).with_context(|| format!("reading {}", mpath.display()))?;
     Ok((dir, m))
 }
 
@@ -45,7 +49,10 @@ pub fn run(image: &Path, verify: bool, json: bool) -> Result<()> {
         println!("input     {}", m.input_hash);
         if let Some(parts) = &parts {
             println!("\npartitions (GPT of {}):", raw.as_ref().unwrap().display());
-            println!("  {:<3} {:<15} {:<20} {:>12} {:>10}  uuid", "#", "label", "type", "offset", "size");
+            println!(
+                "  {:<3} {:<15} {:<20} {:>12} {:>10}  uuid",
+                "#", "label", "type", "offset", "size"
+            );
             for p in parts {
                 println!(
                     "  {:<3} {:<15} {:<20} {:>12} {:>10}  {}",
@@ -60,7 +67,12 @@ pub fn run(image: &Path, verify: bool, json: bool) -> Result<()> {
         }
         println!("\nfiles:");
         for f in &m.files {
-            println!("  {:<40} {:>10}  sha256 {}", f.name, human(f.size), f.sha256);
+            println!(
+                "  {:<40} {:>10}  sha256 {}",
+                f.name,
+                human(f.size),
+                f.sha256
+            );
         }
     }
     if !verify {
@@ -69,15 +81,25 @@ pub fn run(image: &Path, verify: bool, json: bool) -> Result<()> {
     let mut problems = Vec::new();
     for f in &m.files {
         let path = dir.join(&f.name);
-        match (std::fs::metadata(&path).map_err(anyhow::Error::from), sha256_file(&path)) {
+        match (
+            std::fs::metadata(&path).map_err(anyhow::Error::from),
+            sha256_file(&path),
+        ) {
             (Ok(meta), Ok(sum)) if meta.len() == f.size && sum == f.sha256 => {
                 eprintln!("ok    {} sha256 and size match", f.name)
             }
-            (Ok(_), Ok(_)) => problems.push(format!("{}: sha256 or size differs from manifest.json", f.name)),
+            (Ok(_), Ok(_)) => problems.push(format!(
+                "{}: sha256 or size differs from manifest.json",
+                f.name
+            )),
             (Err(e), _) | (_, Err(e)) => problems.push(format!("{}: {e}", f.name)),
         }
     }
-    if !m.cmdline.split_whitespace().any(|w| w == format!("roothash={}", m.roothash)) {
+    if !m
+        .cmdline
+        .split_whitespace()
+        .any(|w| w == format!("roothash={}", m.roothash))
+    {
         problems.push("the UKI command line in the manifest does not carry the roothash".into());
     }
     match (&raw, &parts) {
@@ -101,7 +123,9 @@ pub fn run(image: &Path, verify: bool, json: bool) -> Result<()> {
                 _ => problems.push("the raw image has no root-a / root-a-verity partitions".into()),
             }
         }
-        _ => problems.push("no raw image among the outputs: build with --formats raw to verify the root".into()),
+        _ => problems.push(
+            "no raw image among the outputs: build with --formats raw to verify the root".into(),
+        ),
     }
     if problems.is_empty() {
         eprintln!("verified: {}", dir.display());
@@ -119,5 +143,9 @@ pub fn human(n: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
 }

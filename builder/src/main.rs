@@ -1,7 +1,7 @@
+use aiw_agent::modes::ModeTable;
 use aiwimg::outputs::Format;
 use aiwimg::pipeline::{self, BuildOptions};
 use aiwimg::profile::{list_profiles, Profile};
-use aiw_agent::modes::ModeTable;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
@@ -91,7 +91,10 @@ fn find_project(given: Option<PathBuf>) -> Result<PathBuf> {
     let is_project = |p: &Path| p.join("images/modes.toml").is_file();
     if let Some(p) = given {
         if !is_project(&p) {
-            bail!("{} is not an aiwimg project (no images/modes.toml)", p.display());
+            bail!(
+                "{} is not an aiwimg project (no images/modes.toml)",
+                p.display()
+            );
         }
         return Ok(p);
     }
@@ -195,12 +198,20 @@ fn real_main() -> Result<()> {
             } else {
                 println!("{:<12} {:<52} description", "profile", "run modes");
                 for p in rows {
-                    let m = if p.modes.is_empty() { "-".to_string() } else { p.modes.join(",") };
+                    let m = if p.modes.is_empty() {
+                        "-".to_string()
+                    } else {
+                        p.modes.join(",")
+                    };
                     println!("{:<12} {:<52} {}", p.name, m, p.description);
                 }
             }
             Ok(())
         }
-        Command::Inspect { image, verify, json } => aiwimg::inspect::run(&image, verify, json),
+        Command::Inspect {
+            image,
+            verify,
+            json,
+        } => aiwimg::inspect::run(&image, verify, json),
     }
 }

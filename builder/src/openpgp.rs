@@ -30,7 +30,9 @@ pub fn primary_fingerprint(data: &[u8]) -> Result<String> {
 }
 
 fn dearmor(text: &str) -> Result<Vec<u8>> {
-    let mut lines = text.lines().skip_while(|l| !l.starts_with("-----BEGIN PGP"));
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN PGP"));
     lines.next();
     // Headers end at the first empty line.
     let mut b64 = String::new();
@@ -73,7 +75,11 @@ fn first_packet(bin: &[u8]) -> Result<(u8, &[u8])> {
             (tag, ((o - 192) << 8) + o2 + 192, 3)
         } else if o == 255 {
             let b = bin.get(2..6).ok_or_else(short)?;
-            (tag, u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize, 6)
+            (
+                tag,
+                u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize,
+                6,
+            )
         } else {
             bail!("partial-length key packet is not supported");
         }
@@ -87,7 +93,11 @@ fn first_packet(bin: &[u8]) -> Result<(u8, &[u8])> {
             }
             2 => {
                 let b = bin.get(1..5).ok_or_else(short)?;
-                (tag, u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize, 5)
+                (
+                    tag,
+                    u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize,
+                    5,
+                )
             }
             _ => bail!("indeterminate-length key packet is not supported"),
         }

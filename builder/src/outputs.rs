@@ -65,7 +65,10 @@ impl Format {
             }
         }
         if out.is_empty() {
-            bail!("--formats is empty; formats are {}", Format::ALL.map(|f| f.name()).join(", "));
+            bail!(
+                "--formats is empty; formats are {}",
+                Format::ALL.map(|f| f.name()).join(", ")
+            );
         }
         out.sort();
         Ok(out)
@@ -115,7 +118,10 @@ pub fn write_all(
         packages,
         input_hash: disk.key.clone(),
     };
-    std::fs::write(out.join("manifest.json"), serde_json::to_string_pretty(&manifest)? + "\n")?;
+    std::fs::write(
+        out.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)? + "\n",
+    )?;
     Ok(manifest)
 }
 
@@ -151,7 +157,12 @@ fn write_one(f: Format, raw: &Path, base: &str, out: &Path) -> Result<Vec<(Strin
         Format::Vmdk => {
             qemu_img(
                 "converting to stream-optimized vmdk",
-                &["-O", "vmdk", "-o", "subformat=streamOptimized,adapter_type=lsilogic"],
+                &[
+                    "-O",
+                    "vmdk",
+                    "-o",
+                    "subformat=streamOptimized,adapter_type=lsilogic",
+                ],
                 &name("vmdk"),
             )?;
             Ok(vec![(name("vmdk"), "vmdk".into())])
@@ -164,13 +175,27 @@ fn write_one(f: Format, raw: &Path, base: &str, out: &Path) -> Result<Vec<(Strin
             let padded = out.join(".vhd-src.raw");
             run_cmd(
                 "padding the raw image to 1 MiB",
-                Cmd::new("cp").args(["--reflink=auto", "--sparse=always"]).arg(raw).arg(&padded),
+                Cmd::new("cp")
+                    .args(["--reflink=auto", "--sparse=always"])
+                    .arg(raw)
+                    .arg(&padded),
             )?;
-            std::fs::OpenOptions::new().write(true).open(&padded)?.set_len(aligned)?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&padded)?
+                .set_len(aligned)?;
             run_cmd(
                 "converting to fixed vhd",
                 Cmd::new("qemu-img")
-                    .args(["convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on"])
+                    .args([
+                        "convert",
+                        "-f",
+                        "raw",
+                        "-O",
+                        "vpc",
+                        "-o",
+                        "subformat=fixed,force_size=on",
+                    ])
                     .arg(&padded)
                     .arg(out.join(name("vhd"))),
             )?;
@@ -183,7 +208,10 @@ fn write_one(f: Format, raw: &Path, base: &str, out: &Path) -> Result<Vec<(Strin
             std::fs::create_dir_all(&staging)?;
             run_cmd(
                 "staging disk.raw",
-                Cmd::new("cp").args(["--reflink=auto", "--sparse=always"]).arg(raw).arg(staging.join("disk.raw")),
+                Cmd::new("cp")
+                    .args(["--reflink=auto", "--sparse=always"])
+                    .arg(raw)
+                    .arg(staging.join("disk.raw")),
             )?;
             let file = format!("{base}.gce.tar.gz");
             run_cmd(
@@ -202,13 +230,19 @@ fn write_one(f: Format, raw: &Path, base: &str, out: &Path) -> Result<Vec<(Strin
             let zst = format!("{base}.raw.zst");
             run_cmd(
                 "compressing with zstd",
-                Cmd::new("zstd").args(["-q", "-T0", "-10", "-f", "-o"]).arg(out.join(&zst)).arg(raw),
+                Cmd::new("zstd")
+                    .args(["-q", "-T0", "-10", "-f", "-o"])
+                    .arg(out.join(&zst))
+                    .arg(raw),
             )?;
             let bmap = format!("{base}.bmap");
             // The block map of the sparse raw image: bmaptool writes only mapped blocks.
             run_cmd(
                 "writing the block map (bmaptool)",
-                Cmd::new("bmaptool").args(["create", "-o"]).arg(out.join(&bmap)).arg(raw),
+                Cmd::new("bmaptool")
+                    .args(["create", "-o"])
+                    .arg(out.join(&bmap))
+                    .arg(raw),
             )?;
             Ok(vec![(zst, "raw.zst".into()), (bmap, "bmap".into())])
         }

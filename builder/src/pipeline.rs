@@ -68,7 +68,8 @@ impl BuildContext {
         self.opts.project.join("images")
     }
     pub fn lock_path(&self) -> PathBuf {
-        self.images_dir().join(format!("{}.lock", self.profile.name))
+        self.images_dir()
+            .join(format!("{}.lock", self.profile.name))
     }
     pub fn image_name(&self) -> String {
         format!("aiware-{}_{}", self.profile.name, self.opts.image_version)
@@ -103,8 +104,7 @@ impl Progress {
                 eprintln!("[{n}/{}] {name:<9} building ...", self.total);
             }
             slot.fill(make)
-                .with_context(|| format!("stage {name} failed"))
-?;
+                .with_context(|| format!("stage {name} failed"))?;
         }
         self.report(name, &slot.key, cached, started);
         Ok(())
@@ -142,71 +142,127 @@ impl Progress {
     }
 }
 
-pub fn build(opts: BuildOptions) -> Result<BuildResult> {
-    let modes = ModeTable::load(&opts.project.join("images/modes.toml"))?;
-    let profile = Profile::load(&opts.project.join("images"), &opts.profile, &modes)?;
-    host::check_build_host(&opts)?;
-    let mut all_profiles = BTreeMap::new();
-    for name in crate::profile::list_profiles(&opts.project.join("images"))? {
-        if let Ok(p) = Profile::load(&opts.project.join("images"), &name, &modes) {
-            all_profiles.insert(name, p.modes);
+/// The cache slot of every stage, computed from the inputs alone (nothing is
+/// built): what `build` will reuse, and what the key tests compare.
+pub struct Plan {
+    pub tools: Slot,
+    pub rootfs: Slot,
+    pub agent: stages::customize::AgentInput,
+    pub customize: Slot,
+    pub initrd: Slot,
+    pub disk: Slot,
+}
+
+impl Plan {
+    pub fn new(ctx: &BuildContext) -> Result<Plan> {
+        let tools = stages::tools_stage::slot(ctx);
+        let rootfs = stages::rootfs::slot(ctx)?;
+        let agent = stages::customize::AgentInput::resolve(ctx)?;
+        let customize = stages::customize::slot(ctx, &rootfs, &agent)?;
+        let initrd = stages::initrd::slot(ctx, &tools, &rootfs);
+        let disk = stages::disk::slot(ctx, &tools, &customize, &initrd);
+        Ok(Plan {
+            tools,
+            rootfs,
+            agent,
+            customize,
+            initrd,
+            disk,
+        })
+    }
+
+    pub fn keys(&self) -> [(&'static str, &str); 5] {
+        [
+            ("tools", &self.tools.key),
+            ("rootfs", &self.rootfs.key),
+            ("customize", &self.customize.key),
+            ("initrd", &self.initrd.key),
+            ("disk", &self.disk.key),
+        ]
+    }
+}
+
+impl BuildContext {
+    /// Reads profiles and the mode table; checks nothing on the host.
+    pub fn new(opts: BuildOptions) -> Result<BuildContext> {
+        let images = opts.project.join("images");
+        let modes = ModeTable::load(&images.join("modes.toml"))?;
+        let profile = Profile::load(&images, &opts.profile, &modes)?;
+        let mut all_profiles = BTreeMap::new();
+        for name in crate::profile::list_profiles(&images)? {
+            if let Ok(p) = Profile::load(&images, &name, &modes) {
+                all_profiles.insert(name, p.modes);
+            }
         }
+        let mirror = opts.mirror.clone().or(profile.mirror.clone());
+        Ok(BuildContext {
+            cache: Cache::new(opts.cache_dir.clone())?,
+            opts,
+            profile,
+            modes,
+            all_profiles,
+            mirror,
+        })
     }
-    let mirror = opts.mirror.clone().or(profile.mirror.clone());
-    if let Some(m) = &mirror {
-        host::check_mirror(m, &profile.suite)?;
+}
+
+pub fn build(opts: BuildOptions) -> Result<BuildResult> {
+    let ctx = BuildContext::new(opts)?;
+    host::check_build_host(&ctx.opts)?;
+    if let Some(m) = &ctx.mirror {
+        host::check_mirror(m, &ctx.profile.suite)?;
     }
-    stages::rootfs::check_repositories(&profile, &opts.repo_mirrors)?;
+    stages::rootfs::check_repositories(&ctx.profile, &ctx.opts.repo_mirrors)?;
     // Reproducible timestamps for every tool that honours it.
-    std::env::set_var("SOURCE_DATE_EPOCH", profile.source_date_epoch.to_string());
-    let ctx = BuildContext {
-        cache: Cache::new(opts.cache_dir.clone())?,
-        opts,
-        profile,
-        modes,
-        all_profiles,
-        mirror,
-    };
+    std::env::set_var(
+        "SOURCE_DATE_EPOCH",
+        ctx.profile.source_date_epoch.to_string(),
+    );
     let mut progress = Progress {
         json: ctx.opts.json,
         total: 6,
         done: Vec::new(),
     };
+    let plan = Plan::new(&ctx)?;
 
     // 1. Tools tree: every image tool runs in it.
-    let tools_slot = stages::tools_stage::slot(&ctx);
-    progress.stage("tools", &tools_slot, |tmp| stages::tools_stage::make(&ctx, tmp))?;
+    progress.stage("tools", &plan.tools, |tmp| {
+        stages::tools_stage::make(&ctx, tmp)
+    })?;
     let tools = ToolsTree {
-        root: tools_slot.dir.join("root"),
+        root: plan.tools.dir.join("root"),
     };
 
     // 2. Root filesystem: packages installed by mmdebstrap, lock file written.
-    let rootfs_slot = stages::rootfs::slot(&ctx)?;
-    progress.stage("rootfs", &rootfs_slot, |tmp| {
+    progress.stage("rootfs", &plan.rootfs, |tmp| {
         stages::rootfs::make(&ctx, tmp)
     })?;
     if !ctx.opts.locked {
-        stages::rootfs::write_lock(&ctx, &rootfs_slot)?;
+        stages::rootfs::write_lock(&ctx, &plan.rootfs)?;
     }
 
     // 3. Customize: overlays, agent, immutable layout; ends as the erofs root.
-    let agent = stages::customize::AgentInput::resolve(&ctx)?;
-    let custom_slot = stages::customize::slot(&ctx, &rootfs_slot, &agent)?;
-    progress.stage("customize", &custom_slot, |tmp| {
-        stages::customize::make(&ctx, &tools, &rootfs_slot, &agent, tmp)
+    progress.stage("customize", &plan.customize, |tmp| {
+        stages::customize::make(&ctx, &tools, &plan.rootfs, &plan.agent, tmp)
     })?;
 
     // 4. Initrd: systemd + veritysetup, only the drivers boot needs.
-    let initrd_slot = stages::initrd::slot(&ctx, &tools_slot, &rootfs_slot);
-    progress.stage("initrd", &initrd_slot, |tmp| {
-        stages::initrd::make(&tools, &rootfs_slot, tmp)
+    progress.stage("initrd", &plan.initrd, |tmp| {
+        stages::initrd::make(&tools, &plan.rootfs, tmp)
     })?;
 
     // 5. Disk: GPT with ESP (systemd-boot + UKI with the roothash), root A/B.
-    let disk_slot = stages::disk::slot(&ctx, &tools_slot, &custom_slot, &initrd_slot);
-    progress.stage("disk", &disk_slot, |tmp| {
-        stages::disk::make(&ctx, &tools, &rootfs_slot, &custom_slot, &initrd_slot, tmp)
+    progress.stage("disk", &plan.disk, |tmp| {
+        stages::disk::make(
+            &ctx,
+            &tools,
+            &plan.rootfs,
+            &plan.customize,
+            &plan.initrd,
+            tmp,
+        )
     })?;
+    let (rootfs_slot, custom_slot, disk_slot) = (&plan.rootfs, &plan.customize, &plan.disk);
 
     // 6. Outputs: converted in a temporary folder, moved into place on success.
     let started = Instant::now();
@@ -217,9 +273,8 @@ pub fn build(opts: BuildOptions) -> Result<BuildResult> {
         std::process::id()
     ));
     remove_tree(&tmp_dir)?;
-    std::fs::create_dir_all(&tmp_dir)
-        .with_context(|| format!("creating {}", tmp_dir.display()))?;
-    let result = crate::outputs::write_all(&ctx, &rootfs_slot, &custom_slot, &disk_slot, &tmp_dir);
+    std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
+    let result = crate::outputs::write_all(&ctx, rootfs_slot, custom_slot, disk_slot, &tmp_dir);
     let manifest = match result {
         Ok(m) => m,
         Err(e) => {

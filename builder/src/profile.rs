@@ -300,8 +300,18 @@ mod tests {
     fn repo_profiles_all_resolve() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
         let names = list_profiles(&dir).unwrap();
-        for want in ["base", "controller", "engine", "engine-gpu", "coreless", "anywhere"] {
-            assert!(names.contains(&want.to_string()), "{want} missing: {names:?}");
+        for want in [
+            "base",
+            "controller",
+            "engine",
+            "engine-gpu",
+            "coreless",
+            "anywhere",
+        ] {
+            assert!(
+                names.contains(&want.to_string()),
+                "{want} missing: {names:?}"
+            );
         }
         for n in names {
             Profile::load(&dir, &n, &table()).unwrap_or_else(|e| panic!("{n}: {e}"));
@@ -337,7 +347,9 @@ mod tests {
     #[test]
     fn misspelt_key_names_file_key_and_allowed_keys() {
         let d = dir_with(&[("p", "description='p'\npakages=['x']\n")]);
-        let e = Profile::load(d.path(), "p", &table()).unwrap_err().to_string();
+        let e = Profile::load(d.path(), "p", &table())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("p.toml"), "{e}");
         assert!(e.contains("unknown field `pakages`"), "{e}");
         assert!(e.contains("`packages`"), "allowed keys listed: {e}");
@@ -346,11 +358,18 @@ mod tests {
     #[test]
     fn unknown_profile_lists_known_ones() {
         let d = dir_with(&[("alpha", "description='a'"), ("beta", "description='b'")]);
-        let e = Profile::load(d.path(), "gamma", &table()).unwrap_err().to_string();
+        let e = Profile::load(d.path(), "gamma", &table())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"gamma\"") && e.contains("alpha, beta"), "{e}");
         let d = dir_with(&[("c", "description='c'\nextends=['nope']")]);
-        let e = Profile::load(d.path(), "c", &table()).unwrap_err().to_string();
-        assert!(e.contains("c.toml") && e.contains("extends") && e.contains("nope"), "{e}");
+        let e = Profile::load(d.path(), "c", &table())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("c.toml") && e.contains("extends") && e.contains("nope"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -360,20 +379,26 @@ mod tests {
             ("b", "extends=['c']"),
             ("c", "extends=['a']"),
         ]);
-        let e = Profile::load(d.path(), "a", &table()).unwrap_err().to_string();
+        let e = Profile::load(d.path(), "a", &table())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("a -> b -> c -> a"), "{e}");
     }
 
     #[test]
     fn unknown_mode_and_bad_fingerprint_are_errors() {
         let d = dir_with(&[("p", "description='p'\nmodes=['engine','ftp']")]);
-        let e = Profile::load(d.path(), "p", &table()).unwrap_err().to_string();
+        let e = Profile::load(d.path(), "p", &table())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown run mode \"ftp\""), "{e}");
         let d = dir_with(&[(
             "p",
             "description='p'\n[[repositories]]\nname='r'\nurl='http://127.0.0.1/'\nsuite='./'\nkey='k.asc'\nfingerprint='ABCD'",
         )]);
-        let e = Profile::load(d.path(), "p", &table()).unwrap_err().to_string();
+        let e = Profile::load(d.path(), "p", &table())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("fingerprint") && e.contains("40 hex"), "{e}");
     }
 }

@@ -73,7 +73,10 @@ impl ToolsTree {
             .arg("aiwimg-tools")
             .args(&argv)
             .args(args.iter().copied())
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .env("SYSTEMD_LOG_LEVEL", "notice");
         run_cmd(what, &mut cmd)
     }

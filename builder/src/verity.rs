@@ -51,13 +51,20 @@ fn hash(salt: &[u8], block: &[u8]) -> [u8; 32] {
 }
 
 /// Hashes of `count` blocks read from `data`, packed into hash blocks.
-fn level<R: Read>(data: &mut R, count: u64, in_bs: usize, out_bs: usize, salt: &[u8]) -> Result<Vec<u8>> {
+fn level<R: Read>(
+    data: &mut R,
+    count: u64,
+    in_bs: usize,
+    out_bs: usize,
+    salt: &[u8],
+) -> Result<Vec<u8>> {
     let per_block = out_bs / 32;
     let mut out = Vec::new();
     let mut buf = vec![0u8; in_bs];
     let mut in_this = 0;
     for _ in 0..count {
-        data.read_exact(&mut buf).context("reading data for the hash tree")?;
+        data.read_exact(&mut buf)
+            .context("reading data for the hash tree")?;
         out.extend_from_slice(&hash(salt, &buf));
         in_this += 1;
         if in_this == per_block {
@@ -79,7 +86,11 @@ pub fn verify<F: Read + Seek>(img: &mut F, data_off: u64, hash_off: u64) -> Resu
     img.read_exact(&mut sb)?;
     let sb = parse_superblock(&sb)?;
     if sb.hash_type != 1 || sb.algorithm != "sha256" {
-        bail!("verity hash type {} / {} is not supported", sb.hash_type, sb.algorithm);
+        bail!(
+            "verity hash type {} / {} is not supported",
+            sb.hash_type,
+            sb.algorithm
+        );
     }
     let (dbs, hbs) = (sb.data_block_size as usize, sb.hash_block_size as usize);
     img.seek(SeekFrom::Start(data_off))?;
@@ -87,7 +98,13 @@ pub fn verify<F: Read + Seek>(img: &mut F, data_off: u64, hash_off: u64) -> Resu
     while levels.last().unwrap().len() > hbs {
         let prev = levels.last().unwrap().clone();
         let n = (prev.len() / hbs) as u64;
-        levels.push(level(&mut std::io::Cursor::new(prev), n, hbs, hbs, &sb.salt)?);
+        levels.push(level(
+            &mut std::io::Cursor::new(prev),
+            n,
+            hbs,
+            hbs,
+            &sb.salt,
+        )?);
     }
     // On disk: superblock block, then levels from the top down.
     let mut off = hash_off + hbs as u64;
@@ -115,7 +132,9 @@ mod tests {
     fn matches_veritysetup() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/verity");
         // The data veritysetup hashed: byte i is (7i + i/4096) mod 251.
-        let mut img: Vec<u8> = (0..4096 * 300usize).map(|i| ((i * 7 + i / 4096) % 251) as u8).collect();
+        let mut img: Vec<u8> = (0..4096 * 300usize)
+            .map(|i| ((i * 7 + i / 4096) % 251) as u8)
+            .collect();
         let data_len = img.len() as u64;
         img.extend(std::fs::read(dir.join("hash.bin")).unwrap());
         let want = std::fs::read_to_string(dir.join("roothash")).unwrap();

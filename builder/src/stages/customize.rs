@@ -96,15 +96,35 @@ pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slo
     let p = &ctx.profile;
     let mut k = KeyBuilder::new("customize");
     k.key("rootfs", &rootfs.key)
-        .field("profile", &serde_json::to_string(p)?)
+        .field("overlay-context", &overlay_context(ctx).to_string())
+        .list("overlays", &p.overlays)
         .field("image-version", &ctx.opts.image_version)
         .field("image-info", &serde_json::to_string(&image_info(ctx))?)
         .path("modes.toml", &ctx.images_dir().join("modes.toml"))?;
     for o in &p.overlays {
-        k.path(&format!("overlay:{o}"), &ctx.opts.project.join("overlays").join(o))?;
+        k.path(
+            &format!("overlay:{o}"),
+            &ctx.opts.project.join("overlays").join(o),
+        )?;
     }
     agent.add_to_key(&mut k, &ctx.opts.project)?;
     Ok(ctx.cache.slot("customize", &k.finish()))
+}
+
+/// What `*.tera` overlay files see as `profile`: the profile's fields that
+/// describe the node. Disk-only keys (ESP size, kernel command line) are left
+/// out so that changing them does not redo this stage.
+pub fn overlay_context(ctx: &BuildContext) -> serde_json::Value {
+    let p = &ctx.profile;
+    serde_json::json!({
+        "name": p.name,
+        "description": p.description,
+        "modes": p.modes,
+        "packages": p.packages,
+        "gpu": p.gpu,
+        "suite": p.suite,
+        "version": ctx.opts.image_version,
+    })
 }
 
 fn image_info(ctx: &BuildContext) -> ImageInfo {
@@ -143,7 +163,7 @@ pub fn make(
                 dir.display()
             );
         }
-        apply_overlay(&dir, &tree, &ctx.profile)?;
+        apply_overlay(&dir, &tree, &overlay_context(ctx))?;
     }
     install_agent(ctx, &agent_bin, &tree)?;
     write_os_release(ctx, &tree)?;
@@ -170,8 +190,14 @@ pub fn make(
             "/tree",
         ],
         &[
-            Bind { host: tmp, inside: "/out" },
-            Bind { host: &tree, inside: "/tree" },
+            Bind {
+                host: tmp,
+                inside: "/out",
+            },
+            Bind {
+                host: &tree,
+                inside: "/tree",
+            },
         ],
     )?;
     anyhow::ensure!(erofs.is_file(), "mkfs.erofs wrote no image");
@@ -192,7 +218,7 @@ pub fn uuid_from_key(key: &str) -> String {
 }
 
 /// Copies an overlay tree into the image; `x.tera` is rendered to `x`.
-pub fn apply_overlay(src: &Path, tree: &Path, profile: &crate::profile::Profile) -> Result<()> {
+pub fn apply_overlay(src: &Path, tree: &Path, profile: &serde_json::Value) -> Result<()> {
     let mut tctx = tera::Context::new();
     tctx.insert("profile", profile);
     copy_overlay_dir(src, src, tree, &tctx)
@@ -262,9 +288,15 @@ fn write_os_release(ctx: &BuildContext, tree: &Path) -> Result<()> {
     let mut out: String = old
         .lines()
         .filter(|l| {
-            !["IMAGE_ID=", "IMAGE_VERSION=", "VARIANT=", "VARIANT_ID=", "PRETTY_NAME="]
-                .iter()
-                .any(|k| l.starts_with(k))
+            ![
+                "IMAGE_ID=",
+                "IMAGE_VERSION=",
+                "VARIANT=",
+                "VARIANT_ID=",
+                "PRETTY_NAME=",
+            ]
+            .iter()
+            .any(|k| l.starts_with(k))
         })
         .map(|l| format!("{l}\n"))
         .collect();
@@ -311,7 +343,14 @@ fn move_var_to_factory(tree: &Path) -> Result<()> {
     std::fs::create_dir_all(factory.parent().unwrap())?;
     remove_tree(&factory)?;
     // Caches and logs of the build are not state worth shipping.
-    for junk in ["cache/apt", "lib/apt", "log/apt", "log/dpkg.log", "log/alternatives.log", "log/bootstrap.log"] {
+    for junk in [
+        "cache/apt",
+        "lib/apt",
+        "log/apt",
+        "log/dpkg.log",
+        "log/alternatives.log",
+        "log/bootstrap.log",
+    ] {
         remove_tree(&var.join(junk))?;
     }
     run_cmd(
@@ -342,19 +381,28 @@ fn move_var_to_factory(tree: &Path) -> Result<()> {
                 ));
             }
         } else {
-            rules.push_str(&format!("C /var/{name} - - - - /usr/share/factory/var/{name}\n"));
+            rules.push_str(&format!(
+                "C /var/{name} - - - - /usr/share/factory/var/{name}\n"
+            ));
         }
     }
-    std::fs::write(tree.join("usr/lib/tmpfiles.d/00-aiwimg-factory-var.conf"), rules)?;
+    std::fs::write(
+        tree.join("usr/lib/tmpfiles.d/00-aiwimg-factory-var.conf"),
+        rules,
+    )?;
     remove_tree(&var)?;
     std::fs::create_dir(&var)?;
     Ok(())
 }
 
 fn unit_exists(tree: &Path, unit: &str) -> bool {
-    ["usr/lib/systemd/system", "lib/systemd/system", "etc/systemd/system"]
-        .iter()
-        .any(|d| tree.join(d).join(unit).exists())
+    [
+        "usr/lib/systemd/system",
+        "lib/systemd/system",
+        "etc/systemd/system",
+    ]
+    .iter()
+    .any(|d| tree.join(d).join(unit).exists())
 }
 
 /// Enables what every node runs and disables what only modes start, baked
@@ -393,7 +441,10 @@ fn set_unit_states(ctx: &BuildContext, tools: &ToolsTree, tree: &Path) -> Result
     enable.retain(|u| unit_exists(tree, u));
     enable.sort();
     enable.dedup();
-    let bind = [Bind { host: tree, inside: "/image" }];
+    let bind = [Bind {
+        host: tree,
+        inside: "/image",
+    }];
     if !disable.is_empty() {
         let mut args = vec!["systemctl", "--root=/image", "--no-reload", "disable"];
         args.extend(disable.iter().map(String::as_str));

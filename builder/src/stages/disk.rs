@@ -114,12 +114,28 @@ pub fn make(
     for (name, text) in &files {
         std::fs::write(defs.join(name), text)?;
     }
-    let seed = uuid_from_key(&KeyBuilder::new("disk-seed").key("customize", &custom.key).finish());
+    let seed = uuid_from_key(
+        &KeyBuilder::new("disk-seed")
+            .key("customize", &custom.key)
+            .finish(),
+    );
     let binds = [
-        Bind { host: tmp, inside: "/work" },
-        Bind { host: &custom.dir, inside: "/custom" },
-        Bind { host: &initrd.dir, inside: "/initrd" },
-        Bind { host: &rootfs.dir.join("tree"), inside: "/image" },
+        Bind {
+            host: tmp,
+            inside: "/work",
+        },
+        Bind {
+            host: &custom.dir,
+            inside: "/custom",
+        },
+        Bind {
+            host: &initrd.dir,
+            inside: "/initrd",
+        },
+        Bind {
+            host: &rootfs.dir.join("tree"),
+            inside: "/image",
+        },
     ];
     let repart = |what: &str, extra: &[&str]| -> Result<Vec<RepartRow>> {
         let mut args = vec![

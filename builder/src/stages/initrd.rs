@@ -32,13 +32,23 @@ pub fn kernel_version(rootfs_tree: &Path) -> Result<String> {
     let mut kvers: Vec<String> = std::fs::read_dir(rootfs_tree.join("usr/lib/modules"))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| rootfs_tree.join("boot").join(format!("vmlinuz-{n}")).is_file())
+        .filter(|n| {
+            rootfs_tree
+                .join("boot")
+                .join(format!("vmlinuz-{n}"))
+                .is_file()
+        })
         .collect();
     kvers.sort();
     match kvers.len() {
         1 => Ok(kvers.remove(0)),
-        0 => bail!("the root filesystem has no kernel: add linux-image-amd64 to the profile's packages"),
-        _ => bail!("the root filesystem has several kernels ({}); keep one", kvers.join(", ")),
+        0 => bail!(
+            "the root filesystem has no kernel: add linux-image-amd64 to the profile's packages"
+        ),
+        _ => bail!(
+            "the root filesystem has several kernels ({}); keep one",
+            kvers.join(", ")
+        ),
     }
 }
 
@@ -72,8 +82,14 @@ pub fn make(tools: &ToolsTree, rootfs: &Slot, tmp: &Path) -> Result<()> {
             "/out/initrd.img",
         ],
         &[
-            Bind { host: tmp, inside: "/out" },
-            Bind { host: &tree, inside: "/image" },
+            Bind {
+                host: tmp,
+                inside: "/out",
+            },
+            Bind {
+                host: &tree,
+                inside: "/image",
+            },
         ],
     )?;
     std::fs::copy(

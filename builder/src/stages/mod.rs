@@ -1,9 +1,9 @@
 //! The pipeline's stages, one file each, in build order.
-pub mod tools_stage;
-pub mod rootfs;
 pub mod customize;
-pub mod initrd;
 pub mod disk;
+pub mod initrd;
+pub mod rootfs;
+pub mod tools_stage;
 
 use crate::run::Cmd;
 use std::path::Path;
@@ -16,7 +16,9 @@ pub(crate) fn mmdebstrap(archives: &Path) -> Cmd {
     cmd.args(["--skip=download/empty", "--skip=essential/unlink"])
         .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
         .arg(format!("--setup-hook=sync-in {a} /var/cache/apt/archives/"))
-        .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {a}"))
+        .arg(format!(
+            "--customize-hook=sync-out /var/cache/apt/archives {a}"
+        ))
         .arg("--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb")
         .arg("--aptopt=APT::Install-Recommends \"false\"");
     cmd

@@ -35,7 +35,10 @@ pub fn slot(ctx: &BuildContext) -> Result<Slot> {
         .list("packages", &p.packages)
         .list(
             "dpkg-excludes",
-            &DPKG_EXCLUDES.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            &DPKG_EXCLUDES
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
         )
         .field("source_date_epoch", &p.source_date_epoch.to_string());
     for r in &p.repositories {
@@ -51,7 +54,10 @@ pub fn slot(ctx: &BuildContext) -> Result<Slot> {
 
 /// The URL a repository is fetched from: its `--repo-mirror` if given.
 pub fn repo_url(r: &Repository, mirrors: &BTreeMap<String, String>) -> String {
-    mirrors.get(&r.name).cloned().unwrap_or_else(|| r.url.clone())
+    mirrors
+        .get(&r.name)
+        .cloned()
+        .unwrap_or_else(|| r.url.clone())
 }
 
 /// Fails early, before any slow stage, when a third-party repository cannot
@@ -63,7 +69,11 @@ pub fn check_repositories(p: &Profile, mirrors: &BTreeMap<String, String>) -> Re
             bail!(
                 "--repo-mirror {name}=...: profile {} has no repository {name:?} (it has: {})",
                 p.name,
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
             );
         }
     }

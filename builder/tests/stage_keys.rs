@@ -1,0 +1,164 @@
+//! Each input changes the cache key of exactly the stages it feeds.
+//! Keys are computed from a copy of the project; nothing is built.
+
+use aiwimg::outputs::Format;
+use aiwimg::pipeline::{BuildContext, BuildOptions, Plan};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+/// A throwaway copy of the parts of the project that feed a build.
+fn project_copy() -> tempfile::TempDir {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let d = tempfile::tempdir().unwrap();
+    for sub in [
+        "images",
+        "overlays",
+        "agent/src",
+        "agent/units",
+        "agent/templates",
+    ] {
+        if src.join(sub).is_dir() {
+            copy_tree(&src.join(sub), &d.path().join(sub));
+        }
+    }
+    for f in ["Cargo.lock", "agent/Cargo.toml"] {
+        std::fs::copy(src.join(f), d.path().join(f)).unwrap();
+    }
+    d
+}
+
+fn opts(project: &Path, cache: &Path) -> BuildOptions {
+    BuildOptions {
+        project: project.to_path_buf(),
+        profile: "engine".into(),
+        output_dir: PathBuf::from("/nonexistent"),
+        formats: vec![Format::Raw],
+        cache_dir: cache.to_path_buf(),
+        mirror: None,
+        image_version: "1.0".into(),
+        locked: false,
+        agent_bin: None,
+        repo_mirrors: BTreeMap::new(),
+        json: false,
+    }
+}
+
+fn keys(o: BuildOptions) -> BTreeMap<&'static str, String> {
+    let ctx = BuildContext::new(o).unwrap();
+    let plan = Plan::new(&ctx).unwrap();
+    plan.keys()
+        .iter()
+        .map(|(n, k)| (*n, k.to_string()))
+        .collect()
+}
+
+fn changed(
+    a: &BTreeMap<&'static str, String>,
+    b: &BTreeMap<&'static str, String>,
+) -> Vec<&'static str> {
+    a.iter()
+        .filter(|(n, k)| b[*n] != **k)
+        .map(|(n, _)| *n)
+        .collect()
+}
+
+fn append(path: &Path, text: &str) {
+    let mut s = std::fs::read_to_string(path).unwrap();
+    s.push_str(text);
+    std::fs::write(path, s).unwrap();
+}
+
+#[test]
+fn each_input_changes_exactly_the_stages_it_feeds() {
+    let p = project_copy();
+    let cache = tempfile::tempdir().unwrap();
+    let o = || opts(p.path(), cache.path());
+    let base = keys(o());
+    assert_eq!(base, keys(o()), "keys are stable");
+
+    // Overlay file: customize and what is made from it (disk).
+    append(&p.path().join("overlays/base/etc/motd.tera"), "edited\n");
+    let k = keys(o());
+    assert_eq!(changed(&base, &k), ["customize", "disk"]);
+
+    // Agent source: customize (where the binary goes in) and disk.
+    let base = k;
+    append(&p.path().join("agent/src/lib.rs"), "\n// edited\n");
+    let k = keys(o());
+    assert_eq!(changed(&base, &k), ["customize", "disk"]);
+
+    // Package list: the root filesystem and everything made from it, not the tools.
+    let base = k;
+    append(
+        &p.path().join("images/engine.toml"),
+        "packages = [\"less\"]\n",
+    );
+    let k = keys(o());
+    assert_eq!(
+        changed(&base, &k),
+        ["customize", "disk", "initrd", "rootfs"]
+    );
+
+    // A disk-only profile key: the ESP size.
+    let base = k;
+    append(&p.path().join("images/engine.toml"), "esp_size_mib = 256\n");
+    let k = keys(o());
+    assert_eq!(changed(&base, &k), ["disk"]);
+
+    // Kernel command line: only the UKI, so only the disk.
+    let base = k;
+    append(
+        &p.path().join("images/engine.toml"),
+        "kernel_cmdline = [\"mitigations=auto\"]\n",
+    );
+    let k = keys(o());
+    assert_eq!(changed(&base, &k), ["disk"]);
+
+    // Mirror: every package that is downloaded, so every stage.
+    let base = k;
+    let mut om = o();
+    om.mirror = Some("http://127.0.0.1:9/debian".into());
+    let k = keys(om);
+    assert_eq!(
+        changed(&base, &k),
+        ["customize", "disk", "initrd", "rootfs", "tools"]
+    );
+
+    // The mode table feeds customize (baked in) and, through packages, rootfs.
+    let base = keys(o());
+    let modes = p.path().join("images/modes.toml");
+    let text = std::fs::read_to_string(&modes).unwrap();
+    std::fs::write(
+        &modes,
+        text.replace(
+            "packages = [\"redis-server\"]",
+            "packages = [\"redis-server\", \"redis-tools\"]",
+        ),
+    )
+    .unwrap();
+    let k = keys(o());
+    assert_eq!(
+        changed(&base, &k),
+        ["customize", "disk"],
+        "engine has no redis: only the baked table changes"
+    );
+
+    // Image version: os-release and file names.
+    let base = k;
+    let mut ov = o();
+    ov.image_version = "1.1".into();
+    assert_eq!(changed(&base, &keys(ov)), ["customize", "disk"]);
+}
