@@ -56,7 +56,12 @@ pub fn unit_state(vm: &Vm, unit: &str, dl: &Deadline) -> Result<String> {
 pub fn assert_active(vm: &Vm, units: &[&str], dl: &Deadline) -> Result<()> {
     let mut bad = Vec::new();
     for u in units {
-        let s = unit_state(vm, u, dl)?;
+        let mut s = unit_state(vm, u, dl)?;
+        // Under TCG a unit can still be starting after the agent's report (dockerd takes seconds).
+        while (s == "activating" || s == "reloading") && !dl.expired() {
+            std::thread::sleep(dl.cap(std::time::Duration::from_secs(3)));
+            s = unit_state(vm, u, dl)?;
+        }
         if s != "active" {
             bad.push(format!("{u} is {s}"));
         }
