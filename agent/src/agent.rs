@@ -267,6 +267,18 @@ impl<'a> Agent<'a> {
         }
         self.update(|s| s.settings = Some(settings.redacted_json()));
         if !errs.is_empty() {
+            // The role stays stopped, but the node stays reachable over SSH.
+            if let Some(t) = table.as_ref() {
+                let a = apply::Applier {
+                    paths: &paths,
+                    table: t,
+                    units: self.units,
+                    real_system: self.cfg.real_system,
+                };
+                for e in a.apply_access(&settings) {
+                    self.error(&e);
+                }
+            }
             return self.invalid(errs, table.as_ref());
         }
         let table = table.expect("checked above");

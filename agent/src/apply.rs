@@ -140,14 +140,7 @@ impl Applier<'_> {
                 }
             }
         }
-        if let Err(e) = self.ssh_keys(&s.ssh_authorized_keys) {
-            errs.push(e);
-        }
-        if let Some(h) = &s.hostname {
-            if let Err(e) = self.hostname(h) {
-                errs.push(e);
-            }
-        }
+        errs.extend(self.apply_access(s));
         for f in &s.write_files {
             if let Err(e) = self.write_file(f) {
                 errs.push(e);
@@ -162,6 +155,21 @@ impl Applier<'_> {
         }
         if let Err(e) = self.units.enable_and_start(&wanted) {
             errs.push(format!("starting mode services: {e}"));
+        }
+        errs
+    }
+
+    /// What keeps the node reachable: SSH keys and hostname. Applied even when
+    /// the aiWARE settings are invalid, so the operator can log in and look.
+    pub fn apply_access(&self, s: &Settings) -> Vec<String> {
+        let mut errs = Vec::new();
+        if let Err(e) = self.ssh_keys(&s.ssh_authorized_keys) {
+            errs.push(e);
+        }
+        if let Some(h) = &s.hostname {
+            if let Err(e) = self.hostname(h) {
+                errs.push(e);
+            }
         }
         errs
     }

@@ -173,3 +173,16 @@ fn no_user_data_runs_with_no_modes() {
     let units = RecordingUnits::default();
     assert_eq!(Agent::new(cfg(&p), &units).run(), Outcome::NoUserData);
 }
+
+#[test]
+fn invalid_settings_still_install_ssh_keys() {
+    let ud = "#cloud-config\nssh_authorized_keys:\n  - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTheTest test@host\naiware:\n  mode: [engine]\n  license: x1234\n";
+    let (_t, p) = node(ud, false);
+    let units = RecordingUnits::default();
+    assert!(matches!(
+        Agent::new(cfg(&p), &units).run(),
+        Outcome::Invalid(_)
+    ));
+    let keys = std::fs::read_to_string(p.ssh_root_dir().join("authorized_keys")).unwrap();
+    assert!(keys.contains("FakeKeyForTheTest"), "{keys}");
+}
