@@ -1,0 +1,181 @@
+//! The builder end to end (slow: builds real images; needs root and network
+//! to the Debian mirror). Run by the README's test command.
+//!
+//! - a build of `engine` succeeds and `aiwimg inspect --verify` passes;
+//! - a second build with nothing changed reuses every stage;
+//! - after editing one overlay file, only customize and disk are redone;
+//! - a corrupted image fails `inspect --verify`.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn aiwimg() -> PathBuf {
+    if let Some(b) = std::env::var_os("AIWIMG_BIN") {
+        return PathBuf::from(b);
+    }
+    let st = Command::new("cargo")
+        .current_dir(workspace())
+        .env_remove("CARGO_TARGET_DIR")
+        .args(["build", "--release", "-p", "aiwimg"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "cargo build -p aiwimg failed");
+    workspace().join("target/release/aiwimg")
+}
+
+/// Runs `aiwimg build --json`; returns the stage reports and the result.
+fn build(project: &Path, out: &Path, extra: &[&str]) -> (Vec<Value>, Value) {
+    let started = std::time::Instant::now();
+    let o = Command::new(aiwimg())
+        .arg("--project")
+        .arg(project)
+        .args(["build", "--profile", "engine", "--json", "--output-dir"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "aiwimg build failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (result, stages) = lines.split_last().unwrap();
+    let summary: Vec<String> = stages
+        .iter()
+        .map(|s| {
+            format!(
+                "{}={}",
+                s["stage"].as_str().unwrap(),
+                if s["cached"].as_bool().unwrap() {
+                    "cached"
+                } else {
+                    "built"
+                }
+            )
+        })
+        .collect();
+    eprintln!(
+        "build in {:.1}s: {}",
+        started.elapsed().as_secs_f64(),
+        summary.join(" ")
+    );
+    (stages.to_vec(), result.clone())
+}
+
+fn rebuilt(stages: &[Value]) -> Vec<String> {
+    stages
+        .iter()
+        .filter(|s| s["stage"] != "outputs" && !s["cached"].as_bool().unwrap())
+        .map(|s| s["stage"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn inspect_verify(dir: &Path) -> (bool, String) {
+    let o = Command::new(aiwimg())
+        .args(["inspect", "--verify"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn engine_build_verify_cache_and_overlay_edit() {
+    assert!(
+        unsafe { libc_geteuid() } == 0,
+        "this test builds an image and needs root: run the README's test command as root"
+    );
+    let work = workspace().join("target/qemu-tests/builder-e2e");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let ws = workspace();
+
+    // 1. Build and verify.
+    let (_, result) = build(&ws, &work.join("out"), &["--formats", "raw,qcow2"]);
+    let out = PathBuf::from(result["output"].as_str().unwrap());
+    let (ok, text) = inspect_verify(&out);
+    assert!(ok, "inspect --verify failed on a fresh build:\n{text}");
+    assert!(
+        text.contains("roothash") && text.contains("matches"),
+        "{text}"
+    );
+
+    // 2. Nothing changed: every stage reused.
+    let (stages, _) = build(&ws, &work.join("out"), &["--formats", "raw,qcow2"]);
+    assert_eq!(
+        rebuilt(&stages),
+        Vec::<String>::new(),
+        "a second build redid stages: {stages:?}"
+    );
+
+    // 3. One overlay file edited (in a copy of the project): only customize and disk.
+    let proj = work.join("project");
+    std::fs::create_dir_all(&proj).unwrap();
+    for sub in ["images", "overlays"] {
+        copy_dir(&ws.join(sub), &proj.join(sub));
+    }
+    let agent = ws.join("target/x86_64-unknown-linux-musl/release/aiw-agent");
+    let agent_arg = agent.display().to_string();
+    let extra = ["--formats", "raw", "--agent-bin", &agent_arg];
+    build(&proj, &work.join("out-copy"), &extra);
+    let motd = proj.join("overlays/base/etc/motd.tera");
+    let mut text = std::fs::read_to_string(&motd).unwrap();
+    text.push_str("  (edited by the builder test)\n");
+    std::fs::write(&motd, text).unwrap();
+    let (stages, _) = build(&proj, &work.join("out-copy"), &extra);
+    assert_eq!(rebuilt(&stages), ["customize", "disk"], "{stages:?}");
+
+    // 4. A corrupted copy fails verification, naming what differs.
+    let bad = work.join("corrupt");
+    copy_dir(&out, &bad);
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(bad.join("manifest.json")).unwrap()).unwrap();
+    let raw = bad.join(manifest["files"][0]["name"].as_str().unwrap());
+    let root_a = manifest["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["label"] == "root-a")
+        .unwrap();
+    let at = root_a["offset"].as_u64().unwrap() + root_a["size"].as_u64().unwrap() / 2;
+    let mut data = std::fs::read(&raw).unwrap();
+    data[at as usize] ^= 0x5a;
+    std::fs::write(&raw, data).unwrap();
+    let (ok, text) = inspect_verify(&bad);
+    assert!(!ok, "a corrupted image passed verification:\n{text}");
+    assert!(text.contains("sha256") && text.contains("verity"), "{text}");
+    eprintln!("corrupted image rejected:\n{text}");
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
