@@ -1,0 +1,24 @@
+#!/bin/sh
+# The whole test suite, set-up included (the README's test command; CI runs it).
+#   fast: unit tests of builder, agent and harness (seconds)
+#   slow: builds images for real and boots them under QEMU (tens of minutes)
+# Slow tests fail, never skip, when something they need is missing.
+set -eu
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "run-all.sh: run as root (image builds need it)" >&2; exit 1; }
+builder/setup-host.sh --tests
+
+echo "== fast: unit tests"
+cargo test --workspace --exclude qemu-tests
+cargo test -p qemu-tests --lib
+
+echo "== slow: the builder end to end"
+cargo build --release -p aiwimg
+AIWIMG_BIN="$PWD/target/release/aiwimg"
+export AIWIMG_BIN
+cargo test --release -p qemu-tests --test build -- --nocapture
+
+echo "== slow: QEMU harness and image boot tests (one VM at a time)"
+cargo test --release -p qemu-tests --test harness -- --test-threads=1
+cargo test --release -p qemu-tests --test boot -- --test-threads=1 --nocapture
+echo "== all tests passed"
