@@ -321,6 +321,18 @@ impl<'a> Agent<'a> {
             };
         });
         sd_notify(&format!("READY=1\nSTATUS=configured: {}", modes.join(",")));
+        // The mode services are ordered after this unit, so their start jobs
+        // only run once READY=1 is sent: wait for them here, so that "ready"
+        // means the role is up.
+        let (wanted, _) = apply::split_services(&table, &modes);
+        self.wait_for_services(&wanted, std::time::Duration::from_secs(180));
+        self.update(|s| {
+            for m in s.modes.iter_mut() {
+                for (u, st) in m.services.iter_mut() {
+                    *st = self.units.active_state(u);
+                }
+            }
+        });
 
         match settings.controller() {
             None => {
@@ -331,6 +343,47 @@ impl<'a> Agent<'a> {
                 Outcome::Ready
             }
             Some(url) => self.join_and_report(url, &settings, &modes, &gpus, &source),
+        }
+    }
+
+    /// Waits until every unit is active; a failed unit or the deadline is
+    /// reported as an error and the agent goes on (it never hangs the node).
+    fn wait_for_services(&self, units: &[String], limit: std::time::Duration) {
+        let started = std::time::Instant::now();
+        let mut logged = false;
+        loop {
+            let states: Vec<(String, String)> = units
+                .iter()
+                .map(|u| (u.clone(), self.units.active_state(u)))
+                .collect();
+            if let Some((u, st)) = states
+                .iter()
+                .find(|(_, st)| *st == "failed" || *st == "unknown")
+            {
+                self.error(&format!("{u} did not start ({st}): see journalctl -u {u}"));
+                return;
+            }
+            let pending: Vec<&str> = states
+                .iter()
+                .filter(|(_, st)| st != "active")
+                .map(|(u, _)| u.as_str())
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+            if started.elapsed() >= limit {
+                self.error(&format!(
+                    "services still not active after {}s: {}",
+                    limit.as_secs(),
+                    pending.join(", ")
+                ));
+                return;
+            }
+            if !logged {
+                log::info(&format!("waiting for {} to start", pending.join(", ")));
+                logged = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
         }
     }
 
