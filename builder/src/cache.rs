@@ -158,10 +158,14 @@ impl Slot {
     pub fn fill(&self, make: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let parent = self.dir.parent().expect("slot has a parent");
         std::fs::create_dir_all(parent)?;
-        let tmp = parent.join(format!(".{}.tmp-{}", self.key, std::process::id()));
-        if tmp.exists() {
-            remove_tree(&tmp)?;
+        // Leftovers of an interrupted build of this same stage are garbage.
+        let prefix = format!(".{}.tmp-", self.key);
+        for e in std::fs::read_dir(parent)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                remove_tree(&e.path())?;
+            }
         }
+        let tmp = parent.join(format!("{prefix}{}", std::process::id()));
         std::fs::create_dir_all(&tmp)?;
         if let Err(e) = make(&tmp) {
             let _ = remove_tree(&tmp);
@@ -176,8 +180,31 @@ impl Slot {
     }
 }
 
-/// Removes a tree that may hold read-only folders (rootfs trees do).
+/// Mount points at or below `path` (deepest first), from /proc/self/mountinfo.
+fn mounts_below(path: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|m| m.starts_with(path))
+        .collect();
+    out.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    out
+}
+
+/// Removes a tree that may hold read-only folders (rootfs trees do). Anything
+/// still mounted below it is unmounted first, so removal never reaches into
+/// /dev, /proc or /sys of the host.
 pub fn remove_tree(path: &Path) -> Result<()> {
+    for m in mounts_below(path) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&m).status();
+    }
+    anyhow::ensure!(
+        mounts_below(path).is_empty(),
+        "cannot remove {}: something is still mounted below it",
+        path.display()
+    );
     match std::fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

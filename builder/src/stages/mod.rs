@@ -12,8 +12,11 @@ use std::path::Path;
 /// reused by every later tools tree and root filesystem.
 pub(crate) fn mmdebstrap(archives: &Path) -> Cmd {
     let a = archives.display().to_string();
-    let mut cmd = Cmd::new("mmdebstrap");
-    cmd.args(["--skip=download/empty", "--skip=essential/unlink"])
+    // In a private mount namespace: if the build is interrupted, the mounts
+    // mmdebstrap made inside the tree vanish with it instead of staying behind.
+    let mut cmd = Cmd::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "mmdebstrap"])
+        .args(["--skip=download/empty", "--skip=essential/unlink"])
         .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
         .arg(format!("--setup-hook=sync-in {a} /var/cache/apt/archives/"))
         .arg(format!(
