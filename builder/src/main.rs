@@ -41,7 +41,7 @@ enum Command {
         /// Where the image folder is written.
         #[arg(long, default_value = "out")]
         output_dir: PathBuf,
-        /// Comma-separated: raw, qcow2, vmdk, vhd, gce, raw.zst.
+        /// Comma-separated: raw, qcow2, vmdk, vhd, gce, raw.zst, ova.
         #[arg(long, default_value = "raw,qcow2")]
         formats: String,
         /// Stage cache (tools tree, packages, root filesystems, disks).

@@ -24,16 +24,19 @@ pub enum Format {
     Gce,
     /// zstd-compressed raw plus a .bmap for `bmaptool copy` (bare metal).
     RawZst,
+    /// vSphere OVA: OVF descriptor, stream-optimized vmdk, sha256 `.mf`.
+    Ova,
 }
 
 impl Format {
-    pub const ALL: [Format; 6] = [
+    pub const ALL: [Format; 7] = [
         Format::Raw,
         Format::Qcow2,
         Format::Vmdk,
         Format::Vhd,
         Format::Gce,
         Format::RawZst,
+        Format::Ova,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,11 +47,15 @@ impl Format {
             Format::Vhd => "vhd",
             Format::Gce => "gce",
             Format::RawZst => "raw.zst",
+            Format::Ova => "ova",
         }
     }
 
     pub fn needs_qemu_img(self) -> bool {
-        matches!(self, Format::Qcow2 | Format::Vmdk | Format::Vhd)
+        matches!(
+            self,
+            Format::Qcow2 | Format::Vmdk | Format::Vhd | Format::Ova
+        )
     }
 
     pub fn parse_list(s: &str) -> Result<Vec<Format>> {
@@ -246,5 +253,192 @@ fn write_one(f: Format, raw: &Path, base: &str, out: &Path) -> Result<Vec<(Strin
             )?;
             Ok(vec![(zst, "raw.zst".into()), (bmap, "bmap".into())])
         }
+        Format::Ova => {
+            let file = name("ova");
+            write_ova(raw, base, out, &file)?;
+            Ok(vec![(file, "ova".into())])
+        }
     }
+}
+
+/// Virtual hardware of the OVA's VM; users change it at deploy time.
+pub const OVA_CPUS: u32 = 2;
+pub const OVA_MEMORY_MIB: u64 = 4096;
+
+/// Writes `file`, an OVA as VMware's ovftool makes one: a ustar tar whose
+/// first member is the OVF descriptor, then the stream-optimized disk, then
+/// the `.mf` manifest with a SHA256 line per file.
+fn write_ova(raw: &Path, base: &str, out: &Path, file: &str) -> Result<()> {
+    let staging = out.join(".ova");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    std::fs::create_dir_all(&staging)?;
+    let ovf = format!("{base}.ovf");
+    let vmdk = format!("{base}-disk1.vmdk");
+    let mf = format!("{base}.mf");
+    // Formats are written in order, so a vmdk output of this build is already
+    // there: reuse it rather than compress the disk twice.
+    let made_vmdk = out.join(format!("{base}.vmdk"));
+    if made_vmdk.is_file() {
+        std::fs::hard_link(&made_vmdk, staging.join(&vmdk))
+            .or_else(|_| std::fs::copy(&made_vmdk, staging.join(&vmdk)).map(|_| ()))?;
+    } else {
+        run_cmd(
+            "converting to stream-optimized vmdk for the ova",
+            Cmd::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "vmdk", "-o"])
+                .arg("subformat=streamOptimized,adapter_type=lsilogic")
+                .arg(raw)
+                .arg(staging.join(&vmdk)),
+        )?;
+    }
+    let capacity = std::fs::metadata(raw)?.len();
+    let vmdk_size = std::fs::metadata(staging.join(&vmdk))?.len();
+    std::fs::write(
+        staging.join(&ovf),
+        ovf_descriptor(base, &vmdk, vmdk_size, capacity),
+    )?;
+    let mut manifest = String::new();
+    for f in [&ovf, &vmdk] {
+        manifest.push_str(&format!(
+            "SHA256({f})= {}\n",
+            sha256_file(&staging.join(f))?
+        ));
+    }
+    std::fs::write(staging.join(&mf), manifest)?;
+    run_cmd(
+        "packing the ova",
+        Cmd::new("tar")
+            .args([
+                "--format=ustar",
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+                "--mode=0644",
+                "-cf",
+            ])
+            .arg(out.join(file))
+            .arg("-C")
+            .arg(&staging)
+            .args([&ovf, &vmdk, &mf]),
+    )?;
+    std::fs::remove_dir_all(&staging)?;
+    Ok(())
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The OVF 1.0 envelope of the OVA, in the shape ovftool exports: EFI
+/// firmware, 64-bit Debian guest, 2 vCPU / 4 GiB, the disk on a SATA (AHCI)
+/// controller — the initrd carries `ahci`, not the pvscsi or LSI drivers —
+/// and one vmxnet3 NIC. The `user-data` property reaches the guest through the
+/// OVF environment (guestinfo and CD-ROM transports).
+pub fn ovf_descriptor(name: &str, vmdk: &str, vmdk_size: u64, capacity: u64) -> String {
+    let name = xml_escape(name);
+    let vmdk = xml_escape(vmdk);
+    let (cpus, mem) = (OVA_CPUS, OVA_MEMORY_MIB);
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:cim="http://schemas.dmtf.org/wbem/wscim/1/common" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" xmlns:vmw="http://www.vmware.com/schema/ovf" xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+  <References>
+    <File ovf:href="{vmdk}" ovf:id="file1" ovf:size="{vmdk_size}"/>
+  </References>
+  <DiskSection>
+    <Info>Virtual disk information</Info>
+    <Disk ovf:capacity="{capacity}" ovf:capacityAllocationUnits="byte" ovf:diskId="vmdisk1" ovf:fileRef="file1" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+  </DiskSection>
+  <NetworkSection>
+    <Info>The list of logical networks</Info>
+    <Network ovf:name="VM Network">
+      <Description>The VM Network network</Description>
+    </Network>
+  </NetworkSection>
+  <VirtualSystem ovf:id="{name}">
+    <Info>A virtual machine</Info>
+    <Name>{name}</Name>
+    <OperatingSystemSection ovf:id="96" vmw:osType="debian12_64Guest">
+      <Info>The kind of installed guest operating system</Info>
+      <Description>Debian GNU/Linux (64-bit)</Description>
+    </OperatingSystemSection>
+    <ProductSection ovf:required="false">
+      <Info>aiWARE Anywhere node</Info>
+      <Product>aiWARE Anywhere node</Product>
+      <FullVersion>{name}</FullVersion>
+      <Property ovf:key="user-data" ovf:type="string" ovf:userConfigurable="true" ovf:value="">
+        <Label>User data</Label>
+        <Description>Launch data for aiw-agent (for example AIWARE_MODE=engine), base64 or plain</Description>
+      </Property>
+    </ProductSection>
+    <VirtualHardwareSection ovf:transport="com.vmware.guestInfo iso">
+      <Info>Virtual hardware requirements</Info>
+      <System>
+        <vssd:ElementName>Virtual Hardware Family</vssd:ElementName>
+        <vssd:InstanceID>0</vssd:InstanceID>
+        <vssd:VirtualSystemIdentifier>{name}</vssd:VirtualSystemIdentifier>
+        <vssd:VirtualSystemType>vmx-17</vssd:VirtualSystemType>
+      </System>
+      <Item>
+        <rasd:AllocationUnits>hertz * 10^6</rasd:AllocationUnits>
+        <rasd:Description>Number of Virtual CPUs</rasd:Description>
+        <rasd:ElementName>{cpus} virtual CPU(s)</rasd:ElementName>
+        <rasd:InstanceID>1</rasd:InstanceID>
+        <rasd:ResourceType>3</rasd:ResourceType>
+        <rasd:VirtualQuantity>{cpus}</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits>
+        <rasd:Description>Memory Size</rasd:Description>
+        <rasd:ElementName>{mem}MB of memory</rasd:ElementName>
+        <rasd:InstanceID>2</rasd:InstanceID>
+        <rasd:ResourceType>4</rasd:ResourceType>
+        <rasd:VirtualQuantity>{mem}</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:Address>0</rasd:Address>
+        <rasd:Description>SATA Controller</rasd:Description>
+        <rasd:ElementName>SATA controller 0</rasd:ElementName>
+        <rasd:InstanceID>3</rasd:InstanceID>
+        <rasd:ResourceSubType>vmware.sata.ahci</rasd:ResourceSubType>
+        <rasd:ResourceType>20</rasd:ResourceType>
+      </Item>
+      <Item>
+        <rasd:AddressOnParent>0</rasd:AddressOnParent>
+        <rasd:ElementName>Hard disk 1</rasd:ElementName>
+        <rasd:HostResource>ovf:/disk/vmdisk1</rasd:HostResource>
+        <rasd:InstanceID>4</rasd:InstanceID>
+        <rasd:Parent>3</rasd:Parent>
+        <rasd:ResourceType>17</rasd:ResourceType>
+      </Item>
+      <Item>
+        <rasd:AddressOnParent>1</rasd:AddressOnParent>
+        <rasd:AutomaticAllocation>false</rasd:AutomaticAllocation>
+        <rasd:ElementName>CD/DVD drive 1</rasd:ElementName>
+        <rasd:InstanceID>5</rasd:InstanceID>
+        <rasd:Parent>3</rasd:Parent>
+        <rasd:ResourceSubType>vmware.cdrom.remotepassthrough</rasd:ResourceSubType>
+        <rasd:ResourceType>15</rasd:ResourceType>
+      </Item>
+      <Item>
+        <rasd:AddressOnParent>7</rasd:AddressOnParent>
+        <rasd:AutomaticAllocation>true</rasd:AutomaticAllocation>
+        <rasd:Connection>VM Network</rasd:Connection>
+        <rasd:Description>VmxNet3 ethernet adapter on &quot;VM Network&quot;</rasd:Description>
+        <rasd:ElementName>Network adapter 1</rasd:ElementName>
+        <rasd:InstanceID>6</rasd:InstanceID>
+        <rasd:ResourceSubType>VmxNet3</rasd:ResourceSubType>
+        <rasd:ResourceType>10</rasd:ResourceType>
+      </Item>
+      <vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi"/>
+      <vmw:Config ovf:required="false" vmw:key="uefi.secureBoot.enabled" vmw:value="false"/>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"#
+    )
 }
