@@ -172,6 +172,20 @@ impl<'a> Agent<'a> {
         let gpus = gpu::find_nvidia(&paths);
         if image.as_ref().is_some_and(|i| i.gpu) && gpus.is_empty() {
             log::console("no GPU found on PCI (no NVIDIA device, vendor 0x10de): this GPU image runs with 0 GPUs");
+        } else if image.as_ref().is_some_and(|i| i.gpu) && self.cfg.real_system {
+            // The driver was built into the image for its kernel; load it now
+            // so the CDI spec and the nvidia runtime find the devices.
+            for m in ["nvidia", "nvidia-uvm", "nvidia-modeset"] {
+                match std::process::Command::new("modprobe")
+                    .arg("--")
+                    .arg(m)
+                    .status()
+                {
+                    Ok(st) if st.success() => {}
+                    Ok(st) => self.error(&format!("modprobe {m} exited with {st}")),
+                    Err(e) => self.error(&format!("cannot run modprobe {m}: {e}")),
+                }
+            }
         }
         self.update(|s| {
             s.image = image.as_ref().and_then(|i| serde_json::to_value(i).ok());

@@ -198,7 +198,10 @@ fn mounts_below(path: &Path) -> Vec<PathBuf> {
 /// /dev, /proc or /sys of the host.
 pub fn remove_tree(path: &Path) -> Result<()> {
     for m in mounts_below(path) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&m).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&m)
+            .status();
     }
     anyhow::ensure!(
         mounts_below(path).is_empty(),

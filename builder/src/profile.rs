@@ -49,6 +49,16 @@ pub struct ProfileFile {
     /// Third-party apt repositories, each with a key pinned by fingerprint.
     #[serde(default)]
     pub repositories: Vec<Repository>,
+    /// Package name patterns needed only to build the image (compilers,
+    /// kernel headers, dkms): purged at the end of the rootfs stage.
+    #[serde(default)]
+    pub build_only: Vec<String>,
+    /// Kernel modules the image must carry, built for the image's own kernel
+    /// (checked by vermagic at the end of the rootfs stage).
+    #[serde(default)]
+    pub required_modules: Vec<String>,
+    /// Docker's default runtime (e.g. "nvidia"); unset keeps runc.
+    pub docker_default_runtime: Option<String>,
 }
 
 /// A third-party apt repository.
@@ -57,8 +67,13 @@ pub struct ProfileFile {
 pub struct Repository {
     /// Short name, used by `--repo-mirror NAME=URL`.
     pub name: String,
-    /// Base URL of the repository (a `deb` line's URI).
-    pub url: String,
+    /// Base URL of the repository (a `deb` line's URI). May be left out when
+    /// every build must name its own copy with `--repo-mirror NAME=URL`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// What the repository is, for error messages.
+    #[serde(default)]
+    pub description: Option<String>,
     /// Suite, or for flat repositories the path ending in `/`.
     pub suite: String,
     #[serde(default)]
@@ -89,6 +104,9 @@ pub struct Profile {
     pub esp_size_mib: u64,
     pub gpu: bool,
     pub repositories: Vec<Repository>,
+    pub build_only: Vec<String>,
+    pub required_modules: Vec<String>,
+    pub docker_default_runtime: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +148,9 @@ impl Profile {
             esp_size_mib: 128,
             gpu: false,
             repositories: Vec::new(),
+            build_only: Vec::new(),
+            required_modules: Vec::new(),
+            docker_default_runtime: None,
         };
         for (fname, f) in files {
             p.chain.push(fname.clone());
@@ -147,6 +168,9 @@ impl Profile {
             p.root_compression = f.root_compression.unwrap_or(p.root_compression);
             p.esp_size_mib = f.esp_size_mib.unwrap_or(p.esp_size_mib);
             p.gpu = f.gpu.unwrap_or(p.gpu);
+            append_unique(&mut p.build_only, f.build_only);
+            append_unique(&mut p.required_modules, f.required_modules);
+            p.docker_default_runtime = f.docker_default_runtime.or(p.docker_default_runtime);
             for repo in f.repositories {
                 let invalid = |message: String| ProfileError::Invalid {
                     path: path_of(&fname),
@@ -191,6 +215,17 @@ impl Profile {
             });
         }
         p.modes.sort();
+        // Each baked mode brings its overlay `overlays/mode-<mode>/` when there
+        // is one: the /etc files of its packages, pointed at /run and /var.
+        if let Some(project) = images_dir.parent() {
+            let mode_overlays: Vec<String> = p
+                .modes
+                .iter()
+                .map(|m| format!("mode-{m}"))
+                .filter(|o| project.join("overlays").join(o).is_dir())
+                .collect();
+            append_unique(&mut p.overlays, mode_overlays);
+        }
         let mode_pkgs = modes.packages_for(p.modes.iter().map(String::as_str));
         append_unique(&mut p.packages, mode_pkgs);
         p.packages.sort();

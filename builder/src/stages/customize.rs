@@ -122,6 +122,7 @@ pub fn overlay_context(ctx: &BuildContext) -> serde_json::Value {
         "modes": p.modes,
         "packages": p.packages,
         "gpu": p.gpu,
+        "docker_default_runtime": p.docker_default_runtime,
         "suite": p.suite,
         "version": ctx.opts.image_version,
     })
