@@ -9,6 +9,7 @@ pub mod openpgp;
 pub mod outputs;
 pub mod pipeline;
 pub mod profile;
+pub mod publish;
 pub mod run;
 pub mod stages;
 pub mod tools;

@@ -85,6 +85,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Publish a built image to a cloud.
+    #[command(subcommand)]
+    Publish(Publish),
+}
+
+#[derive(Subcommand)]
+enum Publish {
+    /// Upload the raw disk into an EBS snapshot (EBS direct APIs) and
+    /// register an AMI from it (UEFI, ENA, x86_64); prints the AMI id.
+    ///
+    /// Credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN,
+    /// else the AWS_PROFILE profile of ~/.aws/credentials and ~/.aws/config.
+    /// An interrupted upload resumes when the same command is run again.
+    ///
+    /// Example: aiwimg publish aws --image out/engine --region us-east-1
+    Aws {
+        /// The folder `aiwimg build` wrote (built with the raw format).
+        #[arg(long)]
+        image: PathBuf,
+        /// AWS region; default AWS_REGION, AWS_DEFAULT_REGION, the profile's.
+        #[arg(long)]
+        region: Option<String>,
+        /// AMI name; default IMAGE_ID-VERSION-UTCTIME.
+        #[arg(long)]
+        name: Option<String>,
+        /// Send EBS and EC2 calls here instead of AWS (a test double).
+        #[arg(long, env = "AWS_ENDPOINT_URL")]
+        endpoint_url: Option<String>,
+        /// Blocks uploaded in parallel.
+        #[arg(long, default_value_t = 16)]
+        jobs: usize,
+    },
 }
 
 fn find_project(given: Option<PathBuf>) -> Result<PathBuf> {
@@ -213,5 +245,22 @@ fn real_main() -> Result<()> {
             verify,
             json,
         } => aiwimg::inspect::run(&image, verify, json),
+        Command::Publish(Publish::Aws {
+            image,
+            region,
+            name,
+            endpoint_url,
+            jobs,
+        }) => {
+            let ami = aiwimg::publish::aws::publish(&aiwimg::publish::aws::PublishOptions {
+                image,
+                region,
+                name,
+                endpoint_url,
+                jobs,
+            })?;
+            println!("{ami}");
+            Ok(())
+        }
     }
 }

@@ -1,0 +1,11 @@
+//! `aiwimg publish`: puts a built image where users launch it.
+//!
+//! - [`aws`]: the raw disk into an EBS snapshot through the EBS direct APIs,
+//!   then an AMI (UEFI, ENA, x86_64).
+//! - [`sigv4`], [`http`]: the signed, retrying client it uses.
+//! - [`credentials`]: the standard AWS environment and profile chain.
+
+pub mod aws;
+pub mod credentials;
+pub mod http;
+pub mod sigv4;
