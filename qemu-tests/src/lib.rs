@@ -26,6 +26,7 @@ pub mod process;
 pub mod seed;
 pub mod ssh;
 pub mod test_images;
+pub mod test_repo;
 pub mod vm;
 
 pub use case::TestCase;

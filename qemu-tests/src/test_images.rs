@@ -163,8 +163,36 @@ pub fn builder_command(profile: &str, out_dir: &Path) -> Command {
     cmd
 }
 
+/// Profiles with a third-party repository this machine cannot reach are built
+/// against a local test double of it (see `test_repo`).
+const NEEDS_TEST_REPO: &[&str] = &["engine-gpu"];
+
 fn build(profile: &str, out_dir: &Path) -> Result<PathBuf> {
     let mut cmd = builder_command(profile, out_dir);
+    let _repo = if NEEDS_TEST_REPO.contains(&profile) {
+        let work = workspace_root().join("target/qemu-tests/nvidia-test-repo");
+        let repo = crate::test_repo::TestAptRepo::start(&work)?;
+        let project = crate::test_repo::project_with_test_key(
+            &workspace_root(),
+            &repo,
+            &work.join("project"),
+        )?;
+        eprintln!(
+            "qemu-tests: {profile} builds against a TEST DOUBLE of NVIDIA's repository at {} \
+             (key {}): the real nvidia-container-toolkit is not installed here",
+            repo.url, repo.fingerprint
+        );
+        let agent = build_agent()?;
+        cmd.arg("--project")
+            .arg(&project)
+            .arg("--repo-mirror")
+            .arg(format!("nvidia={}", repo.url))
+            .arg("--agent-bin")
+            .arg(agent);
+        Some(repo)
+    } else {
+        None
+    };
     eprintln!("qemu-tests: building image {profile:?}: {cmd:?}");
     let started = std::time::Instant::now();
     // Inherit stdio so the builder's progress shows in the test output.
@@ -182,6 +210,29 @@ fn build(profile: &str, out_dir: &Path) -> Result<PathBuf> {
         started.elapsed()
     );
     Ok(out_dir.join(profile))
+}
+
+/// The agent binary of this workspace (release, musl), built if needed.
+pub fn build_agent() -> Result<PathBuf> {
+    let root = workspace_root();
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(&root)
+        .env_remove("CARGO_TARGET_DIR")
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "aiw-agent",
+            "--target",
+            "x86_64-unknown-linux-musl",
+        ])
+        .status()
+        .context("running cargo build for aiw-agent")?;
+    if !status.success() {
+        bail!("cargo build -p aiw-agent failed ({status})");
+    }
+    Ok(root.join("target/x86_64-unknown-linux-musl/release/aiw-agent"))
 }
 
 #[cfg(test)]

@@ -208,6 +208,30 @@ fn engine_gpu_without_a_gpu() {
             status["gpus"]
         );
         assert_active(&vm, &["docker.service"], dl)?;
+        // The driver was built at image build time for this image's kernel.
+        let kver = vm.check("uname -r", dl)?;
+        let vermagic = vm.check("modinfo -F vermagic nvidia", dl)?;
+        ensure!(
+            vermagic.starts_with(&format!("{} ", kver.trim())),
+            "modinfo nvidia: vermagic {vermagic:?} is not the image kernel {kver:?}"
+        );
+        eprintln!("engine-gpu: modinfo nvidia vermagic {}", vermagic.trim());
+        // No compiler or kernel headers remain in the image.
+        let leftovers = vm.check(
+            "ls /usr/bin/gcc /usr/bin/cc /usr/bin/make /usr/src/linux-headers-* 2>/dev/null | wc -l",
+            dl,
+        )?;
+        ensure!(
+            leftovers.trim() == "0",
+            "build tools left in the image: {leftovers}"
+        );
+        // Docker knows the nvidia runtime (from the baked daemon.json).
+        let runtimes = vm.check("docker info --format '{{json .Runtimes}}'", dl)?;
+        ensure!(
+            runtimes.contains("nvidia"),
+            "docker info runtimes: {runtimes}"
+        );
+        eprintln!("engine-gpu: docker runtimes {}", runtimes.trim());
         healthy(case, &vm)
     });
 }
