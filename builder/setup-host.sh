@@ -14,7 +14,7 @@ tests=no
 pkgs="mmdebstrap qemu-utils zstd bmap-tools dpkg util-linux ca-certificates"
 backports_pkgs="mmdebstrap qemu-utils"
 if [ "$tests" = yes ]; then
-    pkgs="$pkgs qemu-system-x86 ovmf cloud-image-utils genisoimage openssh-client socat e2fsprogs dosfstools mtools"
+    pkgs="$pkgs qemu-system-x86 ovmf cloud-image-utils genisoimage openssh-client socat e2fsprogs dosfstools mtools postgresql-client redis-tools openssl curl gpg python3"
     backports_pkgs="$backports_pkgs qemu-system-x86"
 fi
 

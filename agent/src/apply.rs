@@ -89,8 +89,21 @@ pub struct Applier<'a> {
 
 impl Applier<'_> {
     /// Stops every mode service: used when settings are invalid.
+    /// The firewall opens only the common ports (SSH stays reachable).
     pub fn stop_all(&self) -> Result<(), String> {
-        self.units.stop_and_disable(&self.table.all_mode_services())
+        let fw = self.firewall(&[]);
+        self.units
+            .stop_and_disable(&self.table.all_mode_services())?;
+        fw
+    }
+
+    /// Loads the nftables ruleset opening the ports of `modes` (and the common ones).
+    pub fn firewall(&self, modes: &[String]) -> Result<(), String> {
+        let open: Vec<crate::modes::Port> = ports(self.table, modes)
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        crate::firewall::load(self.paths, &open, self.real_system)
     }
 
     /// Applies valid settings; returns the problems met (none is fatal to the others).
@@ -115,6 +128,12 @@ impl Applier<'_> {
                     .create(&p)
                 {
                     errs.push(format!("cannot create {}: {e}", p.display()));
+                } else if let Some(owner) = &spec.owner {
+                    if let Err(e) =
+                        crate::services::own_dir(self.paths, &p, owner, self.real_system)
+                    {
+                        errs.push(e);
+                    }
                 }
             }
             for (k, v) in &spec.sysctls {
@@ -146,10 +165,27 @@ impl Applier<'_> {
                 errs.push(e);
             }
         }
-        if let Err(e) = self.render_env(s) {
+        // Passwords not given are generated once and kept (0600) in /var/lib/aiware/secrets.
+        let effective = match crate::services::with_generated_secrets(self.paths, s, &modes) {
+            Ok(e) => e,
+            Err(e) => {
+                errs.push(e);
+                s.clone()
+            }
+        };
+        crate::log::add_secrets(effective.secrets());
+        let prepared = crate::services::prepare(self.paths, &effective, &modes, self.real_system);
+        errs.extend(prepared.errors);
+        if let Err(e) = self.render_env(&effective) {
             errs.push(e);
         }
-        let (wanted, others) = split_services(self.table, &modes);
+        if let Err(e) = self.firewall(&modes) {
+            errs.push(e);
+        }
+        let (mut wanted, mut others) = split_services(self.table, &modes);
+        // A service whose configuration failed its check stays stopped.
+        wanted.retain(|u| !prepared.skip_units.contains(u));
+        others.extend(prepared.skip_units);
         if let Err(e) = self.units.stop_and_disable(&others) {
             errs.push(format!("stopping services of modes not chosen: {e}"));
         }

@@ -375,8 +375,16 @@ pub fn prometheus_targets(hosts: &Value) -> Value {
         } else {
             ip.to_string()
         };
+        let mut targets = vec![format!("{ip}:8000"), format!("{ip}:9100")];
+        // Controllers also serve their own metrics on 8001.
+        if h["runModes"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m == "controller"))
+        {
+            targets.push(format!("{ip}:8001"));
+        }
         groups.push(json!({
-            "targets": [format!("{ip}:8000"), format!("{ip}:9100")],
+            "targets": targets,
             "labels": { "host_id": h["hostID"], "hostname": h["hostname"] },
         }));
     }

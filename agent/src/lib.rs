@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod apply;
 pub mod datasource;
+pub mod firewall;
 pub mod gpu;
 pub mod host;
 pub mod iso9660;
@@ -13,6 +14,7 @@ pub mod log;
 pub mod metrics;
 pub mod modes;
 pub mod paths;
+pub mod services;
 pub mod settings;
 pub mod status;
 pub mod systemd;

@@ -71,6 +71,9 @@ pub struct ModeSpec {
     pub requires: Vec<String>,
     #[serde(default)]
     pub containerized: bool,
+    /// System user that owns the mode's directories (the service's own user).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// A firewall port or port range, written `tcp/5432` or `tcp/5000-6000`.

@@ -76,8 +76,9 @@ impl Paths {
     pub fn ssh_root_dir(&self) -> PathBuf {
         self.at("/var/lib/aiware/ssh/root")
     }
-    /// Prometheus file-based discovery targets written from the controller's host list.
+    /// Prometheus file-based discovery targets written from the controller's host list
+    /// (read by the prometheus user, so not under the private /var/lib/aiware).
     pub fn prometheus_sd_dir(&self) -> PathBuf {
-        self.at("/var/lib/aiware/prometheus")
+        self.at("/var/opt/aiware/prometheus/targets")
     }
 }

@@ -234,6 +234,7 @@ pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
             }
         }
     }
+    errs.extend(crate::services::validate(s, &modes));
     let has = |m: &str| modes.iter().any(|x| x == m);
     if has("engine") && s.controller().is_none() {
         errs.push(

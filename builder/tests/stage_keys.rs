@@ -11,7 +11,10 @@ fn copy_tree(from: &Path, to: &Path) {
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
         let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
+        if e.file_type().unwrap().is_symlink() {
+            // Overlays bake links (e.g. to /run/aiware/...) that dangle here.
+            std::os::unix::fs::symlink(std::fs::read_link(e.path()).unwrap(), &dest).unwrap();
+        } else if e.file_type().unwrap().is_dir() {
             copy_tree(&e.path(), &dest);
         } else {
             std::fs::copy(e.path(), &dest).unwrap();
