@@ -63,4 +63,15 @@ else
     echo "setup-host.sh: rustup not found; install Rust with the x86_64-unknown-linux-musl target" >&2
     exit 1
 fi
+# The publish tests run moto[server], a test double of EBS and EC2, from
+# the package index pip is configured for, in a venv of its own.
+if [ "$tests" = yes ]; then
+    venv=/var/cache/aiwimg/moto-venv
+    if [ ! -x "$venv/bin/moto_server" ] || ! "$venv/bin/python3" -c 'import moto, boto3' 2>/dev/null; then
+        mkdir -p /var/cache/aiwimg
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q 'moto[server]'
+        echo "setup-host.sh: installed moto[server] into $venv"
+    fi
+fi
 echo "setup-host.sh: host ready ($( [ "$tests" = yes ] && echo build and tests || echo build ))"
