@@ -18,6 +18,10 @@ AIWIMG_BIN="$PWD/target/release/aiwimg"
 export AIWIMG_BIN
 cargo test --release -p qemu-tests --test build -- --nocapture
 
+echo "== slow: every output format, and publish aws against moto"
+cargo test --release -p qemu-tests --test formats -- --nocapture
+cargo test --release -p qemu-tests --test publish_aws -- --test-threads=1 --nocapture
+
 echo "== slow: QEMU harness and image boot tests (one VM at a time)"
 cargo test --release -p qemu-tests --test harness -- --test-threads=1
 cargo test --release -p qemu-tests --test boot -- --test-threads=1 --nocapture
