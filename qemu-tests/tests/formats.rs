@@ -66,8 +66,10 @@ fn qemu_compare(path: &Path, fmt: &str, raw: &Path) -> String {
         .args(["compare", "-f", fmt, "-F", "raw"])
         .arg(path)
         .arg(raw))
-    .trim()
-    .to_string()
+    .lines()
+    .map(str::trim)
+    .collect::<Vec<_>>()
+    .join(" ")
 }
 
 fn sha256_hex(path: &Path) -> String {
