@@ -210,12 +210,13 @@ fn engine_gpu_without_a_gpu() {
         assert_active(&vm, &["docker.service"], dl)?;
         // The driver was built at image build time for this image's kernel.
         let kver = vm.check("uname -r", dl)?;
-        let vermagic = vm.check("modinfo -F vermagic nvidia", dl)?;
+        // Debian names the DKMS-built driver nvidia-current (`modprobe nvidia` loads it).
+        let vermagic = vm.check("modinfo -F vermagic nvidia-current", dl)?;
         ensure!(
             vermagic.starts_with(&format!("{} ", kver.trim())),
-            "modinfo nvidia: vermagic {vermagic:?} is not the image kernel {kver:?}"
+            "modinfo nvidia-current: vermagic {vermagic:?} is not the image kernel {kver:?}"
         );
-        eprintln!("engine-gpu: modinfo nvidia vermagic {}", vermagic.trim());
+        eprintln!("engine-gpu: modinfo nvidia-current vermagic {}", vermagic.trim());
         // No compiler or kernel headers remain in the image.
         let leftovers = vm.check(
             "ls /usr/bin/gcc /usr/bin/cc /usr/bin/make /usr/src/linux-headers-* 2>/dev/null | wc -l",
