@@ -199,11 +199,26 @@ pub fn identify(paths: &Paths, ep: &Endpoints, ev: &Evidence) -> Vec<Candidate> 
                 ev.product_name
             ),
         );
-    } else if ev.sys_vendor.to_ascii_lowercase().contains("vmware") {
-        add(
-            Box::new(VmwareSource::new(&ep.vmware_rpctool)),
-            format!("DMI sys_vendor is {:?}", ev.sys_vendor),
-        );
+    }
+    // VMware: the OVF environment CD-ROM (vSphere's ISO transport) and/or DMI.
+    let ovf_label = vmware::OVF_ENV_LABELS
+        .iter()
+        .find(|l| ev.labels.iter().any(|x| x == *l));
+    let vmware_dmi = ev.sys_vendor.to_ascii_lowercase().contains("vmware");
+    if ovf_label.is_some() || vmware_dmi {
+        let mut src = VmwareSource::new(&ep.vmware_rpctool);
+        let mut why = Vec::new();
+        if let Some(l) = ovf_label {
+            src = src.with_ovf_iso(paths.clone(), l);
+            why.push(format!(
+                "a CD-ROM labelled {:?} is present (OVF environment, ISO transport)",
+                l.replace("\\x20", " ")
+            ));
+        }
+        if vmware_dmi {
+            why.push(format!("DMI sys_vendor is {:?}", ev.sys_vendor));
+        }
+        add(Box::new(src), why.join("; "));
     }
     out
 }
