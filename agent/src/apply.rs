@@ -134,6 +134,11 @@ impl Applier<'_> {
                     {
                         errs.push(e);
                     }
+                } else if let Err(e) =
+                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+                {
+                    // The agent runs with UMask=0077: 0755 said explicitly.
+                    errs.push(format!("chmod 0755 {}: {e}", p.display()));
                 }
             }
             for (k, v) in &spec.sysctls {

@@ -539,6 +539,8 @@ pub fn prepare(paths: &Paths, s: &Settings, modes: &[String], real_system: bool)
             .recursive(true)
             .mode(0o755)
             .create(&dir)
+            // Read by the prometheus user: 0755 whatever the agent's umask.
+            .and_then(|_| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)))
         {
             p.errors
                 .push(format!("cannot create {}: {e}", dir.display()));
@@ -752,6 +754,11 @@ mod tests {
         }
         let ex = std::fs::read_to_string(paths.at("/run/aiware/nfs/aiware.exports")).unwrap();
         assert!(ex.contains("/opt/aiware/nfs 10.1.0.0/16("), "{ex}");
-        assert!(paths.prometheus_sd_dir().is_dir());
+        let sd = std::fs::metadata(paths.prometheus_sd_dir()).unwrap();
+        assert_eq!(
+            sd.permissions().mode() & 0o777,
+            0o755,
+            "prometheus reads it"
+        );
     }
 }
