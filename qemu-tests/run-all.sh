@@ -25,4 +25,5 @@ cargo test --release -p qemu-tests --test publish_aws -- --test-threads=1 --noca
 echo "== slow: QEMU harness and image boot tests (one VM at a time)"
 cargo test --release -p qemu-tests --test harness -- --test-threads=1
 cargo test --release -p qemu-tests --test boot -- --test-threads=1 --nocapture
+cargo test --release -p qemu-tests --test clouds -- --test-threads=1 --nocapture
 echo "== all tests passed"

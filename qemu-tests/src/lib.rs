@@ -15,6 +15,7 @@
 pub mod accel;
 pub mod case;
 pub mod checks;
+pub mod cloud_doubles;
 pub mod console;
 pub mod deadline;
 pub mod docker_archive;

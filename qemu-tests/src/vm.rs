@@ -223,6 +223,8 @@ pub struct VmBuilder {
     user_data: Option<UserData>,
     raw_user_data: Option<String>,
     ssh: bool,
+    /// Made early by [`VmBuilder::ssh_public_key`] (the VM dir is then already fresh).
+    early_key: Option<SshKey>,
 }
 
 impl VmBuilder {
@@ -319,6 +321,19 @@ impl VmBuilder {
         self
     }
 
+    /// Makes the VM's fresh directory and SSH key now, before [`VmBuilder::start`],
+    /// and returns the public key: for launch data the test builds itself (cloud
+    /// metadata doubles, config drives, an ESP file) instead of the NoCloud seed.
+    pub fn ssh_public_key(&mut self) -> Result<String> {
+        if self.early_key.is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            std::fs::create_dir_all(&self.dir)
+                .with_context(|| format!("creating {}", self.dir.display()))?;
+            self.early_key = Some(SshKey::generate(&self.dir)?);
+        }
+        Ok(self.early_key.as_ref().expect("set above").public.clone())
+    }
+
     /// Creates the overlay, vars copy and seed, and starts QEMU.
     pub fn start(mut self) -> Result<Vm> {
         preflight()?;
@@ -335,16 +350,22 @@ impl VmBuilder {
                 self.spec.image.display()
             );
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let early_key = self.early_key.take();
+        if early_key.is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            std::fs::create_dir_all(&self.dir)
+                .with_context(|| format!("creating {}", self.dir.display()))?;
+        }
         let paths = VmPaths::new(self.dir.clone());
         let ssh_key = if self.ssh {
             let net = self.spec.user_net.get_or_insert_with(UserNet::new);
             if net.host_port_for(22).is_none() {
                 net.forward_guest_port(22)?;
             }
-            Some(SshKey::generate(&self.dir)?)
+            Some(match early_key {
+                Some(k) => k,
+                None => SshKey::generate(&self.dir)?,
+            })
         } else {
             None
         };
@@ -467,6 +488,7 @@ impl Vm {
             user_data: None,
             raw_user_data: None,
             ssh: true,
+            early_key: None,
         }
     }
 

@@ -1,0 +1,570 @@
+//! TEST DOUBLES of the cloud instance metadata services (EC2 IMDSv2, GCE
+//! metadata server, Azure IMDS), served on 127.0.0.1 and reached from a guest
+//! at 169.254.169.254:80 through a QEMU guest forward ([`metadata_net`]).
+//!
+//! Each implements its service's real protocol as far as a guest's first boot
+//! uses it, including the refusals: EC2 answers 401 to a GET without a valid
+//! session token; GCE answers 403 without `Metadata-Flavor: Google`; Azure
+//! answers 400 without `Metadata: true` or `api-version`; all three refuse a
+//! request carrying `X-Forwarded-For` (what keeps proxies from reaching them).
+//! Every request and its answer is recorded so tests can show the flow.
+
+use crate::netdev::{UserNet, LOOPBACK};
+use anyhow::{Context, Result};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Where every cloud puts its metadata service.
+pub const METADATA_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// Where a guest on [`metadata_net`] finds the Edge API test controller.
+pub const CONTROLLER_ADDR_LINK_LOCAL: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 100);
+
+/// A restricted user network (169.254.0.0/16) whose guest reaches
+/// 169.254.169.254:80 → `127.0.0.1:metadata_port` and, when given,
+/// [`CONTROLLER_ADDR_LINK_LOCAL`]:9000 → `127.0.0.1:controller_port`.
+pub fn metadata_net(metadata_port: Option<u16>, controller_port: Option<u16>) -> Result<UserNet> {
+    let mut net = UserNet::new().with_network(Ipv4Addr::new(169, 254, 0, 0), 16)?;
+    if let Some(p) = metadata_port {
+        net.forward_to_host(METADATA_ADDR, 80, p)?;
+    }
+    if let Some(p) = controller_port {
+        net.forward_to_host(
+            CONTROLLER_ADDR_LINK_LOCAL,
+            crate::node::CONTROLLER_GUEST_PORT,
+            p,
+        )?;
+    }
+    Ok(net)
+}
+
+/// `AIWARE_CONTROLLER` for a guest on [`metadata_net`].
+pub fn controller_url_link_local() -> String {
+    format!(
+        "http://{CONTROLLER_ADDR_LINK_LOCAL}:{}{}",
+        crate::node::CONTROLLER_GUEST_PORT,
+        crate::edge_controller::BASE_PATH
+    )
+}
+
+/// Which service the double plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cloud {
+    Ec2,
+    Gce,
+    Azure,
+}
+
+/// One request the double answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub method: String,
+    /// Path with the query string.
+    pub target: String,
+    pub status: u16,
+    /// Whether the request carried the service's credential header
+    /// (EC2 token, `Metadata-Flavor: Google`, `Metadata: true`).
+    pub credential: bool,
+}
+
+impl std::fmt::Display for Seen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} -> {}{}",
+            self.method,
+            self.target,
+            self.status,
+            if self.credential {
+                ""
+            } else {
+                " (no credential)"
+            }
+        )
+    }
+}
+
+#[derive(Default)]
+struct State {
+    user_data: Option<Vec<u8>>,
+    seen: Vec<Seen>,
+    tokens: Vec<String>,
+}
+
+/// A metadata service double on 127.0.0.1 (stops when dropped).
+pub struct MetadataDouble {
+    cloud: Cloud,
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// The instance ids the doubles report.
+pub const EC2_INSTANCE_ID: &str = "i-0a1b2c3d4e5f60718";
+pub const GCE_INSTANCE_ID: &str = "4520851231872618123";
+pub const AZURE_VM_ID: &str = "3c5c6d8e-2a7b-4f1e-9d0a-5b6c7d8e9f01";
+
+impl MetadataDouble {
+    /// Serves `cloud`'s protocol on a free 127.0.0.1 port, with `user_data`
+    /// (`None`: the instance was launched without any).
+    pub fn start(cloud: Cloud, user_data: Option<&[u8]>) -> Result<Self> {
+        let listener = TcpListener::bind((LOOPBACK, 0))
+            .context("binding the metadata service double on 127.0.0.1")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State {
+            user_data: user_data.map(<[u8]>::to_vec),
+            ..State::default()
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (state, stop) = (state.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let counter = AtomicU64::new(1);
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            let _ = serve(cloud, s, &state, &counter);
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            });
+        }
+        Ok(MetadataDouble {
+            cloud,
+            addr,
+            state,
+            stop,
+        })
+    }
+
+    pub fn cloud(&self) -> Cloud {
+        self.cloud
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Replaces the user-data served from now on.
+    pub fn set_user_data(&self, user_data: Option<&[u8]>) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .user_data = user_data.map(<[u8]>::to_vec);
+    }
+
+    /// Every request answered so far, in order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen
+            .clone()
+    }
+
+    /// The log as lines, for test output.
+    pub fn log(&self) -> String {
+        self.seen()
+            .iter()
+            .map(|s| format!("  {s}\n"))
+            .collect::<String>()
+    }
+}
+
+impl Drop for MetadataDouble {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Request {
+    method: String,
+    target: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+    fn query(&self, key: &str) -> Option<&str> {
+        let q = self.target.split_once('?')?.1;
+        q.split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+}
+
+fn read_request(s: &TcpStream) -> Result<Request> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("").to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len.min(1 << 20)];
+    r.read_exact(&mut body)?;
+    Ok(Request {
+        method,
+        target,
+        headers,
+    })
+}
+
+fn reason(code: u16) -> &'static str {
+    match code {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Error",
+    }
+}
+
+/// One connection, one request, one answer (`Connection: close`).
+fn serve(cloud: Cloud, mut s: TcpStream, state: &Mutex<State>, counter: &AtomicU64) -> Result<()> {
+    s.set_nonblocking(false)?;
+    let req = read_request(&s)?;
+    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+    let (status, body, credential, extra) = match cloud {
+        Cloud::Ec2 => ec2(&req, &mut st, counter),
+        Cloud::Gce => gce(&req, &st),
+        Cloud::Azure => azure(&req, &st),
+    };
+    st.seen.push(Seen {
+        method: req.method.clone(),
+        target: req.target.clone(),
+        status,
+        credential,
+    });
+    drop(st);
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nConnection: close\r\n",
+        reason(status),
+        body.len()
+    );
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes())?;
+    s.write_all(&body)?;
+    s.flush()?;
+    Ok(())
+}
+
+type Answer = (u16, Vec<u8>, bool, Vec<(&'static str, String)>);
+
+/// EC2 IMDSv2 (tokens required, as on instances launched with
+/// `HttpTokens=required`): PUT /latest/api/token with a TTL of 1..=21600 s
+/// gives a token; every GET needs it in `X-aws-ec2-metadata-token`.
+fn ec2(req: &Request, st: &mut State, counter: &AtomicU64) -> Answer {
+    const TTL: &str = "X-aws-ec2-metadata-token-ttl-seconds";
+    const TOKEN: &str = "X-aws-ec2-metadata-token";
+    if req.header("X-Forwarded-For").is_some() {
+        return (403, b"Forbidden".to_vec(), false, vec![]);
+    }
+    if req.method == "PUT" && req.path() == "/latest/api/token" {
+        let ttl: Option<u32> = req.header(TTL).and_then(|v| v.parse().ok());
+        return match ttl {
+            Some(t @ 1..=21600) => {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let token = format!("AQAEAaiwimgTestDoubleToken{n:08}==");
+                st.tokens.push(token.clone());
+                (200, token.into_bytes(), true, vec![(TTL, t.to_string())])
+            }
+            _ => (400, b"Bad Request".to_vec(), false, vec![]),
+        };
+    }
+    if req.method != "GET" {
+        return (405, vec![], false, vec![]);
+    }
+    let valid = req
+        .header(TOKEN)
+        .is_some_and(|t| st.tokens.iter().any(|k| k == t));
+    if !valid {
+        return (401, b"Unauthorized".to_vec(), false, vec![]);
+    }
+    match req.path() {
+        "/latest/meta-data/instance-id" => (200, EC2_INSTANCE_ID.into(), true, vec![]),
+        "/latest/user-data" => match &st.user_data {
+            Some(u) => (200, u.clone(), true, vec![]),
+            None => (404, b"Not Found".to_vec(), true, vec![]),
+        },
+        _ => (404, b"Not Found".to_vec(), true, vec![]),
+    }
+}
+
+/// GCE metadata server: `Metadata-Flavor: Google` on every request (echoed
+/// in every answer); user-data is the instance attribute `user-data`.
+fn gce(req: &Request, st: &State) -> Answer {
+    let flavor = vec![("Metadata-Flavor", "Google".to_string())];
+    if req.header("X-Forwarded-For").is_some() {
+        return (403, vec![], false, flavor);
+    }
+    if req.header("Metadata-Flavor") != Some("Google") {
+        return (
+            403,
+            b"Missing Metadata-Flavor:Google header.".to_vec(),
+            false,
+            flavor,
+        );
+    }
+    if req.method != "GET" {
+        return (405, vec![], true, flavor);
+    }
+    match req.path() {
+        "/computeMetadata/v1/instance/id" => (200, GCE_INSTANCE_ID.into(), true, flavor),
+        "/computeMetadata/v1/instance/attributes/user-data" => match &st.user_data {
+            Some(u) => (200, u.clone(), true, flavor),
+            None => (404, vec![], true, flavor),
+        },
+        _ => (404, vec![], true, flavor),
+    }
+}
+
+/// Azure IMDS: `Metadata: true` and an `api-version` on every request;
+/// `compute/userData` is base64 (empty when the VM has none).
+fn azure(req: &Request, st: &State) -> Answer {
+    let bad = |msg: &str| {
+        (
+            400,
+            format!("{{ \"error\": \"{msg}\" }}").into_bytes(),
+            false,
+            vec![],
+        )
+    };
+    if req.header("X-Forwarded-For").is_some() {
+        return bad("Bad request. Request contains X-Forwarded-For header");
+    }
+    if req.header("Metadata") != Some("true") {
+        return bad("Bad request. Required metadata header not specified");
+    }
+    if req.query("api-version").is_none_or(str::is_empty) {
+        return bad("Bad request. api-version was not specified in the request");
+    }
+    if req.method != "GET" {
+        return (405, vec![], true, vec![]);
+    }
+    match req.path() {
+        "/metadata/instance/compute/vmId" => (200, AZURE_VM_ID.into(), true, vec![]),
+        "/metadata/instance/compute/userData" => (
+            200,
+            st.user_data
+                .as_deref()
+                .map(base64)
+                .unwrap_or_default()
+                .into_bytes(),
+            true,
+            vec![],
+        ),
+        _ => (404, vec![], true, vec![]),
+    }
+}
+
+/// Standard base64 with padding (what Azure and vSphere carry user-data in).
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends one raw HTTP request; returns (status, body).
+    fn ask(
+        d: &MetadataDouble,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, String) {
+        let mut s = TcpStream::connect(d.addr).unwrap();
+        let mut req = format!("{method} {target} HTTP/1.1\r\nHost: 169.254.169.254\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if method == "PUT" {
+            req.push_str("Content-Length: 0\r\n");
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out[9..12].parse().unwrap();
+        let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+        (status, body)
+    }
+
+    #[test]
+    fn ec2_refuses_gets_without_a_valid_token() {
+        let d = MetadataDouble::start(Cloud::Ec2, Some(b"AIWARE_MODE=engine\n")).unwrap();
+        assert_eq!(ask(&d, "GET", "/latest/user-data", &[]).0, 401);
+        assert_eq!(
+            ask(
+                &d,
+                "GET",
+                "/latest/user-data",
+                &[("X-aws-ec2-metadata-token", "forged")]
+            )
+            .0,
+            401
+        );
+        assert_eq!(ask(&d, "PUT", "/latest/api/token", &[]).0, 400);
+        let ttl = ("X-aws-ec2-metadata-token-ttl-seconds", "21600");
+        assert_eq!(
+            ask(
+                &d,
+                "PUT",
+                "/latest/api/token",
+                &[ttl, ("X-Forwarded-For", "1.2.3.4")]
+            )
+            .0,
+            403
+        );
+        let (st, token) = ask(&d, "PUT", "/latest/api/token", &[ttl]);
+        assert_eq!(st, 200);
+        let auth = ("X-aws-ec2-metadata-token", token.as_str());
+        assert_eq!(
+            ask(&d, "GET", "/latest/user-data", &[auth]),
+            (200, "AIWARE_MODE=engine\n".into())
+        );
+        assert_eq!(
+            ask(&d, "GET", "/latest/meta-data/instance-id", &[auth]),
+            (200, EC2_INSTANCE_ID.into())
+        );
+        d.set_user_data(None);
+        assert_eq!(ask(&d, "GET", "/latest/user-data", &[auth]).0, 404);
+        let seen = d.seen();
+        assert_eq!(seen.len(), 8);
+        assert_eq!(
+            seen[0].to_string(),
+            "GET /latest/user-data -> 401 (no credential)"
+        );
+    }
+
+    #[test]
+    fn gce_needs_the_metadata_flavor_header() {
+        let d = MetadataDouble::start(Cloud::Gce, Some(b"#cloud-config\n")).unwrap();
+        let ud = "/computeMetadata/v1/instance/attributes/user-data";
+        assert_eq!(ask(&d, "GET", ud, &[]).0, 403);
+        assert_eq!(
+            ask(&d, "GET", ud, &[("Metadata-Flavor", "Google")]),
+            (200, "#cloud-config\n".into())
+        );
+        assert_eq!(
+            ask(
+                &d,
+                "GET",
+                ud,
+                &[("Metadata-Flavor", "Google"), ("X-Forwarded-For", "x")]
+            )
+            .0,
+            403
+        );
+        d.set_user_data(None);
+        assert_eq!(ask(&d, "GET", ud, &[("Metadata-Flavor", "Google")]).0, 404);
+    }
+
+    #[test]
+    fn azure_needs_metadata_true_and_an_api_version_and_answers_base64() {
+        let d = MetadataDouble::start(Cloud::Azure, Some(b"#cloud-config\n")).unwrap();
+        let ud = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text";
+        assert_eq!(ask(&d, "GET", ud, &[]).0, 400);
+        assert_eq!(
+            ask(
+                &d,
+                "GET",
+                "/metadata/instance/compute/userData",
+                &[("Metadata", "true")]
+            )
+            .0,
+            400
+        );
+        assert_eq!(
+            ask(&d, "GET", ud, &[("Metadata", "true")]),
+            (200, "I2Nsb3VkLWNvbmZpZwo=".into())
+        );
+        d.set_user_data(None);
+        assert_eq!(
+            ask(&d, "GET", ud, &[("Metadata", "true")]),
+            (200, String::new())
+        );
+    }
+
+    #[test]
+    fn base64_matches_the_standard_alphabet_and_padding() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(
+            base64(b"AIWARE_MODE=engine\n"),
+            "QUlXQVJFX01PREU9ZW5naW5lCg=="
+        );
+    }
+
+    #[test]
+    fn the_metadata_net_reaches_only_loopback_doubles() {
+        let net = metadata_net(Some(4001), Some(4002)).unwrap();
+        let arg = net.netdev_arg("n");
+        assert!(arg.contains("restrict=on,net=169.254.0.0/16"), "{arg}");
+        assert!(
+            arg.contains("guestfwd=tcp:169.254.169.254:80-cmd:socat - TCP:127.0.0.1:4001"),
+            "{arg}"
+        );
+        assert!(
+            arg.contains("guestfwd=tcp:169.254.0.100:9000-cmd:socat - TCP:127.0.0.1:4002"),
+            "{arg}"
+        );
+        assert_eq!(
+            controller_url_link_local(),
+            "http://169.254.0.100:9000/edge/v1"
+        );
+    }
+}
