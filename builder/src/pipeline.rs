@@ -212,7 +212,7 @@ pub fn build(opts: BuildOptions) -> Result<BuildResult> {
     if let Some(m) = &ctx.mirror {
         host::check_mirror(m, &ctx.profile.suite)?;
     }
-    stages::rootfs::check_repositories(&ctx.profile, &ctx.opts.repo_mirrors)?;
+    stages::rootfs::check_repositories(&ctx.profile, &ctx.opts.repo_mirrors, &ctx.images_dir())?;
     // Reproducible timestamps for every tool that honours it.
     std::env::set_var(
         "SOURCE_DATE_EPOCH",

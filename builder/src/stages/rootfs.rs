@@ -82,7 +82,11 @@ pub fn repo_url(r: &Repository, mirrors: &BTreeMap<String, String>) -> String {
 
 /// Fails early, before any slow stage, when a third-party repository cannot
 /// be reached or a `--repo-mirror` names no repository of the profile.
-pub fn check_repositories(p: &Profile, mirrors: &BTreeMap<String, String>) -> Result<()> {
+pub fn check_repositories(
+    p: &Profile,
+    mirrors: &BTreeMap<String, String>,
+    images_dir: &Path,
+) -> Result<()> {
     for name in mirrors.keys() {
         if !p.repositories.iter().any(|r| &r.name == name) {
             let known: Vec<&str> = p.repositories.iter().map(|r| r.name.as_str()).collect();
@@ -98,6 +102,19 @@ pub fn check_repositories(p: &Profile, mirrors: &BTreeMap<String, String>) -> Re
         }
     }
     for r in &p.repositories {
+        let key = images_dir.join(&r.key);
+        if !key.is_file() {
+            bail!(
+                "repository {:?} of profile {}: its signing key {} is missing; \
+                 put the repository's key there (the profile pins fingerprint {})",
+                r.name,
+                p.name,
+                key.display(),
+                r.fingerprint
+            );
+        }
+        host::check_key_fingerprint(&key, &r.fingerprint)
+            .with_context(|| format!("repository {:?}: key {}", r.name, key.display()))?;
         let url = repo_url(r, mirrors);
         if url.is_empty() {
             bail!(
