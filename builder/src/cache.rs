@@ -158,6 +158,11 @@ impl Slot {
     pub fn fill(&self, make: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let parent = self.dir.parent().expect("slot has a parent");
         std::fs::create_dir_all(parent)?;
+        // One builder at a time per slot; a second one waits, then reuses.
+        let _lock = FileLock::exclusive(&parent.join(format!(".{}.lock", self.key)))?;
+        if self.is_done() {
+            return Ok(());
+        }
         // Leftovers of an interrupted build of this same stage are garbage.
         let prefix = format!(".{}.tmp-", self.key);
         for e in std::fs::read_dir(parent)?.flatten() {
@@ -191,6 +196,33 @@ fn mounts_below(path: &Path) -> Vec<PathBuf> {
         .collect();
     out.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
     out
+}
+
+/// An exclusive `flock` held until dropped (released by the kernel if the
+/// process dies, so an interrupted build never leaves a stale lock).
+pub struct FileLock {
+    _file: std::fs::File,
+}
+
+impl FileLock {
+    pub fn exclusive(path: &Path) -> Result<FileLock> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening lock {}", path.display()))?;
+        // SAFETY: a valid open file descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            anyhow::bail!(
+                "locking {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(FileLock { _file: file })
+    }
 }
 
 /// Removes a tree that may hold read-only folders (rootfs trees do). Anything

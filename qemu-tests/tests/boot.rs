@@ -216,7 +216,10 @@ fn engine_gpu_without_a_gpu() {
             vermagic.starts_with(&format!("{} ", kver.trim())),
             "modinfo nvidia-current: vermagic {vermagic:?} is not the image kernel {kver:?}"
         );
-        eprintln!("engine-gpu: modinfo nvidia-current vermagic {}", vermagic.trim());
+        eprintln!(
+            "engine-gpu: modinfo nvidia-current vermagic {}",
+            vermagic.trim()
+        );
         // No compiler or kernel headers remain in the image.
         let leftovers = vm.check(
             "ls /usr/bin/gcc /usr/bin/cc /usr/bin/make /usr/src/linux-headers-* 2>/dev/null | wc -l",
@@ -256,7 +259,15 @@ fn refused(case: &TestCase, image: &TestImage, user_data: UserData, reason: &str
     );
     vm.wait_ssh(dl)?;
     let status = agent_status(&vm, dl)?;
-    let errors = status["validation_errors"].to_string();
+    let errors = status["validation_errors"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default();
     ensure!(
         errors.contains(reason),
         "aiw-agent status errors {errors} do not mention {reason:?}"

@@ -211,7 +211,11 @@ pub fn make(ctx: &BuildContext, tmp: &Path) -> Result<()> {
     if let Some(m) = &ctx.mirror {
         cmd.arg(m);
     }
-    run_cmd("installing the root filesystem with mmdebstrap", &mut cmd)?;
+    {
+        // The shared package cache is synced in and out by every mmdebstrap run.
+        let _lock = crate::cache::FileLock::exclusive(&ctx.cache.root.join("apt-archives.lock"))?;
+        run_cmd("installing the root filesystem with mmdebstrap", &mut cmd)?;
+    }
     check_required_modules(&tree, &p.required_modules)?;
     purge_build_only(&tree, &p.build_only)?;
 

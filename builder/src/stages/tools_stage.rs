@@ -28,6 +28,7 @@ pub fn make(ctx: &BuildContext, tmp: &Path) -> Result<()> {
     if let Some(m) = &ctx.mirror {
         cmd.arg(m);
     }
+    let _lock = crate::cache::FileLock::exclusive(&ctx.cache.root.join("apt-archives.lock"))?;
     run_cmd("making the tools tree with mmdebstrap", &mut cmd)?;
     Ok(())
 }
