@@ -5,6 +5,7 @@
 # Slow tests fail, never skip, when something they need is missing.
 set -eu
 cd "$(dirname "$0")/.."
+started=$(date +%s)
 [ "$(id -u)" = 0 ] || { echo "run-all.sh: run as root (image builds need it)" >&2; exit 1; }
 builder/setup-host.sh --tests
 
@@ -25,5 +26,6 @@ cargo test --release -p qemu-tests --test publish_aws -- --test-threads=1 --noca
 echo "== slow: QEMU harness and image boot tests (one VM at a time)"
 cargo test --release -p qemu-tests --test harness -- --test-threads=1
 cargo test --release -p qemu-tests --test boot -- --test-threads=1 --nocapture
+cargo test --release -p qemu-tests --test modes -- --test-threads=1 --nocapture
 cargo test --release -p qemu-tests --test clouds -- --test-threads=1 --nocapture
-echo "== all tests passed"
+echo "== all tests passed in $(( $(date +%s) - started )) s"
