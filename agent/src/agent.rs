@@ -460,7 +460,7 @@ impl<'a> Agent<'a> {
         let previous = join::load(paths);
         let deadline = self.cfg.join_deadline.map(|d| Instant::now() + d);
         let mut backoff = Backoff::new(Duration::from_millis(200), self.cfg.join_backoff_max);
-        let facts = host::gather(paths);
+        let facts = host::gather_toward(paths, Some(url));
         let report = HostReport {
             facts: &facts,
             modes,
@@ -472,10 +472,18 @@ impl<'a> Agent<'a> {
             image_version: &image_version,
         };
         let mut on_wait = |m: &str| log::info(m);
+        let mut register_request = |id: Option<&str>| {
+            let facts = host::gather_toward(paths, Some(url));
+            HostReport {
+                facts: &facts,
+                ..report
+            }
+            .register_request(id)
+        };
         let reply = match join::join(
             &client,
             &init,
-            &report,
+            &mut register_request,
             previous.as_ref(),
             &mut backoff,
             deadline,
@@ -543,7 +551,7 @@ impl<'a> Agent<'a> {
         let prometheus = modes.iter().any(|m| m == "prometheus");
         let mut beats = 0u64;
         loop {
-            let facts = host::gather(paths);
+            let facts = host::gather_toward(paths, Some(url));
             let report = HostReport {
                 facts: &facts,
                 ..report

@@ -170,6 +170,19 @@ impl Applier<'_> {
                 errs.push(e);
             }
         }
+        // Network settings from user-data (/etc is read-only): systemd-networkd
+        // is already up, so it is told to read them now. Static addresses on a
+        // cluster network without DHCP come this way.
+        if self.real_system && writes_network_config(&s.write_files) {
+            match std::process::Command::new("networkctl")
+                .arg("reload")
+                .status()
+            {
+                Ok(st) if st.success() => {}
+                Ok(st) => errs.push(format!("networkctl reload exited with {st}")),
+                Err(e) => errs.push(format!("cannot run networkctl reload: {e}")),
+            }
+        }
         // Passwords not given are generated once and kept (0600) in /var/lib/aiware/secrets.
         let effective = match crate::services::with_generated_secrets(self.paths, s, &modes) {
             Ok(e) => e,
@@ -303,5 +316,48 @@ impl Applier<'_> {
             0o600,
         )
         .map_err(|e| format!("cannot write aiware.env: {e}"))
+    }
+}
+
+/// Whether user-data's `write_files` writes systemd-networkd configuration
+/// (`/run/systemd/network/*`), which networkd reads only when reloaded.
+pub fn writes_network_config(files: &[crate::userdata::WriteFile]) -> bool {
+    files.iter().any(|f| {
+        f.path
+            .strip_prefix(NETWORKD_RUNTIME_DIR)
+            .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+    })
+}
+
+/// Where user-data puts systemd-networkd files (.network, .netdev, .link).
+pub const NETWORKD_RUNTIME_DIR: &str = "/run/systemd/network/";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::userdata::WriteFile;
+
+    fn wf(path: &str) -> WriteFile {
+        WriteFile {
+            path: path.into(),
+            content: b"x".to_vec(),
+            permissions: 0o644,
+            append: false,
+        }
+    }
+
+    #[test]
+    fn only_networkd_files_make_networkd_reload() {
+        assert!(writes_network_config(&[
+            wf("/opt/aiware/haproxy/certs/server.pem"),
+            wf("/run/systemd/network/10-cluster.network"),
+        ]));
+        assert!(!writes_network_config(&[wf("/run/aiware/x")]));
+        assert!(!writes_network_config(&[wf("/run/systemd/network/")]));
+        assert!(!writes_network_config(&[wf(
+            "/run/systemd/network/a/b.conf"
+        )]));
+        assert!(!writes_network_config(&[wf("/var/run/systemd/networkx")]));
+        assert!(!writes_network_config(&[]));
     }
 }

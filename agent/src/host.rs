@@ -13,6 +13,68 @@ pub struct HostFacts {
     pub disk_available_var: u64,
 }
 
+/// [`gather`], with the address this host reaches `controller` from listed
+/// first in `ips`: on a node with several networks (a management NIC and the
+/// cluster's), the controller and Prometheus use the first address.
+pub fn gather_toward(paths: &Paths, controller: Option<&str>) -> HostFacts {
+    let mut f = gather(paths);
+    let src = controller.and_then(source_toward);
+    f.ips = with_first(std::mem::take(&mut f.ips), src);
+    f
+}
+
+/// The `host:port` of an `http://host[:port]/path` URL (port 80 or 443 when not given).
+pub fn url_authority(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let auth = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let auth = auth.rsplit('@').next().unwrap_or(auth);
+    if auth.is_empty() {
+        return None;
+    }
+    let has_port = if auth.starts_with('[') {
+        auth.contains("]:")
+    } else {
+        auth.contains(':')
+    };
+    if has_port {
+        Some(auth.to_string())
+    } else {
+        let port = if scheme.eq_ignore_ascii_case("https") {
+            443
+        } else {
+            80
+        };
+        Some(format!("{auth}:{port}"))
+    }
+}
+
+/// The local address the kernel picks to reach `url`'s host (a connected UDP
+/// socket: nothing is sent). `None` when there is no route yet or it is loopback.
+pub fn source_toward(url: &str) -> Option<std::net::IpAddr> {
+    use std::net::{ToSocketAddrs, UdpSocket};
+    let dest = url_authority(url)?.to_socket_addrs().ok()?.next()?;
+    let bind = if dest.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let s = UdpSocket::bind(bind).ok()?;
+    s.connect(dest).ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// `ips` with `first` moved to the front when it is one of them.
+pub fn with_first(mut ips: Vec<String>, first: Option<std::net::IpAddr>) -> Vec<String> {
+    if let Some(first) = first.map(|f| f.to_string()) {
+        if let Some(i) = ips.iter().position(|x| *x == first) {
+            let ip = ips.remove(i);
+            ips.insert(0, ip);
+        }
+    }
+    ips
+}
+
 pub fn gather(paths: &Paths) -> HostFacts {
     let mem = std::fs::read_to_string(paths.at("/proc/meminfo")).unwrap_or_default();
     let kb = |key: &str| -> u64 {
@@ -95,4 +157,52 @@ pub fn disk_available(path: &str) -> u64 {
         return 0;
     }
     st.f_bavail as u64 * st.f_frsize as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_address_toward_the_controller_comes_first() {
+        let ips = vec!["10.0.2.15".to_string(), "192.168.76.11".to_string()];
+        let first = Some("192.168.76.11".parse().unwrap());
+        assert_eq!(
+            with_first(ips.clone(), first),
+            ["192.168.76.11", "10.0.2.15"]
+        );
+        // Not one of ours (or unknown): the order is kept.
+        assert_eq!(
+            with_first(ips.clone(), Some("10.9.9.9".parse().unwrap())),
+            ips
+        );
+        assert_eq!(with_first(ips.clone(), None), ips);
+    }
+
+    #[test]
+    fn authority_of_controller_urls() {
+        let a = |u: &str| url_authority(u);
+        assert_eq!(
+            a("http://192.168.76.10:9000/edge/v1").as_deref(),
+            Some("192.168.76.10:9000")
+        );
+        assert_eq!(
+            a("http://ctl.example/edge/v1").as_deref(),
+            Some("ctl.example:80")
+        );
+        assert_eq!(a("https://ctl.example").as_deref(), Some("ctl.example:443"));
+        assert_eq!(
+            a("http://[fd00::1]:9000/x").as_deref(),
+            Some("[fd00::1]:9000")
+        );
+        assert_eq!(a("http://[fd00::1]/x").as_deref(), Some("[fd00::1]:80"));
+        assert_eq!(a("no-scheme"), None);
+        assert_eq!(a("http:///path"), None);
+    }
+
+    #[test]
+    fn loopback_controller_gives_no_preferred_address() {
+        assert_eq!(source_toward("http://127.0.0.1:9000/edge/v1"), None);
+        assert_eq!(source_toward("garbage"), None);
+    }
 }

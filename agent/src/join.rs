@@ -258,10 +258,12 @@ impl Backoff {
 
 /// Waits for the controller's `/version`, then registers. Waits while the
 /// controller is unreachable or answers 5xx; stops on 401 or at `deadline`.
+/// `register_request(hostID)` makes the body of each try (facts gathered then:
+/// the node's addresses may still be coming up while it waits).
 pub fn join(
     client: &EdgeClient,
     init_token: &str,
-    report: &HostReport,
+    register_request: &mut dyn FnMut(Option<&str>) -> Value,
     previous: Option<&JoinRecord>,
     backoff: &mut Backoff,
     deadline: Option<Instant>,
@@ -272,7 +274,7 @@ pub fn join(
             let id = previous
                 .filter(|p| p.controller == client.base)
                 .map(|p| p.host_id.as_str());
-            client.register(init_token, &report.register_request(id))
+            client.register(init_token, &register_request(id))
         });
         match res {
             Ok(v) => return Ok(v),

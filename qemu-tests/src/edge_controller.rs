@@ -17,7 +17,7 @@
 //! The HTTP/1.1 server is deliberately tiny (one thread per connection,
 //! `Content-Length` bodies, `Connection: close`), enough for agents and curl.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -95,6 +95,46 @@ struct State {
     nfs: Option<NfsCache>,
     unauthorized: bool,
     requests: u64,
+    /// Where the host list is kept across restarts (see [`EdgeTestController::keep_state_in`]).
+    state_file: Option<std::path::PathBuf>,
+}
+
+/// One host as kept in the state file: what the real controller keeps in its
+/// database (the token included, so hosts' tokens stay valid across restarts).
+#[derive(Serialize, Deserialize)]
+struct KeptHost {
+    host_id: String,
+    host_token: String,
+    registrations: u32,
+    register_request: Value,
+    #[serde(default)]
+    last_status: Option<Value>,
+    created_unix: u64,
+    last_update_unix: u64,
+}
+
+impl State {
+    fn save(&self) -> std::io::Result<()> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let kept: Vec<KeptHost> = self
+            .hosts
+            .values()
+            .map(|h| KeptHost {
+                host_id: h.host_id.clone(),
+                host_token: h.host_token.clone(),
+                registrations: h.registrations,
+                register_request: h.register_request.clone(),
+                last_status: h.statuses.last().cloned(),
+                created_unix: h.created_unix,
+                last_update_unix: h.last_update_unix,
+            })
+            .collect();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&kept)?)?;
+        std::fs::rename(&tmp, path)
+    }
 }
 
 struct Shared {
@@ -175,6 +215,35 @@ impl EdgeTestController {
     /// When set, every request needing a token is answered 401.
     pub fn set_unauthorized(&self, on: bool) {
         self.shared.state.lock().unwrap().unauthorized = on;
+    }
+
+    /// Keeps the host list (hostIDs, tokens, what hosts sent last) in `path`,
+    /// as the real controller keeps it in its database: hosts already there are
+    /// loaded now, and every registration or status report rewrites it. A
+    /// restarted controller thus knows its hosts, their IDs and tokens.
+    pub fn keep_state_in(&self, path: &std::path::Path) -> std::io::Result<usize> {
+        let mut st = self.shared.state.lock().unwrap();
+        if path.exists() {
+            let kept: Vec<KeptHost> = serde_json::from_slice(&std::fs::read(path)?)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            for k in kept {
+                st.hosts.insert(
+                    k.host_id.clone(),
+                    HostRecord {
+                        host_id: k.host_id,
+                        host_token: k.host_token,
+                        registrations: k.registrations,
+                        register_request: k.register_request,
+                        statuses: k.last_status.into_iter().collect(),
+                        created_unix: k.created_unix,
+                        last_update_unix: k.last_update_unix,
+                    },
+                );
+            }
+        }
+        st.state_file = Some(path.to_path_buf());
+        st.save()?;
+        Ok(st.hosts.len())
     }
 
     /// The NFS cache given in registration replies; `None` gives no mount.
@@ -480,6 +549,11 @@ fn handle(req: &Request, shared: &Shared) -> (u16, Value) {
         }
         _ => error(404, "not_found", "not in the Edge API subset"),
     };
+    if result.0 == 200 && req.method == "POST" {
+        if let Err(e) = st.save() {
+            eprintln!("edge-test-controller: cannot keep the host list: {e}");
+        }
+    }
     shared.changed.notify_all();
     result
 }
@@ -548,6 +622,49 @@ mod tests {
         assert_eq!(hosts[0].registrations, 2);
         assert_eq!(hosts[0].statuses.len(), 1);
         assert_eq!(hosts[0].run_modes(), vec!["engine".to_string()]);
+    }
+
+    #[test]
+    fn a_restarted_controller_with_a_state_file_keeps_its_hosts_and_tokens() {
+        let dir = std::env::temp_dir().join(format!("edge-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("hosts.json");
+        let (id, tok) = {
+            let c = EdgeTestController::start("127.0.0.1:0", "init").unwrap();
+            assert_eq!(c.keep_state_in(&file).unwrap(), 0);
+            let req = r#"{"info":{"runModes":["engine"],"numCPU":2}}"#;
+            let (_, v) = http(c.addr(), "POST", "/edge/v1/host/register", "init", req);
+            let id = v["hostID"].as_str().unwrap().to_string();
+            let tok = v["hostToken"].as_str().unwrap().to_string();
+            let path = format!("/edge/v1/host/{id}/updatestatus");
+            assert_eq!(
+                http(c.addr(), "POST", &path, &tok, r#"{"numCPU":2}"#).0,
+                200
+            );
+            (id, tok)
+        };
+        // A new process: the same host, its token still good, its last status known.
+        let c = EdgeTestController::start("127.0.0.1:0", "init").unwrap();
+        assert_eq!(c.keep_state_in(&file).unwrap(), 1);
+        let path = format!("/edge/v1/host/{id}/updatestatus");
+        assert_eq!(
+            http(c.addr(), "POST", &path, &tok, r#"{"numCPU":3}"#).0,
+            200
+        );
+        let again = format!(r#"{{"info":{{"hostID":"{id}","runModes":["engine"]}}}}"#);
+        let (_, v) = http(c.addr(), "POST", "/edge/v1/host/register", "init", &again);
+        assert_eq!(v["hostID"].as_str().unwrap(), id);
+        let (_, v) = http(c.addr(), "GET", "/edge/v1/hosts", &tok, "");
+        assert_eq!(v["count"], 1);
+        assert_eq!(v["result"][0]["lastStatus"]["numCPU"], 3);
+        let h = &c.hosts()[0];
+        assert_eq!((h.registrations, h.statuses.len()), (2, 2));
+        // A state file that is not ours is an error, not an empty cluster.
+        std::fs::write(&file, "nope").unwrap();
+        let c = EdgeTestController::start("127.0.0.1:0", "init").unwrap();
+        assert!(c.keep_state_in(&file).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! program, for baking into a controller image through an overlay.
 //!
 //! Usage: edge-test-controller [--listen ADDR] [--nfs-server IP] [--nfs-path PATH]
+//!        [--state-file FILE]   (the host list kept across restarts, as a real controller's DB)
 //! The init token is read from `AIWARE_INIT_TOKEN`, or from the file named by
 //! `--init-token-file` (never from the command line, so it is not in `ps`).
 
@@ -12,6 +13,7 @@ fn main() {
     let mut token = std::env::var("AIWARE_INIT_TOKEN").ok();
     let mut nfs = NfsCache::default();
     let mut no_nfs = false;
+    let mut state_file: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -35,8 +37,9 @@ fn main() {
             "--nfs-server" => nfs.ips = vec![val()],
             "--nfs-path" => nfs.server_path = val(),
             "--no-nfs" => no_nfs = true,
+            "--state-file" => state_file = Some(val()),
             "-h" | "--help" => {
-                println!("edge-test-controller [--listen ADDR] [--init-token-file FILE] [--nfs-server IP] [--nfs-path PATH] [--no-nfs]\n(init token from AIWARE_INIT_TOKEN or --init-token-file)");
+                println!("edge-test-controller [--listen ADDR] [--init-token-file FILE] [--nfs-server IP] [--nfs-path PATH] [--no-nfs] [--state-file FILE]\n(init token from AIWARE_INIT_TOKEN or --init-token-file)");
                 return;
             }
             other => {
@@ -57,6 +60,15 @@ fn main() {
         }
     };
     c.set_nfs_cache(if no_nfs { None } else { Some(nfs) });
+    if let Some(f) = &state_file {
+        match c.keep_state_in(std::path::Path::new(f)) {
+            Ok(n) => println!("edge-test-controller: {n} hosts known from {f}"),
+            Err(e) => {
+                eprintln!("edge-test-controller: cannot use the state file {f}: {e}");
+                std::process::exit(1)
+            }
+        }
+    }
     println!("edge-test-controller (test double): serving {}", c.url());
     loop {
         std::thread::park();
