@@ -212,6 +212,25 @@ fn build(profile: &str, out_dir: &Path) -> Result<PathBuf> {
     Ok(out_dir.join(profile))
 }
 
+/// The builder binary: `$AIWIMG_BIN`, else this workspace's release build
+/// (built if needed, outside any CARGO_TARGET_DIR of the caller).
+pub fn aiwimg_bin() -> Result<PathBuf> {
+    if let Some(b) = std::env::var_os("AIWIMG_BIN") {
+        return Ok(PathBuf::from(b));
+    }
+    let root = workspace_root();
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(&root)
+        .env_remove("CARGO_TARGET_DIR")
+        .args(["build", "--quiet", "--release", "-p", "aiwimg"])
+        .status()
+        .context("running cargo build for aiwimg")?;
+    if !status.success() {
+        bail!("cargo build -p aiwimg failed ({status})");
+    }
+    Ok(root.join("target/release/aiwimg"))
+}
+
 /// The agent binary of this workspace (release, musl), built if needed.
 pub fn build_agent() -> Result<PathBuf> {
     let root = workspace_root();

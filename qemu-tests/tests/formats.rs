@@ -19,24 +19,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
+    qemu_tests::test_images::workspace_root()
 }
 
 fn aiwimg() -> PathBuf {
-    if let Some(b) = std::env::var_os("AIWIMG_BIN") {
-        return PathBuf::from(b);
-    }
-    let st = Command::new("cargo")
-        .current_dir(workspace())
-        .env_remove("CARGO_TARGET_DIR")
-        .args(["build", "--release", "-p", "aiwimg"])
-        .status()
-        .unwrap();
-    assert!(st.success(), "cargo build -p aiwimg failed");
-    workspace().join("target/release/aiwimg")
+    qemu_tests::test_images::aiwimg_bin().unwrap()
 }
 
 /// Runs a command; returns stdout, failing the test with all output if it fails.

@@ -31,24 +31,11 @@ use std::time::{Duration, Instant};
 const BLOCK: usize = 512 * 1024;
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
+    qemu_tests::test_images::workspace_root()
 }
 
 fn aiwimg() -> PathBuf {
-    if let Some(b) = std::env::var_os("AIWIMG_BIN") {
-        return PathBuf::from(b);
-    }
-    let st = Command::new("cargo")
-        .current_dir(workspace())
-        .env_remove("CARGO_TARGET_DIR")
-        .args(["build", "--release", "-p", "aiwimg"])
-        .status()
-        .unwrap();
-    assert!(st.success(), "cargo build -p aiwimg failed");
-    workspace().join("target/release/aiwimg")
+    qemu_tests::test_images::aiwimg_bin().unwrap()
 }
 
 /// The image folder to publish: built once per test binary.
