@@ -467,6 +467,9 @@ fn bare_metal_esp_user_data() {
         );
         let mut vm = b.start()?;
         prove(case, &mut vm, &controller, "esp", "/efi/aiware/user-data")?;
+        drop(vm);
+        // The flashed copy is as big as the image; kept only when the test fails.
+        std::fs::remove_file(&disk)?;
         Ok(())
     });
 }
@@ -554,6 +557,8 @@ fn kernel_command_line() {
              joined the test controller as {}",
             hosts[0].host_id
         );
+        drop(vm);
+        std::fs::remove_file(&disk)?;
         Ok(())
     });
 }
