@@ -399,7 +399,7 @@ fn flashed_copy(case: &TestCase, image: &TestImage) -> Result<(PathBuf, u64)> {
         image.format == DiskFormat::Raw,
         "the engine image has no raw file to flash"
     );
-    for t in ["mcopy", "mtype"] {
+    for t in ["mcopy", "mtype", "mmd"] {
         if !on_path(t) {
             bail!("{t} not found: install the `mtools` package");
         }
@@ -514,6 +514,14 @@ fn kernel_command_line() {
             "title aiWARE node (launch data on the kernel command line)\n\
              efi /EFI/Linux/{uki}\noptions {base} {words}\n"
         );
+        // The image's ESP has no loader/entries/ yet (the UKI is found in EFI/Linux/).
+        run_checked(
+            Command::new("mmd")
+                .arg("-i")
+                .arg(format!("{}@@{esp}", disk.display()))
+                .arg("::/loader/entries"),
+            Duration::from_secs(60),
+        )?;
         esp_write(
             &disk,
             esp,
