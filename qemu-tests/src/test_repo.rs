@@ -13,6 +13,9 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+/// The test repository's fixed port on 127.0.0.1.
+pub const TEST_REPO_PORT: u16 = 47613;
+
 pub struct TestAptRepo {
     pub dir: PathBuf,
     pub url: String,
@@ -104,17 +107,13 @@ impl TestAptRepo {
             c.arg("--homedir").arg(&gnupg).args(["--batch", "--quiet"]);
             c
         };
+        // A fixed key (fixtures/nvidia-test-repo) and a fixed port: the image
+        // built against this repository then has the same inputs every run,
+        // so its stages (the DKMS build among them) stay cached.
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/nvidia-test-repo");
         run(
-            "making the test repository key",
-            gpg().args([
-                "--passphrase",
-                "",
-                "--quick-gen-key",
-                "aiwimg test repository (TEST DOUBLE of NVIDIA's) <tests@aiwimg.invalid>",
-                "ed25519",
-                "sign",
-                "never",
-            ]),
+            "importing the test repository key",
+            gpg().arg("--import").arg(fixtures.join("secret-key.asc")),
         )?;
         let listing = run(
             "reading the key",
@@ -126,8 +125,7 @@ impl TestAptRepo {
             .map(|r| r.trim_end_matches(':').to_string())
             .context("gpg printed no fingerprint")?;
         let key = work.join("test-repo-key.asc");
-        let armored = run("exporting the key", gpg().args(["--armor", "--export"]))?;
-        std::fs::write(&key, armored)?;
+        std::fs::copy(fixtures.join("public-key.asc"), &key)?;
 
         let deb = build_toolkit_deb(work, &dir)?;
         let control = run(
@@ -157,9 +155,15 @@ impl TestAptRepo {
                 .arg(dir.join("Release")),
         )?;
 
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        // Another test process may be serving it right now: wait for the port.
+        let port = TEST_REPO_PORT;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+        while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                bail!("127.0.0.1:{port} (the test repository's port) stays busy");
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
         let server = Command::new("python3")
             .args(["-m", "http.server", "--bind", "127.0.0.1"])
             .arg(port.to_string())
