@@ -197,7 +197,8 @@ impl TestAptRepo {
 pub fn project_with_test_key(workspace: &Path, repo: &TestAptRepo, dest: &Path) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(dest);
     std::fs::create_dir_all(dest)?;
-    for sub in ["images", "overlays"] {
+    for sub in ["images", "overlays", "agent/units"] {
+        std::fs::create_dir_all(dest.join(sub).parent().unwrap())?;
         run(
             "copying the project",
             Command::new("cp")

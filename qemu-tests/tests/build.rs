@@ -126,7 +126,8 @@ fn engine_build_verify_cache_and_overlay_edit() {
     // 3. One overlay file edited (in a copy of the project): only customize and disk.
     let proj = work.join("project");
     std::fs::create_dir_all(&proj).unwrap();
-    for sub in ["images", "overlays"] {
+    for sub in ["images", "overlays", "agent/units"] {
+        std::fs::create_dir_all(proj.join(sub).parent().unwrap()).unwrap();
         copy_dir(&ws.join(sub), &proj.join(sub));
     }
     let agent = ws.join("target/x86_64-unknown-linux-musl/release/aiw-agent");

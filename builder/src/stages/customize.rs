@@ -265,7 +265,14 @@ fn install_agent(ctx: &BuildContext, bin: &Path, tree: &Path) -> Result<()> {
     std::fs::copy(bin, &dest).with_context(|| format!("installing {}", bin.display()))?;
     std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))?;
     let units = ctx.opts.project.join("agent/units");
-    if units.is_dir() {
+    if !units.join("aiw-agent.service").is_file() {
+        bail!(
+            "{} has no aiw-agent.service: the image would boot without its agent \
+             (a project copy given with --project needs agent/units too)",
+            units.display()
+        );
+    }
+    {
         for e in std::fs::read_dir(&units)? {
             let e = e?;
             let to = tree.join("usr/lib/systemd/system").join(e.file_name());
