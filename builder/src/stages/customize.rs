@@ -384,6 +384,15 @@ fn move_var_to_factory(tree: &Path) -> Result<()> {
             sub.sort_by_key(|e| e.file_name());
             for s in sub {
                 let sname = s.file_name().to_string_lossy().to_string();
+                // Links are re-made as links: `C` would follow them from the
+                // factory folder, where a relative target points elsewhere.
+                if let Ok(target) = std::fs::read_link(s.path()) {
+                    rules.push_str(&format!(
+                        "L /var/{name}/{sname} - - - - {}\n",
+                        target.display()
+                    ));
+                    continue;
+                }
                 rules.push_str(&format!(
                     "C /var/{name}/{sname} - - - - /usr/share/factory/var/{name}/{sname}\n"
                 ));
