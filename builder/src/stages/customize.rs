@@ -397,6 +397,8 @@ fn move_var_to_factory(tree: &Path) -> Result<()> {
                     "C /var/{name}/{sname} - - - - /usr/share/factory/var/{name}/{sname}\n"
                 ));
             }
+        } else if let Ok(target) = std::fs::read_link(e.path()) {
+            rules.push_str(&format!("L /var/{name} - - - - {}\n", target.display()));
         } else {
             rules.push_str(&format!(
                 "C /var/{name} - - - - /usr/share/factory/var/{name}\n"
