@@ -323,17 +323,22 @@ fn three_node_cluster() {
         }
         for (i, e) in engines.iter_mut().enumerate() {
             e.wait_ssh(dl)?;
-            wait_for(
+            let waiting = wait_for(
                 &format!("{}: the agent waiting for the controller", e.name()),
                 dl,
                 || {
                     let (state, _, _) = join_of(e, dl)?;
-                    Ok((state == "waiting-for-controller").then_some(()))
+                    if state != "waiting-for-controller" {
+                        return Ok(None);
+                    }
+                    // The agent first waits for the role's services, then logs its
+                    // waits for the controller.
+                    let out = e.run(
+                        "journalctl -b -u aiw-agent -o cat | grep -m1 'for the controller'",
+                        dl,
+                    )?;
+                    Ok((out.status == Some(0)).then_some(out.stdout))
                 },
-            )?;
-            let waiting = e.check(
-                "journalctl -b -u aiw-agent -o cat | grep -m1 'for the controller'",
-                dl,
             )?;
             eprintln!("{}: {}", e.name(), waiting.trim());
             let lan_addr = e.check("ip -4 -o addr show to 192.168.76.0/24", dl)?;
