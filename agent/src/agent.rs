@@ -223,12 +223,7 @@ impl<'a> Agent<'a> {
                 let msg = "no user-data found (no NoCloud seed, ESP file, kernel command line or cloud metadata); running with no modes";
                 log::console(msg);
                 if let Some(t) = &table {
-                    let a = apply::Applier {
-                        paths: &paths,
-                        table: t,
-                        units: self.units,
-                        real_system: self.cfg.real_system,
-                    };
+                    let a = self.applier(t);
                     if let Err(e) = a.stop_all() {
                         self.error(&e);
                     }
@@ -283,12 +278,7 @@ impl<'a> Agent<'a> {
         if !errs.is_empty() {
             // The role stays stopped, but the node stays reachable over SSH.
             if let Some(t) = table.as_ref() {
-                let a = apply::Applier {
-                    paths: &paths,
-                    table: t,
-                    units: self.units,
-                    real_system: self.cfg.real_system,
-                };
+                let a = self.applier(t);
                 for e in a.apply_access(&settings) {
                     self.error(&e);
                 }
@@ -297,12 +287,7 @@ impl<'a> Agent<'a> {
         }
         let table = table.expect("checked above");
         let modes = settings.modes();
-        let a = apply::Applier {
-            paths: &paths,
-            table: &table,
-            units: self.units,
-            real_system: self.cfg.real_system,
-        };
+        let a = self.applier(&table);
         for e in a.apply(&settings) {
             self.error(&e);
         }
@@ -360,6 +345,16 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// The applier for this node's paths, units and mode table.
+    fn applier<'b>(&'b self, table: &'b ModeTable) -> apply::Applier<'b> {
+        apply::Applier {
+            paths: &self.cfg.paths,
+            table,
+            units: self.units,
+            real_system: self.cfg.real_system,
+        }
+    }
+
     /// Waits until every unit is active; a failed unit or the deadline is
     /// reported as an error and the agent goes on (it never hangs the node).
     fn wait_for_services(&self, units: &[String], limit: std::time::Duration) {
@@ -413,12 +408,7 @@ impl<'a> Agent<'a> {
             log::info(&format!("invalid setting: {e}"));
         }
         if let Some(t) = table {
-            let a = apply::Applier {
-                paths: &self.cfg.paths,
-                table: t,
-                units: self.units,
-                real_system: self.cfg.real_system,
-            };
+            let a = self.applier(t);
             if let Err(e) = a.stop_all() {
                 self.error(&e);
             }
