@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 started=$(date +%s)
 [ "$(id -u)" = 0 ] || { echo "run-all.sh: run as root (image builds need it)" >&2; exit 1; }
 builder/setup-host.sh --tests
+# Disk is the scarce thing on CI: show it at every section.
+disk() { echo "   (disk: $(df -h --output=avail /var/cache | tail -1 | tr -d ' ') free)"; }
+disk
 
 echo "== fast: unit tests"
 cargo test --workspace --exclude qemu-tests
@@ -18,14 +21,21 @@ cargo build --release -p aiwimg
 AIWIMG_BIN="$PWD/target/release/aiwimg"
 export AIWIMG_BIN
 cargo test --release -p qemu-tests --test build -- --nocapture
+disk
 
 echo "== slow: every output format, and publish aws against moto"
 cargo test --release -p qemu-tests --test formats -- --nocapture
 cargo test --release -p qemu-tests --test publish_aws -- --test-threads=1 --nocapture
+rm -rf target/qemu-tests/publish-aws   # passed: its image copies are not needed
+disk
 
 echo "== slow: QEMU harness and image boot tests (one VM at a time)"
 cargo test --release -p qemu-tests --test harness -- --test-threads=1
 cargo test --release -p qemu-tests --test boot -- --test-threads=1 --nocapture
+disk
 cargo test --release -p qemu-tests --test modes -- --test-threads=1 --nocapture
+disk
 cargo test --release -p qemu-tests --test clouds -- --test-threads=1 --nocapture
+disk
+"$AIWIMG_BIN" cache list | tail -1
 echo "== all tests passed in $(( $(date +%s) - started )) s"

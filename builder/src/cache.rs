@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Bumped when the way a stage is made changes, so old artifacts are not reused.
-pub const RECIPE_VERSION: u32 = 1;
+pub const RECIPE_VERSION: u32 = 2;
 
 #[derive(Clone)]
 pub struct KeyBuilder {
@@ -153,13 +153,33 @@ impl Slot {
         self.dir.join(".done").is_file()
     }
 
+    fn lock_path(&self) -> PathBuf {
+        let parent = self.dir.parent().expect("slot has a parent");
+        parent.join(format!(".{}.lock", self.key))
+    }
+
+    /// Marks the slot as in use by this build until the guard is dropped: a
+    /// shared lock eviction respects, and the `.done` time eviction orders by.
+    /// None when the slot is not (or no longer) complete.
+    pub fn hold(&self) -> Result<Option<FileLock>> {
+        let lock = FileLock::shared(&self.lock_path())?;
+        if !self.is_done() {
+            return Ok(None);
+        }
+        let done = std::fs::File::options()
+            .write(true)
+            .open(self.dir.join(".done"))?;
+        done.set_modified(std::time::SystemTime::now())?;
+        Ok(Some(lock))
+    }
+
     /// Runs `make` into a fresh temporary folder beside the slot and moves it
     /// into place only when it succeeded, so an interrupted stage never looks done.
     pub fn fill(&self, make: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let parent = self.dir.parent().expect("slot has a parent");
         std::fs::create_dir_all(parent)?;
         // One builder at a time per slot; a second one waits, then reuses.
-        let _lock = FileLock::exclusive(&parent.join(format!(".{}.lock", self.key)))?;
+        let _lock = FileLock::exclusive(&self.lock_path())?;
         if self.is_done() {
             return Ok(());
         }
@@ -198,14 +218,28 @@ fn mounts_below(path: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// An exclusive `flock` held until dropped (released by the kernel if the
-/// process dies, so an interrupted build never leaves a stale lock).
+/// A `flock` held until dropped (released by the kernel if the process dies,
+/// so an interrupted build never leaves a stale lock). Exclusive: one builder
+/// fills a slot. Shared: a build is using a slot, so it must not be evicted.
 pub struct FileLock {
     _file: std::fs::File,
 }
 
 impl FileLock {
     pub fn exclusive(path: &Path) -> Result<FileLock> {
+        Self::take(path, libc::LOCK_EX).map(|l| l.expect("blocking lock"))
+    }
+
+    pub fn shared(path: &Path) -> Result<FileLock> {
+        Self::take(path, libc::LOCK_SH).map(|l| l.expect("blocking lock"))
+    }
+
+    /// Exclusive, or None at once when someone else holds the lock.
+    pub fn try_exclusive(path: &Path) -> Result<Option<FileLock>> {
+        Self::take(path, libc::LOCK_EX | libc::LOCK_NB)
+    }
+
+    fn take(path: &Path, op: libc::c_int) -> Result<Option<FileLock>> {
         use std::os::fd::AsRawFd;
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -214,15 +248,110 @@ impl FileLock {
             .open(path)
             .with_context(|| format!("opening lock {}", path.display()))?;
         // SAFETY: a valid open file descriptor.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            anyhow::bail!(
-                "locking {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
+        if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if op & libc::LOCK_NB != 0 && e.kind() == std::io::ErrorKind::WouldBlock {
+                return Ok(None);
+            }
+            anyhow::bail!("locking {}: {e}", path.display());
         }
-        Ok(FileLock { _file: file })
+        Ok(Some(FileLock { _file: file }))
     }
+}
+
+/// A complete artifact in the cache.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub stage: String,
+    pub key: String,
+    pub dir: PathBuf,
+    /// Bytes allocated on disk (sparse files count what they use).
+    pub size: u64,
+    /// When a build last used it (the `.done` marker's time).
+    pub last_used: std::time::SystemTime,
+}
+
+impl Cache {
+    /// Every complete artifact, least recently used first. Folders that are
+    /// not stage slots (the apt archive cache, helpers' venvs) are not listed.
+    pub fn entries(&self) -> Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        for stage in crate::pipeline::STAGES {
+            let dir = self.root.join(stage);
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let key = e.file_name().to_string_lossy().into_owned();
+                let done = e.path().join(".done");
+                if key.starts_with('.') || !done.is_file() {
+                    continue;
+                }
+                out.push(Entry {
+                    stage: stage.to_string(),
+                    key,
+                    size: allocated_size(&e.path()),
+                    last_used: std::fs::metadata(&done)?.modified()?,
+                    dir: e.path(),
+                });
+            }
+        }
+        out.sort_by_key(|e| e.last_used);
+        Ok(out)
+    }
+
+    /// Removes one entry unless a build is using or filling it right now
+    /// (then returns false).
+    pub fn evict(&self, entry: &Entry) -> Result<bool> {
+        let lock = self
+            .root
+            .join(&entry.stage)
+            .join(format!(".{}.lock", entry.key));
+        let Some(_held) = FileLock::try_exclusive(&lock)? else {
+            return Ok(false);
+        };
+        // Not done first: a crash half-way leaves something that is not reused.
+        let _ = std::fs::remove_file(entry.dir.join(".done"));
+        remove_tree(&entry.dir)?;
+        let _ = std::fs::remove_file(&lock);
+        Ok(true)
+    }
+
+    /// Evicts least recently used entries, never those in `keep`, until
+    /// `want` bytes are freed or nothing more can go. Returns the bytes freed.
+    pub fn make_room(&self, want: u64, keep: &[&Path], mut log: impl FnMut(&Entry)) -> Result<u64> {
+        let mut freed = 0;
+        for e in self.entries()? {
+            if freed >= want {
+                break;
+            }
+            if keep.contains(&e.dir.as_path()) {
+                continue;
+            }
+            if self.evict(&e)? {
+                log(&e);
+                freed += e.size;
+            }
+        }
+        Ok(freed)
+    }
+}
+
+/// Bytes a tree uses on disk (st_blocks), without following links.
+pub fn allocated_size(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        if let Ok(rd) = std::fs::read_dir(path) {
+            for e in rd.flatten() {
+                total += allocated_size(&e.path());
+            }
+        }
+    }
+    total
 }
 
 /// Removes a tree that may hold read-only folders (rootfs trees do). Anything
@@ -320,6 +449,57 @@ mod tests {
         let k1 = KeyBuilder::new("s").path("f", &f).unwrap().finish();
         std::fs::write(&f, "b").unwrap();
         assert_ne!(k1, KeyBuilder::new("s").path("f", &f).unwrap().finish());
+    }
+
+    #[test]
+    fn eviction_is_least_recently_used_first_and_spares_held_slots() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::new(d.path().to_path_buf()).unwrap();
+        let make = |stage: &str, key: &str, bytes: usize| {
+            let slot = cache.slot(stage, key);
+            slot.fill(|tmp| Ok(std::fs::write(tmp.join("art"), vec![1u8; bytes])?))
+                .unwrap();
+            slot
+        };
+        let old = make("rootfs", "old", 64 << 10);
+        let held = make("customize", "held", 64 << 10);
+        let kept = make("disk", "kept", 64 << 10);
+        let new = make("rootfs", "new", 64 << 10);
+        let t = |secs| std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        for (slot, when) in [(&old, 1), (&held, 2), (&kept, 3), (&new, 4)] {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(slot.dir.join(".done"))
+                .unwrap();
+            f.set_modified(t(when)).unwrap();
+        }
+        let names = |c: &Cache| -> Vec<String> {
+            c.entries().unwrap().into_iter().map(|e| e.key).collect()
+        };
+        assert_eq!(names(&cache), ["old", "held", "kept", "new"]);
+
+        // A build holding `held` keeps it; `kept` is the current plan's.
+        let guard = held.hold().unwrap().expect("held is complete");
+        // hold() marks it used now: it moves to the back of the line.
+        assert_eq!(names(&cache).last().unwrap(), "held");
+        let mut evicted = Vec::new();
+        let freed = cache
+            .make_room(u64::MAX, &[kept.dir.as_path()], |e| {
+                evicted.push(e.key.clone())
+            })
+            .unwrap();
+        assert_eq!(evicted, ["old", "new"]);
+        assert!(freed >= 2 * (64 << 10), "{freed}");
+        assert!(!old.is_done() && !old.dir.exists());
+        assert!(held.is_done() && kept.is_done());
+        drop(guard);
+
+        // Enough freed after the first one: the rest stay.
+        let a = make("rootfs", "a", 64 << 10);
+        let evicted = cache.make_room(1, &[], |_| {}).unwrap();
+        assert!(evicted > 0);
+        assert_eq!(names(&cache).len(), 2, "{:?}", names(&cache));
+        assert!(a.is_done(), "the oldest entry goes first, the newest stays");
     }
 
     #[test]

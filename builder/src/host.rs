@@ -1,17 +1,42 @@
 //! What the build host must have, checked before any slow stage so a missing
 //! tool or a full disk is reported at once, with the fix.
 
+use crate::cache::Slot;
 use crate::outputs::Format;
-use crate::pipeline::BuildOptions;
+use crate::pipeline::{BuildContext, BuildOptions, Needed, Plan};
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
-/// Free space a cold build needs in the cache folder, and the output folder.
-const CACHE_SPACE_NEEDED: u64 = 6 << 30;
-const OUTPUT_SPACE_NEEDED: u64 = 2 << 30;
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+/// Room a stage needs while it is built (its artifact plus temporary copies),
+/// on the generous side of what the largest profile (anywhere) uses: tools
+/// tree 0.3 GiB; rootfs tree 1.1 GiB plus packages being unpacked; customize
+/// copies the tree (1.1 GiB) and packs it (0.6 GiB); the disk is sparse.
+fn stage_space(stage: &str) -> u64 {
+    match stage {
+        "tools" => 700 * MIB,
+        "rootfs" => 2 * GIB,
+        "customize" => 2 * GIB,
+        "initrd" => 200 * MIB,
+        "disk" => 900 * MIB,
+        _ => GIB,
+    }
+}
+
+/// Room one output format needs (the raw disk is sparse, about 0.7 GiB used;
+/// the compressed ones pass through a temporary file).
+fn output_space(f: Format) -> u64 {
+    match f {
+        Format::Raw | Format::Vhd => 900 * MIB,
+        Format::Qcow2 | Format::Vmdk | Format::RawZst => 700 * MIB,
+        Format::Gce | Format::Ova => 1400 * MIB,
+    }
+}
 
 pub fn check_build_host(opts: &BuildOptions) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -35,9 +60,85 @@ pub fn check_build_host(opts: &BuildOptions) -> Result<()> {
         .with_context(|| format!("creating cache folder {}", opts.cache_dir.display()))?;
     std::fs::create_dir_all(&opts.output_dir)
         .with_context(|| format!("creating output folder {}", opts.output_dir.display()))?;
-    need_space(&opts.cache_dir, CACHE_SPACE_NEEDED, "--cache-dir")?;
-    need_space(&opts.output_dir, OUTPUT_SPACE_NEEDED, "--output-dir")?;
     Ok(())
+}
+
+/// Makes sure the stages this build runs and its outputs fit on disk. When
+/// the cache's filesystem is short, the least recently used cache entries
+/// this build does not use are evicted first (each one named); only when
+/// that is not enough does the build stop, before any slow stage.
+pub fn make_room(ctx: &BuildContext, plan: &Plan, need: &Needed) -> Result<()> {
+    let opts = &ctx.opts;
+    let to_build: Vec<(&str, &Slot)> = [
+        ("tools", &plan.tools, need.tools),
+        ("rootfs", &plan.rootfs, need.rootfs),
+        ("customize", &plan.customize, need.customize),
+        ("initrd", &plan.initrd, need.initrd),
+        ("disk", &plan.disk, need.disk),
+    ]
+    .into_iter()
+    .filter(|(_, slot, needed)| *needed && !slot.is_done())
+    .map(|(name, slot, _)| (name, slot))
+    .collect();
+    let cache_need: u64 = to_build.iter().map(|(name, _)| stage_space(name)).sum();
+    let output_need: u64 = opts.formats.iter().map(|f| output_space(*f)).sum();
+    let same_fs = device_of(&opts.cache_dir)? == device_of(&opts.output_dir)?;
+    let need_on_cache_fs = cache_need + if same_fs { output_need } else { 0 };
+
+    let free = free_space(&opts.cache_dir)?;
+    if free < need_on_cache_fs {
+        let keep: Vec<&Path> = [
+            &plan.tools,
+            &plan.rootfs,
+            &plan.customize,
+            &plan.initrd,
+            &plan.disk,
+        ]
+        .iter()
+        .map(|s| s.dir.as_path())
+        .collect();
+        let freed = ctx.cache.make_room(need_on_cache_fs - free, &keep, |e| {
+            eprintln!(
+                "cache: evicted {}/{} ({}, unused since {}) to make room",
+                e.stage,
+                &e.key[..12.min(e.key.len())],
+                crate::inspect::human(e.size),
+                ago(e.last_used)
+            );
+        })?;
+        if freed > 0 {
+            eprintln!("cache: {} freed", crate::inspect::human(freed));
+        }
+    }
+    let stages: Vec<&str> = to_build.iter().map(|(n, _)| *n).collect();
+    let what = if stages.is_empty() {
+        "its outputs".to_string()
+    } else {
+        format!("stages {} and its outputs", stages.join(", "))
+    };
+    need_space(&opts.cache_dir, need_on_cache_fs, &what, "--cache-dir")?;
+    if !same_fs {
+        need_space(&opts.output_dir, output_need, "its outputs", "--output-dir")?;
+    }
+    Ok(())
+}
+
+fn device_of(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .dev())
+}
+
+/// "5 min ago", "3 days ago".
+pub fn ago(t: std::time::SystemTime) -> String {
+    let secs = t.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+    match secs {
+        s if s < 120 => format!("{s} s ago"),
+        s if s < 7200 => format!("{} min ago", s / 60),
+        s if s < 172_800 => format!("{} h ago", s / 3600),
+        s => format!("{} days ago", s / 86_400),
+    }
 }
 
 pub fn find_in_path(tool: &str) -> Option<std::path::PathBuf> {
@@ -70,15 +171,16 @@ pub fn free_space(path: &Path) -> Result<u64> {
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-fn need_space(path: &Path, need: u64, flag: &str) -> Result<()> {
+fn need_space(path: &Path, need: u64, what: &str, flag: &str) -> Result<()> {
     let free = free_space(path)?;
     if free < need {
         bail!(
-            "too little disk space: {} has {:.1} GiB free, a build needs about {:.1} GiB there; \
-             free some space or choose another folder with {flag}",
+            "too little disk space: {} has {:.1} GiB free, and this build needs about {:.1} GiB \
+             there for {what} (cache entries other builds use were kept); free some space, \
+             run `aiwimg cache prune`, or choose another folder with {flag}",
             path.display(),
-            free as f64 / (1u64 << 30) as f64,
-            need as f64 / (1u64 << 30) as f64
+            free as f64 / GIB as f64,
+            need as f64 / GIB as f64
         );
     }
     Ok(())

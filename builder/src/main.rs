@@ -88,6 +88,58 @@ enum Command {
     /// Publish a built image to a cloud.
     #[command(subcommand)]
     Publish(Publish),
+    /// List or prune the stage cache.
+    ///
+    /// Builds evict least recently used entries by themselves when the disk is
+    /// short; `prune` is for taking the space back by hand.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Every cached stage artifact, least recently used first, with its size.
+    List {
+        #[arg(long, default_value = "/var/cache/aiwimg", env = "AIWIMG_CACHE_DIR")]
+        cache_dir: PathBuf,
+    },
+    /// Remove least recently used entries until the cache is at most
+    /// --max-size. Entries a running build uses are kept.
+    ///
+    /// Example: aiwimg cache prune --max-size 20G   (0 empties the cache)
+    Prune {
+        #[arg(long, default_value = "/var/cache/aiwimg", env = "AIWIMG_CACHE_DIR")]
+        cache_dir: PathBuf,
+        /// Size to shrink to: bytes, or with K, M, G, T (powers of 1024).
+        #[arg(long, value_parser = parse_size)]
+        max_size: u64,
+    },
+}
+
+/// "20G", "512M", "0", "1073741824".
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: the unit must be K, M, G or T")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 20G)"))?;
+    if n.is_nan() || n < 0.0 {
+        return Err(format!("{s:?}: a size cannot be negative"));
+    }
+    Ok((n * mult as f64) as u64)
 }
 
 #[derive(Subcommand)]
@@ -245,6 +297,57 @@ fn real_main() -> Result<()> {
             verify,
             json,
         } => aiwimg::inspect::run(&image, verify, json),
+        Command::Cache(CacheCommand::List { cache_dir }) => {
+            let cache = aiwimg::cache::Cache::new(cache_dir)?;
+            let entries = cache.entries()?;
+            println!("{:<10} {:<14} {:>10}  last used", "stage", "key", "size");
+            let mut total = 0;
+            for e in &entries {
+                total += e.size;
+                let when = aiwimg::host::ago(e.last_used);
+                println!(
+                    "{:<10} {:<14} {:>10}  {when}",
+                    e.stage,
+                    &e.key[..12.min(e.key.len())],
+                    aiwimg::inspect::human(e.size)
+                );
+            }
+            println!(
+                "{} entries, {} in {}",
+                entries.len(),
+                aiwimg::inspect::human(total),
+                cache.root.display()
+            );
+            Ok(())
+        }
+        Command::Cache(CacheCommand::Prune {
+            cache_dir,
+            max_size,
+        }) => {
+            let cache = aiwimg::cache::Cache::new(cache_dir)?;
+            let total: u64 = cache.entries()?.iter().map(|e| e.size).sum();
+            let want = total.saturating_sub(max_size);
+            let freed = cache.make_room(want, &[], |e| {
+                println!(
+                    "removed {}/{} ({})",
+                    e.stage,
+                    &e.key[..12.min(e.key.len())],
+                    aiwimg::inspect::human(e.size)
+                )
+            })?;
+            let left: u64 = cache.entries()?.iter().map(|e| e.size).sum();
+            println!(
+                "freed {}; the cache now holds {}{}",
+                aiwimg::inspect::human(freed),
+                aiwimg::inspect::human(left),
+                if left > max_size {
+                    " (entries a running build uses were kept)"
+                } else {
+                    ""
+                }
+            );
+            Ok(())
+        }
         Command::Publish(Publish::Aws {
             image,
             region,
@@ -262,5 +365,22 @@ fn real_main() -> Result<()> {
             println!("{ami}");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("20G"), Ok(20 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5K"), Ok(1536));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("20X").unwrap_err().contains("unit"));
+        assert!(parse_size("-1G").unwrap_err().contains("negative"));
+        assert!(parse_size("lots").is_err());
     }
 }

@@ -82,13 +82,9 @@ impl Format {
     }
 }
 
-pub fn write_all(
-    ctx: &BuildContext,
-    rootfs: &Slot,
-    custom: &Slot,
-    disk: &Slot,
-    out: &Path,
-) -> Result<Manifest> {
+/// Writes every asked-for format from the disk slot alone (earlier stages'
+/// artifacts may have been evicted from the cache).
+pub fn write_all(ctx: &BuildContext, disk: &Slot, out: &Path) -> Result<Manifest> {
     let raw_src = disk.dir.join("disk.raw");
     let base = ctx.image_name();
     let info = stages::disk::info(disk)?;
@@ -105,7 +101,7 @@ pub fn write_all(
             });
         }
     }
-    let packages = stages::rootfs::installed(rootfs)?
+    let packages = stages::rootfs::installed(disk)?
         .into_iter()
         .map(|(name, version)| Package { name, version })
         .collect();
@@ -119,7 +115,7 @@ pub fn write_all(
         roothash: info.roothash.clone(),
         kernel_version: info.kernel_version.clone(),
         cmdline: info.cmdline.clone(),
-        root_erofs_size: std::fs::metadata(custom.dir.join("root.erofs"))?.len(),
+        root_erofs_size: info.root_size,
         partitions: info.partitions.clone(),
         files,
         packages,

@@ -47,8 +47,21 @@ pub struct BuildOptions {
 pub struct StageReport {
     pub stage: String,
     pub key: String,
+    /// True unless the stage was built by this run.
     pub cached: bool,
+    pub state: StageState,
     pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageState {
+    /// Made by this build.
+    Built,
+    /// Reused from the cache.
+    Cached,
+    /// Not needed: every stage that reads it was cached.
+    Unused,
 }
 
 /// Everything the stages read that is not the artifact of an earlier stage.
@@ -82,56 +95,73 @@ pub struct BuildResult {
     pub stages: Vec<StageReport>,
 }
 
+/// The cached stages, in pipeline order (also the cache's folder names).
+pub const STAGES: [&str; 5] = ["tools", "rootfs", "customize", "initrd", "disk"];
+
 struct Progress {
     json: bool,
     total: usize,
     done: Vec<StageReport>,
+    /// Shared locks on every slot this build uses: eviction leaves them alone.
+    held: Vec<crate::cache::FileLock>,
 }
 
 impl Progress {
-    /// Runs one cached stage: reuses the slot when done, else fills it.
+    /// Runs one cached stage when `needed`: reuses the slot when done, else
+    /// fills it. A stage nothing downstream needs is reported and skipped.
     fn stage(
         &mut self,
         name: &str,
         slot: &Slot,
+        needed: bool,
         make: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<()> {
         let n = self.done.len() + 1;
         let started = Instant::now();
-        let cached = slot.is_done();
-        if !cached {
+        if !needed {
+            return self.report(name, &slot.key, StageState::Unused, started);
+        }
+        let mut state = StageState::Cached;
+        let mut lock = slot.hold()?;
+        if lock.is_none() {
             if !self.json {
                 eprintln!("[{n}/{}] {name:<9} building ...", self.total);
             }
             slot.fill(make)
                 .with_context(|| format!("stage {name} failed"))?;
+            state = StageState::Built;
+            lock = slot.hold()?;
         }
-        self.report(name, &slot.key, cached, started);
-        Ok(())
+        // None again only if another build evicted it in between.
+        let lock = lock.with_context(|| {
+            format!(
+                "stage {name}: its artifact was evicted from the cache as soon as it was made; \
+                 is another build short of disk space?"
+            )
+        })?;
+        self.held.push(lock);
+        self.report(name, &slot.key, state, started)
     }
 
-    /// Reports a stage that is not cached (always runs).
-    fn report(&mut self, name: &str, key: &str, cached: bool, started: Instant) {
+    fn report(&mut self, name: &str, key: &str, state: StageState, started: Instant) -> Result<()> {
         let r = StageReport {
             stage: name.to_string(),
             key: key.to_string(),
-            cached,
+            cached: state != StageState::Built,
+            state,
             seconds: started.elapsed().as_secs_f64(),
         };
         let n = self.done.len() + 1;
         if self.json {
-            println!("{}", serde_json::to_string(&r).unwrap());
-        } else if cached {
-            eprintln!(
-                "[{n}/{}] {:<9} cached    {:>6.1}s  key {}",
-                self.total,
-                name,
-                r.seconds,
-                &key[..12.min(key.len())]
-            );
+            println!("{}", serde_json::to_string(&r)?);
         } else {
+            let what = match state {
+                StageState::Built => "built    ",
+                StageState::Cached => "cached   ",
+                StageState::Unused => "not needed (later stages cached)",
+            };
             eprintln!(
-                "[{n}/{}] {:<9} built     {:>6.1}s  key {}",
+                "[{n}/{}] {:<9} {what} {:>6.1}s  key {}",
                 self.total,
                 name,
                 r.seconds,
@@ -139,6 +169,7 @@ impl Progress {
             );
         }
         self.done.push(r);
+        Ok(())
     }
 }
 
@@ -171,6 +202,29 @@ impl Plan {
         })
     }
 
+    /// Which stages this build must run or reuse, walking back from the
+    /// outputs, which read only the disk slot: a stage is needed when a
+    /// stage that reads it has to be built. So a build whose disk is cached
+    /// touches nothing else, and an evicted root filesystem is remade only
+    /// when something built from it is missing too.
+    pub fn needed(&self) -> Needed {
+        let disk = true;
+        let build_disk = !self.disk.is_done();
+        let customize = build_disk;
+        let initrd = build_disk;
+        let build_customize = customize && !self.customize.is_done();
+        let build_initrd = initrd && !self.initrd.is_done();
+        // customize, initrd and disk all read the root tree and run tools.
+        let rootfs = build_customize || build_initrd || build_disk;
+        Needed {
+            tools: rootfs,
+            rootfs,
+            customize,
+            initrd,
+            disk,
+        }
+    }
+
     pub fn keys(&self) -> [(&'static str, &str); 5] {
         [
             ("tools", &self.tools.key),
@@ -180,6 +234,16 @@ impl Plan {
             ("disk", &self.disk.key),
         ]
     }
+}
+
+/// The stages a build uses (see [`Plan::needed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needed {
+    pub tools: bool,
+    pub rootfs: bool,
+    pub customize: bool,
+    pub initrd: bool,
+    pub disk: bool,
 }
 
 impl BuildContext {
@@ -218,15 +282,18 @@ pub fn build(opts: BuildOptions) -> Result<BuildResult> {
         "SOURCE_DATE_EPOCH",
         ctx.profile.source_date_epoch.to_string(),
     );
+    let plan = Plan::new(&ctx)?;
+    let need = plan.needed();
+    host::make_room(&ctx, &plan, &need)?;
     let mut progress = Progress {
         json: ctx.opts.json,
         total: 6,
         done: Vec::new(),
+        held: Vec::new(),
     };
-    let plan = Plan::new(&ctx)?;
 
     // 1. Tools tree: every image tool runs in it.
-    progress.stage("tools", &plan.tools, |tmp| {
+    progress.stage("tools", &plan.tools, need.tools, |tmp| {
         stages::tools_stage::make(&ctx, tmp)
     })?;
     let tools = ToolsTree {
@@ -234,25 +301,22 @@ pub fn build(opts: BuildOptions) -> Result<BuildResult> {
     };
 
     // 2. Root filesystem: packages installed by mmdebstrap, lock file written.
-    progress.stage("rootfs", &plan.rootfs, |tmp| {
+    progress.stage("rootfs", &plan.rootfs, need.rootfs, |tmp| {
         stages::rootfs::make(&ctx, tmp)
     })?;
-    if !ctx.opts.locked {
-        stages::rootfs::write_lock(&ctx, &plan.rootfs)?;
-    }
 
     // 3. Customize: overlays, agent, immutable layout; ends as the erofs root.
-    progress.stage("customize", &plan.customize, |tmp| {
+    progress.stage("customize", &plan.customize, need.customize, |tmp| {
         stages::customize::make(&ctx, &tools, &plan.rootfs, &plan.agent, tmp)
     })?;
 
     // 4. Initrd: systemd + veritysetup, only the drivers boot needs.
-    progress.stage("initrd", &plan.initrd, |tmp| {
+    progress.stage("initrd", &plan.initrd, need.initrd, |tmp| {
         stages::initrd::make(&tools, &plan.rootfs, tmp)
     })?;
 
     // 5. Disk: GPT with ESP (systemd-boot + UKI with the roothash), root A/B.
-    progress.stage("disk", &plan.disk, |tmp| {
+    progress.stage("disk", &plan.disk, need.disk, |tmp| {
         stages::disk::make(
             &ctx,
             &tools,
@@ -262,7 +326,10 @@ pub fn build(opts: BuildOptions) -> Result<BuildResult> {
             tmp,
         )
     })?;
-    let (rootfs_slot, custom_slot, disk_slot) = (&plan.rootfs, &plan.customize, &plan.disk);
+    // The disk slot keeps the package list: the rootfs slot may be gone.
+    if !ctx.opts.locked {
+        stages::rootfs::write_lock(&ctx, &plan.disk)?;
+    }
 
     // 6. Outputs: converted in a temporary folder, moved into place on success.
     let started = Instant::now();
@@ -274,8 +341,7 @@ pub fn build(opts: BuildOptions) -> Result<BuildResult> {
     ));
     remove_tree(&tmp_dir)?;
     std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
-    let result = crate::outputs::write_all(&ctx, rootfs_slot, custom_slot, disk_slot, &tmp_dir);
-    let manifest = match result {
+    let manifest = match crate::outputs::write_all(&ctx, &plan.disk, &tmp_dir) {
         Ok(m) => m,
         Err(e) => {
             let _ = remove_tree(&tmp_dir);
@@ -284,7 +350,7 @@ pub fn build(opts: BuildOptions) -> Result<BuildResult> {
     };
     remove_tree(&final_dir)?;
     std::fs::rename(&tmp_dir, &final_dir)?;
-    progress.report("outputs", &manifest.input_hash, false, started);
+    progress.report("outputs", &manifest.input_hash, StageState::Built, started)?;
 
     Ok(BuildResult {
         output: final_dir,

@@ -158,8 +158,16 @@ pub fn builder_command(profile: &str, out_dir: &Path) -> Command {
             c
         }
     };
-    cmd.args(["build", "--profile", profile, "--output-dir"])
-        .arg(out_dir);
+    // Tests boot the raw disk through an overlay; other formats only cost disk.
+    cmd.args([
+        "build",
+        "--profile",
+        profile,
+        "--formats",
+        "raw",
+        "--output-dir",
+    ])
+    .arg(out_dir);
     cmd
 }
 
@@ -300,6 +308,8 @@ mod tests {
             "build".into(),
             "--profile".into(),
             "engine".into(),
+            "--formats".into(),
+            "raw".into(),
             "--output-dir".into(),
             "/o".into()
         ]));

@@ -235,5 +235,8 @@ pub fn make(
         partitions,
     };
     std::fs::write(tmp.join("disk.json"), serde_json::to_string_pretty(&info)?)?;
+    // The package list travels with the disk, so a cached disk needs nothing
+    // of the (large) rootfs slot to make outputs and the lock file.
+    std::fs::copy(rootfs.dir.join("packages.lock"), tmp.join("packages.lock"))?;
     Ok(())
 }

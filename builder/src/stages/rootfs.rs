@@ -315,7 +315,8 @@ pub fn write_lock(ctx: &BuildContext, slot: &Slot) -> Result<()> {
     Ok(())
 }
 
-/// Installed packages as (name, version), from the rootfs slot.
+/// Installed packages as (name, version), from a slot's `packages.lock`
+/// (the rootfs slot's, or the copy the disk stage keeps).
 pub fn installed(slot: &Slot) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(slot.dir.join("packages.lock"))?;
     Ok(text
