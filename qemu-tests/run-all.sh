@@ -9,7 +9,9 @@ started=$(date +%s)
 [ "$(id -u)" = 0 ] || { echo "run-all.sh: run as root (image builds need it)" >&2; exit 1; }
 builder/setup-host.sh --tests
 # Disk is the scarce thing on CI: show it at every section.
-disk() { echo "   (disk: $(df -h --output=avail /var/cache | tail -1 | tr -d ' ') free)"; }
+disk() {
+    echo "   (disk free: cache $(df -h --output=avail "${AIWIMG_CACHE_DIR:-/var/cache/aiwimg}" | tail -1 | tr -d ' '), workspace $(df -h --output=avail . | tail -1 | tr -d ' '))"
+}
 disk
 
 echo "== fast: unit tests"

@@ -203,8 +203,13 @@ pub fn nfs_exports(clients: &[String]) -> String {
         "# Written by aiw-agent from AIWARE_NFS_PERMITTED (default: this node's networks).\n",
     );
     s.push_str(NFS_EXPORT);
+    // `insecure`: the Edge API's mount options (its own example, and what
+    // cloud NFS guides use) carry `noresvport`, so clients come from ports
+    // above 1023; with the default `secure` the kernel server refuses them
+    // and an NFSv4 mount fails with "Operation not permitted". Who may mount
+    // is still limited to the permitted networks.
     for c in clients {
-        s.push_str(&format!(" {c}(rw,sync,no_subtree_check,no_root_squash)"));
+        s.push_str(&format!(" {c}(rw,sync,insecure,no_subtree_check,no_root_squash)"));
     }
     s.push('\n');
     s
@@ -664,7 +669,7 @@ mod tests {
         assert_eq!(nets, vec!["10.0.2.0/24", "fec0::/64"]);
         let e = nfs_exports(&nets);
         assert!(e.contains(
-            "/opt/aiware/nfs 10.0.2.0/24(rw,sync,no_subtree_check,no_root_squash) fec0::/64("
+            "/opt/aiware/nfs 10.0.2.0/24(rw,sync,insecure,no_subtree_check,no_root_squash) fec0::/64("
         ));
     }
 
