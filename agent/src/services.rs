@@ -209,7 +209,9 @@ pub fn nfs_exports(clients: &[String]) -> String {
     // and an NFSv4 mount fails with "Operation not permitted". Who may mount
     // is still limited to the permitted networks.
     for c in clients {
-        s.push_str(&format!(" {c}(rw,sync,insecure,no_subtree_check,no_root_squash)"));
+        s.push_str(&format!(
+            " {c}(rw,sync,insecure,no_subtree_check,no_root_squash)"
+        ));
     }
     s.push('\n');
     s

@@ -162,6 +162,10 @@ impl Slot {
     /// shared lock eviction respects, and the `.done` time eviction orders by.
     /// None when the slot is not (or no longer) complete.
     pub fn hold(&self) -> Result<Option<FileLock>> {
+        if !self.is_done() {
+            // Also true of a stage never built, whose folder may not exist yet.
+            return Ok(None);
+        }
         let lock = FileLock::shared(&self.lock_path())?;
         if !self.is_done() {
             return Ok(None);
@@ -508,6 +512,8 @@ mod tests {
         let cache = Cache::new(d.path().to_path_buf()).unwrap();
         let slot = cache.slot("stage", "k1");
         assert!(!slot.is_done());
+        // A stage never built: nothing to hold, and no error.
+        assert!(slot.hold().unwrap().is_none());
         let r = slot.fill(|tmp| {
             std::fs::write(tmp.join("half"), "x")?;
             anyhow::bail!("boom")
