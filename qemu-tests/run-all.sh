@@ -39,5 +39,9 @@ cargo test --release -p qemu-tests --test modes -- --test-threads=1 --nocapture
 disk
 cargo test --release -p qemu-tests --test clouds -- --test-threads=1 --nocapture
 disk
+
+echo "== slow: a three-node cluster (controller + two engines on one private LAN)"
+cargo test --release -p qemu-tests --test cluster -- --nocapture
+disk
 "$AIWIMG_BIN" cache list | tail -1
 echo "== all tests passed in $(( $(date +%s) - started )) s"
