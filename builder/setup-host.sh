@@ -11,7 +11,7 @@ tests=no
 [ "$(id -u)" = 0 ] || { echo "setup-host.sh: run as root (sudo $0 $*)" >&2; exit 1; }
 
 . /etc/os-release
-pkgs="mmdebstrap qemu-utils zstd bmap-tools dpkg util-linux ca-certificates"
+pkgs="mmdebstrap qemu-utils zstd bmap-tools dpkg util-linux ca-certificates musl-tools"
 backports_pkgs="mmdebstrap qemu-utils"
 if [ "$tests" = yes ]; then
     pkgs="$pkgs qemu-system-x86 ovmf cloud-image-utils genisoimage openssh-client socat e2fsprogs dosfstools mtools postgresql-client redis-tools openssl curl gpg python3"

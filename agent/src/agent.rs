@@ -425,6 +425,13 @@ impl<'a> Agent<'a> {
         Outcome::Invalid(first)
     }
 
+    fn fail_join(&self, msg: &str) -> Outcome {
+        log::console(msg);
+        self.error(msg);
+        self.update(|st| st.join.state = "failed".into());
+        Outcome::JoinFailed(msg.to_string())
+    }
+
     fn join_and_report(
         &self,
         url: &str,
@@ -434,7 +441,11 @@ impl<'a> Agent<'a> {
         source: &str,
     ) -> Outcome {
         let paths = &self.cfg.paths;
-        let client = EdgeClient::new(url);
+        let client = match EdgeClient::new(url, s.get("AIWARE_CONTROLLER_CA")) {
+            Ok(c) => c,
+            // Checked with the settings already; kept for a CA file gone since.
+            Err(e) => return self.fail_join(&format!("cannot join the controller: {e}")),
+        };
         let init = s.get("AIWARE_INIT_TOKEN").unwrap_or("").to_string();
         let image_version = self
             .status
@@ -480,13 +491,7 @@ impl<'a> Agent<'a> {
             &mut on_wait,
         ) {
             Ok(v) => v,
-            Err(e) => {
-                let msg = format!("cannot join the controller: {e}");
-                log::console(&msg);
-                self.error(&msg);
-                self.update(|st| st.join.state = "failed".into());
-                return Outcome::JoinFailed(msg);
-            }
+            Err(e) => return self.fail_join(&format!("cannot join the controller: {e}")),
         };
         let host_id = reply["hostID"].as_str().unwrap_or_default().to_string();
         let mut token = reply["hostToken"].as_str().unwrap_or_default().to_string();

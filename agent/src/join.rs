@@ -53,16 +53,25 @@ pub struct EdgeClient {
 }
 
 impl EdgeClient {
-    pub fn new(base: &str) -> Self {
-        let agent = ureq::AgentBuilder::new()
+    /// A client for the Edge API at `base`; `controller_ca` is the value of
+    /// `AIWARE_CONTROLLER_CA` (see `tls.rs`), used for https only.
+    pub fn new(base: &str, controller_ca: Option<&str>) -> Result<Self, String> {
+        let mut builder = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(3))
             .timeout(Duration::from_secs(15))
-            .try_proxy_from_env(false)
-            .build();
-        EdgeClient {
-            base: base.trim_end_matches('/').to_string(),
-            agent,
+            .try_proxy_from_env(false);
+        if base.starts_with("https://") {
+            let extra = match controller_ca {
+                Some(v) => crate::tls::controller_ca(v)
+                    .map_err(|e| format!("AIWARE_CONTROLLER_CA: {e}"))?,
+                None => Vec::new(),
+            };
+            builder = builder.tls_config(crate::tls::client_config(&extra)?);
         }
+        Ok(EdgeClient {
+            base: base.trim_end_matches('/').to_string(),
+            agent: builder.build(),
+        })
     }
 
     fn send(
@@ -118,7 +127,7 @@ impl EdgeClient {
             }
             Err(ureq::Error::Transport(t)) => Err(JoinError::Unreachable {
                 url: self.base.clone(),
-                message: t.to_string(),
+                message: transport_message(&t),
             }),
         }
     }
@@ -306,6 +315,27 @@ pub fn join(
             }
         }
     }
+}
+
+/// ureq's transport error, with the cause a user can act on for TLS: an
+/// unknown issuer means the controller's CA is not trusted.
+fn transport_message(t: &ureq::Transport) -> String {
+    let mut m = t.to_string();
+    let mut source = std::error::Error::source(t);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !m.contains(&text) {
+            m.push_str(&format!(": {text}"));
+        }
+        source = e.source();
+    }
+    if m.contains("UnknownIssuer") {
+        m.push_str(
+            " (the controller's certificate is not from a CA this node trusts: give its CA \
+             in AIWARE_CONTROLLER_CA)",
+        );
+    }
+    m
 }
 
 /// Mounts what the registration reply's `mount[]` names (NFS). Returns one

@@ -18,4 +18,5 @@ pub mod services;
 pub mod settings;
 pub mod status;
 pub mod systemd;
+pub mod tls;
 pub mod userdata;

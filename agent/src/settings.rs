@@ -43,6 +43,10 @@ pub const KNOWN_VARS: &[(&str, &str)] = &[
     ("AIWARE_DB_USER", "PostgreSQL user"),
     ("AIWARE_DB_PASS", "PostgreSQL password"),
     ("AIWARE_DB_PASSWORD", "PostgreSQL password (alias)"),
+    (
+        "AIWARE_CONTROLLER_CA",
+        "PEM CA certificate(s), or a PEM file's path, for an https controller with a private CA (aiwimg)",
+    ),
     ("AIWARE_NFS_SERVER", "NFS server for the cache"),
     (
         "AIWARE_NFS_PATH",
@@ -247,6 +251,15 @@ pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
         if let Err(e) = check_url(url) {
             errs.push(format!("AIWARE_CONTROLLER={url}: {e}"));
         }
+        if let Some(ca) = s.get("AIWARE_CONTROLLER_CA") {
+            if let Err(e) = crate::tls::controller_ca(ca) {
+                errs.push(format!("AIWARE_CONTROLLER_CA: {e}"));
+            } else if !url.starts_with("https://") {
+                errs.push(format!(
+                    "AIWARE_CONTROLLER_CA is set but AIWARE_CONTROLLER={url} is not https"
+                ));
+            }
+        }
         if s.get("AIWARE_INIT_TOKEN").is_none() {
             errs.push(
                 "AIWARE_CONTROLLER is set but AIWARE_INIT_TOKEN is not: the node needs the \
@@ -366,14 +379,12 @@ pub fn valid_hostname(h: &str) -> bool {
 pub fn check_url(url: &str) -> Result<(), String> {
     let rest = if let Some(r) = url.strip_prefix("http://") {
         r
-    } else if url.starts_with("https://") {
-        return Err(
-            "https is not supported by this agent build (no TLS); use http:// as the guide \
-             does (port 9000)"
-                .into(),
-        );
+    } else if let Some(r) = url.strip_prefix("https://") {
+        r
     } else {
-        return Err("must start with http://, e.g. http://10.0.0.5:9000/edge/v1".into());
+        return Err(
+            "must start with http:// or https://, e.g. http://10.0.0.5:9000/edge/v1".into(),
+        );
     };
     let authority = rest.split('/').next().unwrap_or("");
     let (host, port) = if let Some(h) = authority.strip_prefix('[') {
@@ -464,6 +475,22 @@ mod tests {
     fn urls_placeholders_and_redaction() {
         assert!(check_url("http://[::1]:9000/edge/v1").is_ok());
         assert!(check_url("ftp://x").is_err());
+        assert!(check_url("https://api.example.com/edge/v1").is_ok());
+        assert!(check_url("https://:443/edge/v1").is_err());
+        let base = "AIWARE_MODE=engine\nAIWARE_LICENSE=l123\nAIWARE_INIT_TOKEN=t123\n";
+        let e = errs(&format!(
+            "{base}AIWARE_CONTROLLER=https://c/edge/v1\nAIWARE_CONTROLLER_CA=not-a-cert\n"
+        ));
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("AIWARE_CONTROLLER_CA:") && m.contains("no certificate")),
+            "{e:?}"
+        );
+        let e = errs(&format!(
+            "{base}AIWARE_CONTROLLER=https://c/edge/v1\nAIWARE_CONTROLLER_CA=/nonexistent.pem\n"
+        ));
+        assert!(e.iter().any(|m| m.contains("/nonexistent.pem")), "{e:?}");
+        assert!(errs(&format!("{base}AIWARE_CONTROLLER=https://c/edge/v1\n")).is_empty());
         assert!(check_url("http://host:99999/").is_err());
         let e = errs("AIWARE_MODE=engine\nAIWARE_LICENSE=<LICENSE_KEY>\nAIWARE_CONTROLLER=http://c:9000/edge/v1\nAIWARE_INIT_TOKEN=tok-secret\n");
         assert!(e.iter().any(|m| m.contains("placeholder")), "{e:?}");

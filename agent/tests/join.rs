@@ -6,6 +6,7 @@ use aiw_agent::datasource::Endpoints;
 use aiw_agent::paths::Paths;
 use aiw_agent::systemd::RecordingUnits;
 use qemu_tests::edge_controller::EdgeTestController;
+use qemu_tests::tls_front::TlsFront;
 use std::time::{Duration, Instant};
 
 const INIT: &str = "6f1c1f4e-5d1e-4a55-9a0c-3b8f2d7e9a11";
@@ -135,6 +136,41 @@ fn restart_rejoins_as_the_same_host() {
     let hosts = c.hosts();
     assert_eq!(hosts.len(), 1, "a restart must not register a new host");
     assert_eq!(hosts[0].registrations, 2);
+}
+
+/// An Edge API behind https whose certificate comes from a private CA
+/// (TlsFront, a test double, in front of the test controller).
+#[test]
+fn https_controller_with_a_private_ca_joins_and_without_it_names_the_setting() {
+    let c = EdgeTestController::start("127.0.0.1:0", INIT).unwrap();
+    let front = TlsFront::start(c.addr(), &["127.0.0.1"]).unwrap();
+    let url = format!("https://127.0.0.1:{}/edge/v1", front.addr().port());
+    let units = RecordingUnits::default();
+
+    let ca: String = front
+        .ca_pem()
+        .lines()
+        .map(|l| format!("    {l}\n"))
+        .collect();
+    let with_ca = format!("{}  controller_ca: |\n{ca}", engine_user_data(&url));
+    let (_t, p) = node(&with_ca, false);
+    assert_eq!(Agent::new(cfg(&p), &units).run(), Outcome::Ready);
+    let hosts = c.hosts();
+    assert_eq!(hosts.len(), 1);
+    assert!(hosts[0].statuses.len() >= 2, "status reports over TLS too");
+
+    // The same controller without its CA: refused, and the message says how to fix it.
+    let (_t2, p2) = node(&engine_user_data(&url), false);
+    let mut short = cfg(&p2);
+    short.join_deadline = Some(Duration::from_secs(2));
+    match Agent::new(short, &units).run() {
+        Outcome::JoinFailed(m) => assert!(
+            m.contains("UnknownIssuer") && m.contains("AIWARE_CONTROLLER_CA"),
+            "{m}"
+        ),
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(c.hosts().len(), 1, "nothing registered without trust");
 }
 
 #[test]

@@ -28,6 +28,7 @@ pub mod seed;
 pub mod ssh;
 pub mod test_images;
 pub mod test_repo;
+pub mod tls_front;
 pub mod vm;
 
 pub use case::TestCase;

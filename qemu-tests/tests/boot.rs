@@ -16,9 +16,10 @@ use qemu_tests::checks::{
 use qemu_tests::docker_archive::{hello_image_archive, HELLO_LINE, HELLO_TAG};
 use qemu_tests::node::{
     controller_url_in_guest, joining_user_data, mode_list, node_vm, sorted_modes, start_controller,
-    wait_for_hosts, TEST_LICENSE,
+    wait_for_hosts, CONTROLLER_GUEST_ADDR, TEST_INIT_TOKEN, TEST_LICENSE,
 };
 use qemu_tests::test_images::{image_for, TestImage};
+use qemu_tests::tls_front::TlsFront;
 use qemu_tests::{AgentReport, TestCase, UserData, Vm};
 
 /// The built image of `profile`, fetched or built before the test's deadline starts.
@@ -99,6 +100,47 @@ fn engine() {
         let out = vm.check(&format!("docker run --rm {HELLO_TAG}"), dl)?;
         ensure!(out.trim() == HELLO_LINE, "docker run printed {out:?}");
 
+        healthy(case, &vm)
+    });
+}
+
+/// The Edge API behind https with a certificate from a private CA (TlsFront
+/// in front of the test controller, both TEST DOUBLES); the node gets the CA
+/// in user-data as AIWARE_CONTROLLER_CA and joins over TLS.
+#[test]
+fn engine_joins_an_https_controller() {
+    let image = image("engine");
+    TestCase::run("engine-https", DEFAULT_BUDGET, |case| {
+        let dl = case.deadline();
+        let controller = start_controller()?;
+        let addr = CONTROLLER_GUEST_ADDR;
+        let front = TlsFront::start(controller.addr(), &[&addr.to_string()])?;
+        let url = format!("https://{addr}/edge/v1");
+        let ud = UserData::cloud_config()
+            .hostname("engine-tls")
+            .setting("AIWARE_MODE", "engine")
+            .setting("AIWARE_LICENSE", TEST_LICENSE)
+            .setting("AIWARE_CONTROLLER", &url)
+            .setting("AIWARE_INIT_TOKEN", TEST_INIT_TOKEN)
+            .setting("AIWARE_CONTROLLER_CA", front.ca_pem());
+        let mut vm = node_vm(case.dir(), "engine", &image, None)?
+            .guest_forward(addr, 443, front.addr().port())?
+            .user_data(ud)
+            .start()?;
+        boot_ready(case, &mut vm)?;
+        let hosts = wait_for_hosts(&controller, 1, dl)?;
+        ensure!(
+            sorted_modes(&hosts[0]) == ["engine"] && !hosts[0].statuses.is_empty(),
+            "registered over TLS: modes {:?}, {} status reports",
+            hosts[0].run_modes(),
+            hosts[0].statuses.len()
+        );
+        let status = agent_status(&vm, dl)?;
+        ensure!(
+            status["join"]["state"] == "joined",
+            "aiw-agent status: {}",
+            status["join"]
+        );
         healthy(case, &vm)
     });
 }
