@@ -262,9 +262,10 @@ fn engine_gpu_without_a_gpu() {
             "engine-gpu: modinfo nvidia-current vermagic {}",
             vermagic.trim()
         );
-        // No compiler or kernel headers remain in the image.
+        // No compiler, kernel headers, driver source, dkms or perl remain in the image.
         let leftovers = vm.check(
-            "ls /usr/bin/gcc /usr/bin/cc /usr/bin/make /usr/src/linux-headers-* 2>/dev/null | wc -l",
+            "ls -d /usr/bin/gcc /usr/bin/cc /usr/bin/make /usr/sbin/dkms \
+             /usr/lib/x86_64-linux-gnu/libperl.so.* /usr/src/linux-headers-* /usr/src/nvidia-* 2>/dev/null | wc -l",
             dl,
         )?;
         ensure!(

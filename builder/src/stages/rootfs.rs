@@ -216,8 +216,9 @@ pub fn make(ctx: &BuildContext, tmp: &Path) -> Result<()> {
         let _lock = crate::cache::FileLock::exclusive(&ctx.cache.root.join("apt-archives.lock"))?;
         run_cmd("installing the root filesystem with mmdebstrap", &mut cmd)?;
     }
-    check_required_modules(&tree, &p.required_modules)?;
     purge_build_only(&tree, &p.build_only)?;
+    // After the purge: what ships must still hold the modules, built for its kernel.
+    check_required_modules(&tree, &p.required_modules)?;
 
     let lock = run_cmd(
         "listing installed packages",
@@ -269,21 +270,27 @@ fn purge_build_only(tree: &Path, patterns: &[String]) -> Result<()> {
         .lines()
         .filter(|p| patterns.iter().any(|pat| glob_match(pat, p)))
         .collect();
-    if victims.is_empty() {
-        return Ok(());
+    // dkms goes first, alone: a DKMS source package's prerm runs `dkms
+    // remove` (deleting the modules it built) only while dkms is installed,
+    // so purging the sources afterwards keeps the built modules.
+    let (first, rest): (Vec<&str>, Vec<&str>) = victims.iter().partition(|p| **p == "dkms");
+    for batch in [first, rest] {
+        if batch.is_empty() {
+            continue;
+        }
+        run_cmd(
+            "purging build-only packages",
+            Cmd::new("chroot")
+                .arg(tree)
+                .args([
+                    "dpkg",
+                    "--purge",
+                    "--force-depends",
+                    "--force-remove-essential",
+                ])
+                .args(&batch),
+        )?;
     }
-    run_cmd(
-        "purging build-only packages",
-        Cmd::new("chroot")
-            .arg(tree)
-            .args([
-                "dpkg",
-                "--purge",
-                "--force-depends",
-                "--force-remove-essential",
-            ])
-            .args(&victims),
-    )?;
     Ok(())
 }
 
