@@ -166,6 +166,23 @@ pub fn parse_findmnt(json: &str) -> Result<Mount> {
     })
 }
 
+/// Prometheus' `/api/v1/targets` answer as (job, instance, health) rows.
+pub fn parse_prometheus_targets(body: &str) -> Result<Vec<(String, String, String)>> {
+    let v: Value = serde_json::from_str(body).context("Prometheus' targets are not JSON")?;
+    Ok(v["data"]["activeTargets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            (
+                t["labels"]["job"].as_str().unwrap_or("").to_string(),
+                t["labels"]["instance"].as_str().unwrap_or("").to_string(),
+                t["health"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect())
+}
+
 /// `/` is read-only erofs on a device-mapper (verity) device.
 pub fn assert_root_verity_erofs(vm: &Vm, dl: &Deadline) -> Result<Mount> {
     let root = mount_at(vm, "/", dl)?;
@@ -226,6 +243,21 @@ pub fn agent_status(vm: &Vm, dl: &Deadline) -> Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prometheus_targets_rows() {
+        let body = r#"{"status":"success","data":{"activeTargets":[
+            {"labels":{"job":"aiware-hosts","instance":"10.0.0.2:8000"},"health":"up"},
+            {"labels":{"job":"node","instance":"localhost:9100"},"health":"down"}]}}"#;
+        assert_eq!(
+            parse_prometheus_targets(body).unwrap(),
+            [
+                ("aiware-hosts".into(), "10.0.0.2:8000".into(), "up".into()),
+                ("node".into(), "localhost:9100".into(), "down".into())
+            ]
+        );
+        assert!(parse_prometheus_targets("<html>").is_err());
+    }
 
     #[test]
     fn parses_failed_units() {

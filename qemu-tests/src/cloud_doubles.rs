@@ -11,7 +11,7 @@
 
 use crate::netdev::{UserNet, LOOPBACK};
 use anyhow::{Context, Result};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -185,61 +185,12 @@ impl Drop for MetadataDouble {
     }
 }
 
-struct Request {
-    method: String,
-    target: String,
-    headers: Vec<(String, String)>,
-}
+use crate::http_request::HttpRequest;
 
-impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-    fn path(&self) -> &str {
-        self.target.split('?').next().unwrap_or("")
-    }
-    fn query(&self, key: &str) -> Option<&str> {
-        let q = self.target.split_once('?')?.1;
-        q.split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v)
-    }
-}
+type Request = HttpRequest;
 
 fn read_request(s: &TcpStream) -> Result<Request> {
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let target = parts.next().unwrap_or("").to_string();
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.push((k.trim().to_string(), v.trim().to_string()));
-        }
-    }
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0; len.min(1 << 20)];
-    r.read_exact(&mut body)?;
-    Ok(Request {
-        method,
-        target,
-        headers,
-    })
+    HttpRequest::read(s, 1 << 20)?.context("the client sent no request")
 }
 
 fn reason(code: u16) -> &'static str {
@@ -416,6 +367,7 @@ pub fn base64(data: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     /// Sends one raw HTTP request; returns (status, body).
     fn ask(

@@ -17,10 +17,11 @@
 //! The HTTP/1.1 server is deliberately tiny (one thread per connection,
 //! `Content-Length` bodies, `Connection: close`), enough for agents and curl.
 
+use crate::http_request::HttpRequest;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -316,69 +317,10 @@ fn spawn_acceptor(listener: TcpListener, shared: Arc<Shared>) -> Acceptor {
     Acceptor { stop, thread }
 }
 
-/// One parsed HTTP request.
-struct Request {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-    fn bearer(&self) -> Option<&str> {
-        let h = self.header("authorization")?;
-        h.strip_prefix("Bearer ")
-            .or_else(|| h.strip_prefix("bearer "))
-            .map(str::trim)
-    }
-}
+type Request = HttpRequest;
 
 fn read_request(stream: &TcpStream) -> std::io::Result<Option<Request>> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut r = BufReader::new(stream);
-    let mut line = String::new();
-    if r.read_line(&mut line)? == 0 {
-        return Ok(None);
-    }
-    let mut parts = line.split_whitespace();
-    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
-        return Ok(None);
-    };
-    let path = target.split('?').next().unwrap_or("").to_string();
-    let method = method.to_string();
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 {
-            break;
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.push((k.trim().to_string(), v.trim().to_string()));
-        }
-    }
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0; len.min(16 << 20)];
-    r.read_exact(&mut body)?;
-    Ok(Some(Request {
-        method,
-        path,
-        headers,
-        body,
-    }))
+    HttpRequest::read(stream, 16 << 20)
 }
 
 fn serve_connection(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
@@ -436,7 +378,7 @@ fn uuid_v4() -> String {
 fn handle(req: &Request, shared: &Shared) -> (u16, Value) {
     let mut st = shared.state.lock().unwrap();
     st.requests += 1;
-    let Some(path) = req.path.strip_prefix(BASE_PATH) else {
+    let Some(path) = req.path().strip_prefix(BASE_PATH) else {
         return error(404, "not_found", "the Edge API lives under /edge/v1");
     };
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();

@@ -21,6 +21,7 @@ pub mod deadline;
 pub mod docker_archive;
 pub mod edge_controller;
 pub mod firmware;
+pub mod http_request;
 pub mod netdev;
 pub mod node;
 pub mod process;

@@ -17,7 +17,7 @@
 //! VMs at once: budget 25 minutes).
 
 use anyhow::{bail, ensure, Context, Result};
-use qemu_tests::checks::{agent_status, mount_at};
+use qemu_tests::checks::{agent_status, mount_at, parse_prometheus_targets};
 use qemu_tests::deadline::Deadline;
 use qemu_tests::docker_archive::{hello_image_archive, HELLO_LINE, HELLO_TAG};
 use qemu_tests::netdev::{LoopbackLan, SocketNic};
@@ -279,20 +279,7 @@ fn check_cache_mount(vm: &Vm, dl: &Deadline) -> Result<()> {
 
 /// Prometheus targets on the controller: (job, instance, health).
 fn prometheus_targets(port: u16) -> Result<Vec<(String, String, String)>> {
-    let body = http(port, "/api/v1/targets", None)?;
-    let v: Value = serde_json::from_str(&body)?;
-    Ok(v["data"]["activeTargets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|t| {
-            (
-                t["labels"]["job"].as_str().unwrap_or("").to_string(),
-                t["labels"]["instance"].as_str().unwrap_or("").to_string(),
-                t["health"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect())
+    parse_prometheus_targets(&http(port, "/api/v1/targets", None)?)
 }
 
 #[test]

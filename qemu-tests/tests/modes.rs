@@ -7,7 +7,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use qemu_tests::checks::{
-    agent_status, assert_active, assert_no_failed_units, assert_not_active, wait_listening,
+    agent_status, assert_active, assert_no_failed_units, assert_not_active,
+    parse_prometheus_targets, wait_listening,
 };
 use qemu_tests::docker_archive::{hello_image_archive, HELLO_LINE, HELLO_TAG};
 use qemu_tests::node::{joining_user_data, node_vm, start_controller};
@@ -115,20 +116,7 @@ fn port_closed(port: u16) -> bool {
 
 /// Prometheus' targets: (job, instance, health).
 fn prometheus_targets(port: u16) -> Result<Vec<(String, String, String)>> {
-    let body = http(port, "GET", "/api/v1/targets")?;
-    let v: serde_json::Value = serde_json::from_str(&body)?;
-    Ok(v["data"]["activeTargets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|t| {
-            (
-                t["labels"]["job"].as_str().unwrap_or("").to_string(),
-                t["labels"]["instance"].as_str().unwrap_or("").to_string(),
-                t["health"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect())
+    parse_prometheus_targets(&http(port, "GET", "/api/v1/targets")?)
 }
 
 fn wait_for<T>(
