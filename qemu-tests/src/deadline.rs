@@ -42,6 +42,27 @@ impl Deadline {
     pub fn cap(&self, want: Duration) -> Duration {
         want.min(self.remaining())
     }
+
+    /// Calls `f` every 5 s until it gives a value; errors count as "not yet"
+    /// and the last one is in the message when the deadline passes.
+    pub fn poll<T>(
+        &self,
+        what: &str,
+        mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<T> {
+        let mut last = String::new();
+        loop {
+            match f() {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => last = format!("{e:#}"),
+            }
+            if self.expired() {
+                anyhow::bail!("{what}: not before the deadline ({last})");
+            }
+            std::thread::sleep(self.cap(Duration::from_secs(5)));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -57,5 +78,22 @@ mod tests {
         let past = Deadline::after(Duration::ZERO);
         assert!(past.expired());
         assert_eq!(past.cap(Duration::from_secs(1)), Duration::ZERO);
+    }
+
+    #[test]
+    fn poll_returns_the_value_or_names_the_last_error() {
+        let d = Deadline::after(Duration::from_secs(5));
+        let mut n = 0;
+        let v = d.poll("counting", || {
+            n += 1;
+            Ok(Some(n))
+        });
+        assert_eq!(v.unwrap(), 1);
+        let past = Deadline::after(Duration::ZERO);
+        let e = past
+            .poll::<()>("the thing", || anyhow::bail!("refused"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "the thing: not before the deadline (refused)");
     }
 }

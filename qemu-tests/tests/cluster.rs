@@ -230,21 +230,6 @@ fn http(port: u16, path: &str, token: Option<&str>) -> Result<String> {
     Ok(body.to_string())
 }
 
-fn wait_for<T>(what: &str, dl: &Deadline, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let mut last = String::new();
-    loop {
-        match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if dl.expired() {
-            bail!("{what}: not before the deadline ({last})");
-        }
-        std::thread::sleep(dl.cap(Duration::from_secs(5)));
-    }
-}
-
 fn host_ip(h: &Value) -> String {
     h["ips"][0].as_str().unwrap_or_default().to_string()
 }
@@ -310,9 +295,8 @@ fn three_node_cluster() {
         }
         for (i, e) in engines.iter_mut().enumerate() {
             e.wait_ssh(dl)?;
-            let waiting = wait_for(
+            let waiting = dl.poll(
                 &format!("{}: the agent waiting for the controller", e.name()),
-                dl,
                 || {
                     let (state, _, _) = join_of(e, dl)?;
                     if state != "waiting-for-controller" {
@@ -364,7 +348,7 @@ fn three_node_cluster() {
         let all_ips: Vec<String> = std::iter::once(CONTROLLER_IP.to_string())
             .chain(engine_ips.iter().cloned())
             .collect();
-        let listed = wait_for("GET /hosts lists the three nodes", dl, || {
+        let listed = dl.poll("GET /hosts lists the three nodes", || {
             let h = hosts(api)?;
             Ok(all_ips
                 .iter()
@@ -470,7 +454,7 @@ fn three_node_cluster() {
             .iter()
             .flat_map(|ip| [format!("{ip}:8000"), format!("{ip}:9100")])
             .collect();
-        let targets = wait_for("Prometheus: every node's 8000 and 9100 up", dl, || {
+        let targets = dl.poll("Prometheus: every node's 8000 and 9100 up", || {
             let t = prometheus_targets(prom)?;
             Ok(want
                 .iter()
@@ -503,21 +487,17 @@ fn three_node_cluster() {
             other => bail!("controller after reboot: {other:?}"),
         }
         case.timing("controller reboot to ready", rebooted.elapsed());
-        let after = wait_for(
-            "every engine reporting to the rebooted controller",
-            dl,
-            || {
-                let h = hosts(api)?;
-                let fresh = engine_ips.iter().all(|ip| {
-                    host_by_ip(&h, ip).is_some_and(|x| {
-                        let id = x["hostID"].as_str().unwrap_or("");
-                        x["lastUpdateDateTime"].as_u64().unwrap_or(0)
-                            > before.get(id).copied().unwrap_or(u64::MAX)
-                    })
-                });
-                Ok(fresh.then_some(h))
-            },
-        )?;
+        let after = dl.poll("every engine reporting to the rebooted controller", || {
+            let h = hosts(api)?;
+            let fresh = engine_ips.iter().all(|ip| {
+                host_by_ip(&h, ip).is_some_and(|x| {
+                    let id = x["hostID"].as_str().unwrap_or("");
+                    x["lastUpdateDateTime"].as_u64().unwrap_or(0)
+                        > before.get(id).copied().unwrap_or(u64::MAX)
+                })
+            });
+            Ok(fresh.then_some(h))
+        })?;
         ensure!(after.len() == 3, "GET /hosts after the reboot: {after:#?}");
         for ip in &all_ips {
             let h = host_by_ip(&after, ip).context("a node is missing after the reboot")?;

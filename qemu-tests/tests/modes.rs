@@ -5,7 +5,7 @@
 //!
 //! Run: `cargo test -p qemu-tests --test modes -- --test-threads=1 --nocapture`.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use qemu_tests::checks::{
     agent_status, assert_active, assert_no_failed_units, assert_not_active,
     parse_prometheus_targets, wait_listening,
@@ -117,25 +117,6 @@ fn port_closed(port: u16) -> bool {
 /// Prometheus' targets: (job, instance, health).
 fn prometheus_targets(port: u16) -> Result<Vec<(String, String, String)>> {
     parse_prometheus_targets(&http(port, "GET", "/api/v1/targets")?)
-}
-
-fn wait_for<T>(
-    what: &str,
-    dl: &qemu_tests::deadline::Deadline,
-    mut f: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let mut last = String::new();
-    loop {
-        match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if dl.expired() {
-            bail!("{what}: not before the deadline ({last})");
-        }
-        std::thread::sleep(dl.cap(Duration::from_secs(5)));
-    }
 }
 
 /// The `anywhere` profile with all twelve modes: every native service active,
@@ -282,7 +263,7 @@ fn anywhere_all_modes() {
         ensure!(stored.contains("hello"), "registry storage: {stored}");
 
         // prometheus: its own, the agent's and node exporter's targets up.
-        let targets = wait_for("Prometheus targets up", dl, || {
+        let targets = dl.poll("Prometheus targets up", || {
             let t = prometheus_targets(fwd(9090))?;
             let up = |job: &str| t.iter().any(|(j, _, h)| j == job && h == "up");
             let hosts_up = t
