@@ -69,17 +69,13 @@ pub fn check_build_host(opts: &BuildOptions) -> Result<()> {
 /// that is not enough does the build stop, before any slow stage.
 pub fn make_room(ctx: &BuildContext, plan: &Plan, need: &Needed) -> Result<()> {
     let opts = &ctx.opts;
-    let to_build: Vec<(&str, &Slot)> = [
-        ("tools", &plan.tools, need.tools),
-        ("rootfs", &plan.rootfs, need.rootfs),
-        ("customize", &plan.customize, need.customize),
-        ("initrd", &plan.initrd, need.initrd),
-        ("disk", &plan.disk, need.disk),
-    ]
-    .into_iter()
-    .filter(|(_, slot, needed)| *needed && !slot.is_done())
-    .map(|(name, slot, _)| (name, slot))
-    .collect();
+    let to_build: Vec<(&str, &Slot)> = plan
+        .slots()
+        .into_iter()
+        .zip(need.in_order())
+        .filter(|((_, slot), needed)| *needed && !slot.is_done())
+        .map(|(stage, _)| stage)
+        .collect();
     let cache_need: u64 = to_build.iter().map(|(name, _)| stage_space(name)).sum();
     let output_need: u64 = opts.formats.iter().map(|f| output_space(*f)).sum();
     let same_fs = device_of(&opts.cache_dir)? == device_of(&opts.output_dir)?;
@@ -87,16 +83,7 @@ pub fn make_room(ctx: &BuildContext, plan: &Plan, need: &Needed) -> Result<()> {
 
     let free = free_space(&opts.cache_dir)?;
     if free < need_on_cache_fs {
-        let keep: Vec<&Path> = [
-            &plan.tools,
-            &plan.rootfs,
-            &plan.customize,
-            &plan.initrd,
-            &plan.disk,
-        ]
-        .iter()
-        .map(|s| s.dir.as_path())
-        .collect();
+        let keep: Vec<&Path> = plan.slots().iter().map(|(_, s)| s.dir.as_path()).collect();
         let freed = ctx.cache.make_room(need_on_cache_fs - free, &keep, |e| {
             eprintln!(
                 "cache: evicted {}/{} ({}, unused since {}) to make room",

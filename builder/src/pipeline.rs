@@ -225,14 +225,19 @@ impl Plan {
         }
     }
 
-    pub fn keys(&self) -> [(&'static str, &str); 5] {
+    /// Every stage's slot, in pipeline order (names as in [`STAGES`]).
+    pub fn slots(&self) -> [(&'static str, &Slot); 5] {
         [
-            ("tools", &self.tools.key),
-            ("rootfs", &self.rootfs.key),
-            ("customize", &self.customize.key),
-            ("initrd", &self.initrd.key),
-            ("disk", &self.disk.key),
+            ("tools", &self.tools),
+            ("rootfs", &self.rootfs),
+            ("customize", &self.customize),
+            ("initrd", &self.initrd),
+            ("disk", &self.disk),
         ]
+    }
+
+    pub fn keys(&self) -> [(&'static str, &str); 5] {
+        self.slots().map(|(name, slot)| (name, slot.key.as_str()))
     }
 }
 
@@ -244,6 +249,19 @@ pub struct Needed {
     pub customize: bool,
     pub initrd: bool,
     pub disk: bool,
+}
+
+impl Needed {
+    /// In pipeline order, as [`Plan::slots`].
+    pub fn in_order(&self) -> [bool; 5] {
+        [
+            self.tools,
+            self.rootfs,
+            self.customize,
+            self.initrd,
+            self.disk,
+        ]
+    }
 }
 
 impl BuildContext {
