@@ -130,7 +130,9 @@ fn engine_build_verify_cache_and_overlay_edit() {
         std::fs::create_dir_all(proj.join(sub).parent().unwrap()).unwrap();
         copy_dir(&ws.join(sub), &proj.join(sub));
     }
-    let agent = ws.join("target/x86_64-unknown-linux-musl/release/aiw-agent");
+    // The copy has no agent sources; pass the workspace's agent binary. Build it
+    // here: steps 1-2 may not have (a warm cache needs no customize stage).
+    let agent = qemu_tests::test_images::build_agent().unwrap();
     let agent_arg = agent.display().to_string();
     let extra = ["--formats", "raw", "--agent-bin", &agent_arg];
     build(&proj, &work.join("out-copy"), &extra);
