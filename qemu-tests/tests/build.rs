@@ -138,7 +138,13 @@ fn engine_build_verify_cache_and_overlay_edit() {
     build(&proj, &work.join("out-copy"), &extra);
     let motd = proj.join("overlays/base/etc/motd.tera");
     let mut text = std::fs::read_to_string(&motd).unwrap();
-    text.push_str("  (edited by the builder test)\n");
+    // A text no earlier run wrote: the cache outlives runs (CI keeps it), and an
+    // edit it has seen before would be a cache hit, not the rebuild under test.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    text.push_str(&format!("  (edited by the builder test, run {nonce})\n"));
     std::fs::write(&motd, text).unwrap();
     let (stages, _) = build(&proj, &work.join("out-copy"), &extra);
     assert_eq!(rebuilt(&stages), ["customize", "disk"], "{stages:?}");
