@@ -22,7 +22,7 @@ echo "== slow: the builder end to end"
 cargo build --release -p aiwimg
 AIWIMG_BIN="$PWD/target/release/aiwimg"
 export AIWIMG_BIN
-cargo test --release -p qemu-tests --test build -- --nocapture
+cargo test --release -p qemu-tests --test build -- --test-threads=1 --nocapture
 disk
 
 echo "== slow: every output format, and publish aws against moto"

@@ -7,7 +7,7 @@
 //! each other, and files are hashed with their relative paths, modes and
 //! contents, so a rename, a chmod or an edit each change the key.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -307,16 +307,30 @@ impl Cache {
     /// Removes one entry unless a build is using or filling it right now
     /// (then returns false).
     pub fn evict(&self, entry: &Entry) -> Result<bool> {
-        let lock = self
-            .root
-            .join(&entry.stage)
-            .join(format!(".{}.lock", entry.key));
+        self.remove_dir(&entry.stage, &entry.key, &entry.dir)
+    }
+
+    /// Removes a stage's cached entry so the next build makes it again.
+    /// Ok(false) when there was none; an error when another build uses it.
+    pub fn remove(&self, stage: &str, slot: &Slot) -> Result<bool> {
+        if !slot.is_done() {
+            return Ok(false);
+        }
+        if !self.remove_dir(stage, &slot.key, &slot.dir)? {
+            let short = slot.key.get(..12).unwrap_or(&slot.key);
+            bail!("{stage}/{short} is in use by another build; wait for it to finish");
+        }
+        Ok(true)
+    }
+
+    fn remove_dir(&self, stage: &str, key: &str, dir: &Path) -> Result<bool> {
+        let lock = self.root.join(stage).join(format!(".{key}.lock"));
         let Some(_held) = FileLock::try_exclusive(&lock)? else {
             return Ok(false);
         };
         // Not done first: a crash half-way leaves something that is not reused.
-        let _ = std::fs::remove_file(entry.dir.join(".done"));
-        remove_tree(&entry.dir)?;
+        let _ = std::fs::remove_file(dir.join(".done"));
+        remove_tree(dir)?;
         let _ = std::fs::remove_file(&lock);
         Ok(true)
     }
@@ -525,5 +539,22 @@ mod tests {
             .unwrap();
         assert!(slot.is_done());
         assert!(slot.dir.join("art").is_file());
+    }
+
+    #[test]
+    fn remove_for_rebuild_refuses_a_slot_another_build_holds() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::new(d.path().to_path_buf()).unwrap();
+        let slot = cache.slot("rootfs", "k1");
+        assert!(!cache.remove("rootfs", &slot).unwrap(), "nothing to remove");
+        slot.fill(|tmp| Ok(std::fs::write(tmp.join("art"), "x")?))
+            .unwrap();
+        let guard = slot.hold().unwrap();
+        let err = cache.remove("rootfs", &slot).unwrap_err().to_string();
+        assert!(err.contains("in use by another build"), "{err}");
+        assert!(slot.is_done());
+        drop(guard);
+        assert!(cache.remove("rootfs", &slot).unwrap());
+        assert!(!slot.is_done() && !slot.dir.exists());
     }
 }

@@ -61,6 +61,12 @@ enum Command {
         /// Install exactly the package versions of images/PROFILE.lock.
         #[arg(long)]
         locked: bool,
+        /// Make every stage of this image again (all but the tools tree)
+        /// instead of reusing the cache, replacing the cached entries. With the
+        /// same inputs the new image is bit-identical (add --locked to pin the
+        /// packages): the way to check that a build reproduces.
+        #[arg(long)]
+        rebuild: bool,
         /// Use this aiw-agent binary instead of building agent/.
         #[arg(long)]
         agent_bin: Option<PathBuf>,
@@ -215,6 +221,7 @@ fn real_main() -> Result<()> {
             repo_mirrors,
             image_version,
             locked,
+            rebuild,
             agent_bin,
             json,
         } => {
@@ -238,6 +245,7 @@ fn real_main() -> Result<()> {
                 mirror,
                 image_version,
                 locked,
+                rebuild,
                 agent_bin,
                 repo_mirrors: mirrors,
                 json,

@@ -34,6 +34,8 @@ pub struct BuildOptions {
     pub image_version: String,
     /// Install exactly the versions of `images/<profile>.lock`.
     pub locked: bool,
+    /// `--rebuild`: remove this image's cached stages (not the tools tree) first.
+    pub rebuild: bool,
     /// A prebuilt aiw-agent instead of building it from `agent/`.
     pub agent_bin: Option<PathBuf>,
     /// `--repo-mirror NAME=URL`: a local mirror for a profile's third-party repository.
@@ -301,6 +303,14 @@ pub fn build(opts: BuildOptions) -> Result<BuildResult> {
         ctx.profile.source_date_epoch.to_string(),
     );
     let plan = Plan::new(&ctx)?;
+    if ctx.opts.rebuild {
+        // The tools tree is the builder's toolchain, not part of the image.
+        for (stage, slot) in plan.slots().into_iter().skip(1) {
+            if ctx.cache.remove(stage, slot)? {
+                eprintln!("cache: --rebuild removed {stage}/{}", &slot.key[..12]);
+            }
+        }
+    }
     let need = plan.needed();
     host::make_room(&ctx, &plan, &need)?;
     let mut progress = Progress {

@@ -53,6 +53,7 @@ fn opts(project: &Path, cache: &Path) -> BuildOptions {
         mirror: None,
         image_version: "1.0".into(),
         locked: false,
+        rebuild: false,
         agent_bin: None,
         repo_mirrors: BTreeMap::new(),
         json: false,

@@ -4,7 +4,8 @@
 //! - a build of `engine` succeeds and `aiwimg inspect --verify` passes;
 //! - a second build with nothing changed reuses every stage;
 //! - after editing one overlay file, only customize and disk are redone;
-//! - a corrupted image fails `inspect --verify`.
+//! - a corrupted image fails `inspect --verify`;
+//! - two `--rebuild`s, the second `--locked`, give bit-identical images.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -170,6 +171,50 @@ fn engine_build_verify_cache_and_overlay_edit() {
     assert!(text.contains("sha256") && text.contains("verity"), "{text}");
     eprintln!("corrupted image rejected:\n{text}");
     // Passed: the four image copies only take disk space from later tests.
+    std::fs::remove_dir_all(&work).unwrap();
+}
+
+/// Two builds of every image stage, minutes apart, the second from the lock
+/// file the first wrote, give the same bytes: the image is a function of its
+/// inputs, and `--locked` reproduces a released image.
+#[test]
+fn a_rebuild_from_the_lock_file_is_bit_identical() {
+    assert!(
+        unsafe { libc_geteuid() } == 0,
+        "this test builds an image and needs root: run the README's test command as root"
+    );
+    let work = workspace().join("target/qemu-tests/reproducible");
+    let _ = std::fs::remove_dir_all(&work);
+    let ws = workspace();
+    let mut images = Vec::new();
+    for (name, locked) in [("first", &[][..]), ("second", &["--locked"][..])] {
+        let mut extra = vec!["--formats", "raw", "--rebuild"];
+        extra.extend_from_slice(locked);
+        let (stages, result) = build(&ws, &work.join(name), &extra);
+        assert_eq!(
+            rebuilt(&stages),
+            ["rootfs", "customize", "initrd", "disk"],
+            "--rebuild reused a stage: {stages:?}"
+        );
+        let out = PathBuf::from(result["output"].as_str().unwrap());
+        let manifest: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
+                .unwrap();
+        images.push(manifest);
+    }
+    let (a, b) = (&images[0], &images[1]);
+    assert_eq!(
+        a["packages"], b["packages"],
+        "the lock file installed other versions"
+    );
+    assert_eq!(a["roothash"], b["roothash"], "the root file systems differ");
+    assert_eq!(a["files"], b["files"], "the disk images differ");
+    eprintln!(
+        "reproducible: two builds, the second --locked, both roothash {} and {} sha256 {}",
+        a["roothash"].as_str().unwrap(),
+        a["files"][0]["name"].as_str().unwrap(),
+        a["files"][0]["sha256"].as_str().unwrap()
+    );
     std::fs::remove_dir_all(&work).unwrap();
 }
 

@@ -96,6 +96,8 @@ pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slo
     let p = &ctx.profile;
     let mut k = KeyBuilder::new("customize");
     k.key("rootfs", &rootfs.key)
+        // Bump when make() changes what it produces from the same inputs.
+        .field("recipe", "3")
         .field("overlay-context", &overlay_context(ctx).to_string())
         .list("overlays", &p.overlays)
         .field("image-version", &ctx.opts.image_version)
@@ -169,6 +171,11 @@ pub fn make(
     install_agent(ctx, &agent_bin, &tree)?;
     write_os_release(ctx, &tree)?;
     clear_per_machine_state(&tree)?;
+    // apt's record of which packages came in as dependencies reflects how they
+    // were asked for (--locked names every one), not what is installed, and apt
+    // never runs on the immutable image: without it a --locked build is
+    // bit-identical to the build that wrote the lock file.
+    let _ = std::fs::remove_file(tree.join("var/lib/apt/extended_states"));
     move_var_to_factory(&tree)?;
     set_unit_states(ctx, tools, &tree)?;
     for d in ["efi", "opt/aiware", "cache", "var"] {
@@ -178,6 +185,14 @@ pub fn make(
     // The UKI's .osrel section is made from this copy.
     std::fs::copy(tree.join("usr/lib/os-release"), tmp.join("os-release"))?;
     let erofs = tmp.join("root.erofs");
+    // The file system's UUID names what is in it, not how it was asked for:
+    // the rootfs key differs between a --locked build and the build that wrote
+    // the lock, the installed packages do not.
+    let fs_id = KeyBuilder::new("erofs-uuid")
+        .path("packages", &rootfs.dir.join("packages.lock"))?
+        .field("profile", &ctx.profile.name)
+        .field("image-version", &ctx.opts.image_version)
+        .finish();
     tools.run(
         "packing the root as erofs",
         &[
@@ -186,7 +201,7 @@ pub fn make(
             &format!("-z{}", ctx.profile.root_compression),
             &format!("-T{}", ctx.profile.source_date_epoch),
             "--ignore-mtime",
-            &format!("-U{}", uuid_from_key(&rootfs.key)),
+            &format!("-U{}", uuid_from_key(&fs_id)),
             "/out/root.erofs",
             "/tree",
         ],

@@ -22,14 +22,40 @@ const MIB: u64 = 1 << 20;
 
 pub fn slot(ctx: &BuildContext, tools: &Slot, custom: &Slot, initrd: &Slot) -> Slot {
     let key = KeyBuilder::new("disk")
+        // Bump when make() changes what it produces from the same inputs.
+        .field("recipe", "2")
         .key("tools", &tools.key)
         .key("customize", &custom.key)
         .key("initrd", &initrd.key)
         .list("cmdline", &ctx.profile.kernel_cmdline)
         .field("esp-size", &ctx.profile.esp_size_mib.to_string())
+        .field("esp-file-times", &ctx.profile.source_date_epoch.to_string())
         .field("name", &ctx.image_name())
         .finish();
     ctx.cache.slot("disk", &key)
+}
+
+/// Sets the access and modification times of `dir` and everything under it
+/// to `epoch` (seconds since 1970), so file systems built from it do not
+/// record when the build ran.
+fn set_times_under(dir: &Path, epoch: u64) -> Result<()> {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(epoch);
+    let times = std::fs::FileTimes::new().set_accessed(t).set_modified(t);
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            set_times_under(&entry.path(), epoch)?;
+        } else {
+            std::fs::File::options()
+                .write(true)
+                .open(entry.path())?
+                .set_times(times)?;
+        }
+    }
+    // A directory's times are set last: changing its entries touches it.
+    std::fs::File::open(dir)?
+        .set_times(times)
+        .with_context(|| format!("setting the times of {}", dir.display()))
 }
 
 /// What the disk stage learned, kept beside disk.raw.
@@ -114,9 +140,18 @@ pub fn make(
     for (name, text) in &files {
         std::fs::write(defs.join(name), text)?;
     }
+    // The seed makes the GPT's and partitions' UUIDs and the verity salt. It
+    // comes from what goes on the disk, not from the stage keys, so the same
+    // content gives the same bytes however it was asked for (the keys of a
+    // --locked build differ from those of the build that wrote the lock).
     let seed = uuid_from_key(
         &KeyBuilder::new("disk-seed")
-            .key("customize", &custom.key)
+            .path("root", &custom.dir.join("root.erofs"))?
+            .path("kernel", &initrd.dir.join("vmlinuz"))?
+            .path("initrd", &initrd.dir.join("initrd.img"))?
+            .list("cmdline", &ctx.profile.kernel_cmdline)
+            .field("esp-size", &ctx.profile.esp_size_mib.to_string())
+            .field("name", &ctx.image_name())
             .finish(),
     );
     let binds = [
@@ -211,6 +246,10 @@ pub fn make(
         &binds,
     )?;
 
+    // FAT directory entries carry each file's times, which mcopy takes from the
+    // staged files: pin them, or every build's ESP (and image sha256) differs.
+    set_times_under(&espdir, ctx.profile.source_date_epoch)?;
+
     // Run 2: the ESP, now that the UKI exists.
     let rows = repart("writing the ESP (systemd-repart)", &[])?;
     let partitions = rows
@@ -239,4 +278,24 @@ pub fn make(
     // of the (large) rootfs slot to make outputs and the lock file.
     std::fs::copy(rootfs.dir.join("packages.lock"), tmp.join("packages.lock"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_file_and_folder_under_the_esp_gets_the_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let esp = dir.path().join("esp");
+        std::fs::create_dir_all(esp.join("EFI/Linux")).unwrap();
+        std::fs::write(esp.join("EFI/Linux/a.efi"), b"uki").unwrap();
+        std::fs::write(esp.join("loader.conf"), b"timeout 0").unwrap();
+        set_times_under(&esp, 1_767_225_600).unwrap();
+        for p in ["", "EFI", "EFI/Linux", "EFI/Linux/a.efi", "loader.conf"] {
+            let m = std::fs::metadata(esp.join(p)).unwrap().modified().unwrap();
+            let secs = m.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+            assert_eq!(secs, 1_767_225_600, "{p:?}");
+        }
+    }
 }
