@@ -153,6 +153,35 @@ impl Slot {
         self.dir.join(".done").is_file()
     }
 
+    /// Removes this cached entry so the next build makes it again (`--rebuild`).
+    /// Ok(false) when there was none; an error when another build uses it.
+    pub fn remove(&self) -> Result<bool> {
+        if !self.is_done() {
+            return Ok(false);
+        }
+        if !self.try_remove()? {
+            bail!(
+                "{} is in use by another build; wait for it to finish",
+                self.dir.display()
+            );
+        }
+        Ok(true)
+    }
+
+    /// Removes the entry unless a build is using or filling it right now
+    /// (then returns false).
+    fn try_remove(&self) -> Result<bool> {
+        let lock = self.lock_path();
+        let Some(_held) = FileLock::try_exclusive(&lock)? else {
+            return Ok(false);
+        };
+        // Not done first: a crash half-way leaves something that is not reused.
+        let _ = std::fs::remove_file(self.dir.join(".done"));
+        remove_tree(&self.dir)?;
+        let _ = std::fs::remove_file(&lock);
+        Ok(true)
+    }
+
     fn lock_path(&self) -> PathBuf {
         let parent = self.dir.parent().expect("slot has a parent");
         parent.join(format!(".{}.lock", self.key))
@@ -307,32 +336,7 @@ impl Cache {
     /// Removes one entry unless a build is using or filling it right now
     /// (then returns false).
     pub fn evict(&self, entry: &Entry) -> Result<bool> {
-        self.remove_dir(&entry.stage, &entry.key, &entry.dir)
-    }
-
-    /// Removes a stage's cached entry so the next build makes it again.
-    /// Ok(false) when there was none; an error when another build uses it.
-    pub fn remove(&self, stage: &str, slot: &Slot) -> Result<bool> {
-        if !slot.is_done() {
-            return Ok(false);
-        }
-        if !self.remove_dir(stage, &slot.key, &slot.dir)? {
-            let short = slot.key.get(..12).unwrap_or(&slot.key);
-            bail!("{stage}/{short} is in use by another build; wait for it to finish");
-        }
-        Ok(true)
-    }
-
-    fn remove_dir(&self, stage: &str, key: &str, dir: &Path) -> Result<bool> {
-        let lock = self.root.join(stage).join(format!(".{key}.lock"));
-        let Some(_held) = FileLock::try_exclusive(&lock)? else {
-            return Ok(false);
-        };
-        // Not done first: a crash half-way leaves something that is not reused.
-        let _ = std::fs::remove_file(dir.join(".done"));
-        remove_tree(dir)?;
-        let _ = std::fs::remove_file(&lock);
-        Ok(true)
+        self.slot(&entry.stage, &entry.key).try_remove()
     }
 
     /// Evicts least recently used entries, never those in `keep`, until
@@ -546,15 +550,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let cache = Cache::new(d.path().to_path_buf()).unwrap();
         let slot = cache.slot("rootfs", "k1");
-        assert!(!cache.remove("rootfs", &slot).unwrap(), "nothing to remove");
+        assert!(!slot.remove().unwrap(), "nothing to remove");
         slot.fill(|tmp| Ok(std::fs::write(tmp.join("art"), "x")?))
             .unwrap();
         let guard = slot.hold().unwrap();
-        let err = cache.remove("rootfs", &slot).unwrap_err().to_string();
+        let err = slot.remove().unwrap_err().to_string();
         assert!(err.contains("in use by another build"), "{err}");
         assert!(slot.is_done());
         drop(guard);
-        assert!(cache.remove("rootfs", &slot).unwrap());
+        assert!(slot.remove().unwrap());
         assert!(!slot.is_done() && !slot.dir.exists());
     }
 }

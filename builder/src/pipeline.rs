@@ -306,7 +306,7 @@ pub fn build(opts: BuildOptions) -> Result<BuildResult> {
     if ctx.opts.rebuild {
         // The tools tree is the builder's toolchain, not part of the image.
         for (stage, slot) in plan.slots().into_iter().skip(1) {
-            if ctx.cache.remove(stage, slot)? {
+            if slot.remove()? {
                 eprintln!("cache: --rebuild removed {stage}/{}", &slot.key[..12]);
             }
         }
