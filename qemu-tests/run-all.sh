@@ -7,6 +7,34 @@ set -eu
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 [ "$(id -u)" = 0 ] || { echo "run-all.sh: run as root (image builds need it)" >&2; exit 1; }
+
+# Each section's time, printed at the end (and on failure, up to where it
+# stopped), so the CI budget (60 min warm cache, 85 min empty) is watched.
+times=""
+current=""
+section_started=$started
+close_section() {
+    [ -n "$current" ] || return 0
+    times="$times$(printf '%6d s  %s' $(( $(date +%s) - section_started )) "$current")
+"
+    current=""
+}
+section() {
+    close_section
+    current="$1"
+    section_started=$(date +%s)
+    echo "== $1"
+}
+report_times() {
+    status=$?
+    close_section
+    echo "== section times"
+    printf '%s' "$times"
+    printf '%6d s  total (%s)\n' $(( $(date +%s) - started )) "$( [ $status = 0 ] && echo passed || echo FAILED)"
+}
+trap report_times EXIT
+
+section "set-up: builder/setup-host.sh --tests"
 builder/setup-host.sh --tests
 # Disk is the scarce thing on CI: show it at every section.
 disk() {
@@ -14,34 +42,40 @@ disk() {
 }
 disk
 
-echo "== fast: unit tests"
+section "set-up check: the README's commands in fresh Debian 12 roots, in either order"
+cargo test --release -p qemu-tests --test setup_host -- --nocapture
+
+section "fast: unit tests"
 cargo test --workspace --exclude qemu-tests
 cargo test -p qemu-tests --lib
 
-echo "== slow: the builder end to end"
+section "slow: the builder end to end"
 cargo build --release -p aiwimg
 AIWIMG_BIN="$PWD/target/release/aiwimg"
 export AIWIMG_BIN
 cargo test --release -p qemu-tests --test build -- --test-threads=1 --nocapture
 disk
 
-echo "== slow: every output format, and publish aws against moto"
+section "slow: every output format, and publish aws against moto"
 cargo test --release -p qemu-tests --test formats -- --nocapture
 cargo test --release -p qemu-tests --test publish_aws -- --test-threads=1 --nocapture
 rm -rf target/qemu-tests/publish-aws   # passed: its image copies are not needed
 disk
 
-echo "== slow: QEMU harness and image boot tests (one VM at a time)"
+section "slow: QEMU harness and image boot tests (one VM at a time)"
 cargo test --release -p qemu-tests --test harness -- --test-threads=1
 cargo test --release -p qemu-tests --test boot -- --test-threads=1 --nocapture
 disk
+section "slow: run modes"
 cargo test --release -p qemu-tests --test modes -- --test-threads=1 --nocapture
 disk
+section "slow: launch data from every datasource"
 cargo test --release -p qemu-tests --test clouds -- --test-threads=1 --nocapture
 disk
 
-echo "== slow: a three-node cluster (controller + two engines on one private LAN)"
+section "slow: a three-node cluster (controller + two engines on one private LAN)"
 cargo test --release -p qemu-tests --test cluster -- --nocapture
 disk
 "$AIWIMG_BIN" cache list | tail -1
+close_section
 echo "== all tests passed in $(( $(date +%s) - started )) s"

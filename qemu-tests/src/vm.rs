@@ -728,7 +728,8 @@ impl Vm {
         let _ = std::fs::remove_file(&self.paths.qmp);
     }
 
-    /// Saves `journalctl -b` (and the boot list) from the guest to the VM dir.
+    /// Saves `journalctl -b` (and the boot list) from the guest to the VM dir,
+    /// and `systemd-analyze` (time, critical chain, blame) beside it.
     pub fn save_journal(&self) -> Result<PathBuf> {
         let ssh = self.ssh()?;
         let out = ssh.exec(
@@ -745,6 +746,14 @@ impl Vm {
         }
         let path = self.paths.dir.join("journal.txt");
         std::fs::write(&path, out.stdout)?;
+        // Where the boot's time went, kept beside the journal of every VM.
+        let analysis = ssh.exec(
+            "systemd-analyze 2>&1; echo; systemd-analyze critical-chain --no-pager 2>&1; \
+             echo; systemd-analyze blame --no-pager 2>&1",
+            None,
+            Duration::from_secs(60),
+        )?;
+        std::fs::write(self.paths.dir.join("systemd-analyze.txt"), analysis.stdout)?;
         Ok(path)
     }
 }
