@@ -2,8 +2,12 @@
 //! apply → join → report. Each stage updates the status that `aiw-agent status`
 //! and `/metrics` show.
 
+use crate::containers::{self, ContainerRuntime};
+use crate::controller::join::{self, Backoff, EdgeClient, HostReport, JoinRecord};
+use crate::controller::tasks::{
+    HostTasks, LaunchContext, LogindPowerOff, PowerControl, RecordingPower,
+};
 use crate::datasource::{self, Endpoints, LaunchData};
-use crate::join::{self, Backoff, EdgeClient, HostReport, JoinRecord};
 use crate::modes::{ImageInfo, ModeTable};
 use crate::paths::Paths;
 use crate::settings::{self, ImageContext, Settings};
@@ -13,6 +17,10 @@ use crate::{apply, gpu, host, log, userdata};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Default grace past an engine's runtimeTTL before the agent stops it (the
+/// engine toolkit enforces its own TTL first).
+pub const TTL_GRACE_S: u64 = 60;
 
 pub struct AgentConfig {
     pub paths: Paths,
@@ -71,6 +79,9 @@ pub struct Agent<'a> {
     cfg: AgentConfig,
     units: &'a dyn UnitControl,
     pub status: Arc<Mutex<Status>>,
+    runtime: Option<Arc<dyn ContainerRuntime>>,
+    power: Option<Arc<dyn PowerControl>>,
+    ttl_grace: Duration,
 }
 
 fn sd_notify(msg: &str) {
@@ -102,7 +113,101 @@ impl<'a> Agent<'a> {
             cfg,
             units,
             status: Arc::new(Mutex::new(status)),
+            runtime: None,
+            power: None,
+            ttl_grace: Duration::from_secs(TTL_GRACE_S),
         }
+    }
+
+    /// The container runtime for host actions (default: Docker on
+    /// /run/docker.sock on a real system, none in a test root).
+    pub fn with_runtime(mut self, rt: Arc<dyn ContainerRuntime>) -> Self {
+        self.runtime = Some(rt);
+        self
+    }
+
+    /// What `mode: terminate` powers off with (default: logind on a real system).
+    pub fn with_power(mut self, p: Arc<dyn PowerControl>) -> Self {
+        self.power = Some(p);
+        self
+    }
+
+    /// How long past its runtimeTTL an engine may run before it is stopped.
+    pub fn with_ttl_grace(mut self, d: Duration) -> Self {
+        self.ttl_grace = d;
+        self
+    }
+
+    fn host_tasks(&self, host_id: &str, url: &str, s: &Settings, gpus: &[gpu::Gpu]) -> HostTasks {
+        let runtime = self.runtime.clone().unwrap_or_else(|| {
+            if self.cfg.real_system {
+                containers::for_system(std::path::Path::new(containers::docker::DOCKER_SOCKET))
+            } else {
+                Arc::new(containers::Unavailable {
+                    reason: format!(
+                        "no container runtime under the test root {}",
+                        self.cfg.paths.root.display()
+                    ),
+                })
+            }
+        });
+        let power = self.power.clone().unwrap_or_else(|| {
+            if self.cfg.real_system {
+                Arc::new(LogindPowerOff)
+            } else {
+                Arc::new(RecordingPower::default())
+            }
+        });
+        let gpu_image = self
+            .status
+            .lock()
+            .map(|st| st.image.as_ref().is_some_and(|i| i["gpu"] == true))
+            .unwrap_or(false);
+        let ctx = LaunchContext {
+            host_id: host_id.to_string(),
+            controller: url.to_string(),
+            license: s.get("AIWARE_LICENSE").unwrap_or("").to_string(),
+            cache_dir: self
+                .cfg
+                .paths
+                .at(s.get("AIWARE_CACHE_DIR").unwrap_or("/cache")),
+            auto_remove: !s
+                .get("AIWARE_AUTOREMOVE_ENGINES")
+                .is_some_and(|v| v.eq_ignore_ascii_case("false") || v == "0"),
+            gpu_image,
+            gpus: gpus.len(),
+            ttl_grace: self.ttl_grace,
+            stop_timeout: Duration::from_secs(10),
+        };
+        HostTasks::new(runtime, power, ctx)
+    }
+
+    /// Keeps what the last report said about the actions in `aiw-agent status`.
+    fn record_actions(&self, report: &serde_json::Value) {
+        self.update(|st| {
+            let a = &mut st.actions;
+            a.host_mode = report["hostMode"].as_str().unwrap_or("").to_string();
+            a.runtime_error = report["containerRuntimeError"].as_str().map(String::from);
+            a.containers = report["containerStatus"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for e in report["actionErrors"].as_array().into_iter().flatten() {
+                a.errors.push(format!(
+                    "{}{}: {}",
+                    e["action"].as_str().unwrap_or("?"),
+                    e["launchID"]
+                        .as_str()
+                        .map(|l| format!(" (launch {l})"))
+                        .unwrap_or_default(),
+                    e["reason"].as_str().unwrap_or("")
+                ));
+            }
+            let n = a.errors.len();
+            if n > 20 {
+                a.errors.drain(..n - 20);
+            }
+        });
     }
 
     fn update(&self, f: impl FnOnce(&mut Status)) {
@@ -525,6 +630,8 @@ impl<'a> Agent<'a> {
                 Err(e) => self.error(&e),
             }
         }
+        let mut tasks = self.host_tasks(&host_id, url, s, gpus);
+        tasks.apply(&reply["status"]);
         self.update(|st| {
             st.phase = "joined".into();
             st.join.state = "joined".into();
@@ -551,8 +658,14 @@ impl<'a> Agent<'a> {
                 facts: &facts,
                 ..report
             };
-            match client.update_status(&host_id, &token, &report.status(Some(&host_id))) {
-                Ok(_) => {
+            tasks.tick();
+            let mut status = report.status(Some(&host_id));
+            tasks.fill_status(&mut status);
+            self.record_actions(&status);
+            match client.update_status(&host_id, &token, &status) {
+                Ok(reply) => {
+                    tasks.report_sent(&status);
+                    tasks.apply(&reply);
                     beats += 1;
                     self.update(|st| {
                         st.join.heartbeats += 1;

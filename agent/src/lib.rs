@@ -1,15 +1,21 @@
 //! aiw-agent: the first-boot agent of aiwimg images.
 //!
 //! Pipeline (see [`agent`]): [`datasource`] → [`userdata`] → [`settings`] →
-//! [`apply`] (with [`systemd`]) → [`join`] → [`status`] and [`metrics`].
+//! [`apply`] (with [`systemd`]) → [`controller::join`] → status reports, whose
+//! replies carry the controller's actions: [`controller::actions`] parses them,
+//! [`controller::tasks`] carries them out on a [`containers::ContainerRuntime`]
+//! (Docker, [`containers::docker`]) → [`status`] and [`metrics`].
 pub mod agent;
 pub mod apply;
+pub mod containers;
+pub mod controller;
 pub mod datasource;
 pub mod firewall;
 pub mod gpu;
 pub mod host;
 pub mod iso9660;
-pub mod join;
+/// Kept so `crate::join` paths keep working.
+pub use controller::join;
 pub mod log;
 pub mod metrics;
 pub mod modes;

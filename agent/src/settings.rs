@@ -34,6 +34,10 @@ pub const KNOWN_VARS: &[(&str, &str)] = &[
         "seconds between status reports (default 60)",
     ),
     (
+        "AIWARE_AUTOREMOVE_ENGINES",
+        "remove engine containers when they exit (default true)",
+    ),
+    (
         "AIWARE_AGENT_PORT",
         "port of the agent's metrics (default 8000)",
     ),

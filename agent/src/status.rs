@@ -20,6 +20,9 @@ pub struct Status {
     pub ports: Vec<String>,
     pub join: JoinStatus,
     pub gpus: Vec<crate::gpu::Gpu>,
+    /// The controller's actions on this host: mode, containers, refusals.
+    #[serde(default)]
+    pub actions: ActionStatus,
     pub last_error: Option<String>,
     pub errors_total: u64,
     pub updated_unix: u64,
@@ -41,6 +44,18 @@ pub struct JoinStatus {
     pub last_heartbeat_unix: Option<u64>,
     pub heartbeats: u64,
     pub mounts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ActionStatus {
+    /// `continue`, `drain`, `pause`, `terminate`.
+    pub host_mode: String,
+    /// Why container actions cannot run (no Docker), if so.
+    pub runtime_error: Option<String>,
+    /// `containerStatus[]` of the last report.
+    pub containers: Vec<Value>,
+    /// The last refused or failed actions (newest last, at most 20).
+    pub errors: Vec<String>,
 }
 
 pub fn now_unix() -> u64 {
@@ -131,6 +146,36 @@ impl Status {
         }
         for m in &j.mounts {
             let _ = writeln!(s, "  mount {m}");
+        }
+        let a = &self.actions;
+        if !a.host_mode.is_empty() {
+            let _ = writeln!(
+                s,
+                "host mode:  {}, {} container(s){}",
+                a.host_mode,
+                a.containers.len(),
+                a.runtime_error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
+            for c in &a.containers {
+                let _ = writeln!(
+                    s,
+                    "  launch {} engine {} {} {}",
+                    c["launchID"].as_str().unwrap_or("?"),
+                    c["engineID"].as_str().unwrap_or("?"),
+                    c["state"].as_str().unwrap_or("?"),
+                    c["dockerContainerId"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .get(..12)
+                        .unwrap_or("")
+                );
+            }
+            for e in &a.errors {
+                let _ = writeln!(s, "  refused: {e}");
+            }
         }
         if self.gpus.is_empty() {
             let _ = writeln!(s, "gpus:       none");

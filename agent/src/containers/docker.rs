@@ -1,0 +1,266 @@
+//! The real runtime: the Docker Engine API on `/run/docker.sock`, through the
+//! `bollard` crate. bollard is async; the agent is not, so this owns a tokio
+//! current-thread runtime and blocks on each call (several threads may block
+//! on it at once: the background pulls and the status loop).
+
+use super::{
+    ContainerRuntime, ContainerSpec, ContainerUsage, ManagedContainer, RegistryAuth,
+    LABEL_MANAGED_BY, MANAGED_BY,
+};
+use bollard::auth::DockerCredentials;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, StatsOptionsBuilder, StopContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+pub const DOCKER_SOCKET: &str = "/run/docker.sock";
+
+pub struct DockerRuntime {
+    docker: Docker,
+    rt: tokio::runtime::Runtime,
+}
+
+fn msg(e: bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError {
+            status_code,
+            message,
+        } => {
+            format!("Docker answered {status_code}: {message}")
+        }
+        e => format!("Docker: {e}"),
+    }
+}
+
+impl DockerRuntime {
+    /// Connects to Docker on `socket`; `Err` says why not (no socket: no Docker on this node).
+    pub fn connect(socket: &Path) -> Result<Self, String> {
+        if !socket.exists() {
+            return Err(format!(
+                "no Docker on this node ({} does not exist): container actions are refused",
+                socket.display()
+            ));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the Docker client's runtime: {e}"))?;
+        let docker =
+            Docker::connect_with_unix(&socket.to_string_lossy(), 120, bollard::API_DEFAULT_VERSION)
+                .map_err(|e| format!("cannot use {}: {e}", socket.display()))?;
+        Ok(DockerRuntime { docker, rt })
+    }
+}
+
+/// `repo[:tag]` split for `POST /images/create` (`fromImage`, `tag`); a digest stays in the name.
+fn split_tag(image: &str) -> (&str, &str) {
+    if image.contains('@') {
+        return (image, "");
+    }
+    match image.rfind(':') {
+        Some(i) if !image[i..].contains('/') => (&image[..i], &image[i + 1..]),
+        _ => (image, "latest"),
+    }
+}
+
+impl ContainerRuntime for DockerRuntime {
+    fn check(&self) -> Result<(), String> {
+        self.rt
+            .block_on(self.docker.ping())
+            .map(|_| ())
+            .map_err(msg)
+    }
+
+    fn pull(&self, image: &str, auth: Option<&RegistryAuth>) -> Result<(), String> {
+        let (from, tag) = split_tag(image);
+        let mut opts = CreateImageOptionsBuilder::default().from_image(from);
+        if !tag.is_empty() {
+            opts = opts.tag(tag);
+        }
+        let creds = auth.map(|a| DockerCredentials {
+            username: Some(a.username.clone()),
+            password: Some(a.password.clone()),
+            serveraddress: Some(a.server.clone()),
+            ..Default::default()
+        });
+        self.rt.block_on(async {
+            let mut s = self.docker.create_image(Some(opts.build()), None, creds);
+            while let Some(item) = s.next().await {
+                item.map_err(msg)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, String> {
+        let host = HostConfig {
+            binds: Some(spec.binds.clone()),
+            auto_remove: Some(spec.auto_remove),
+            memory_reservation: spec.memory_reservation,
+            cpu_shares: spec.cpu_shares,
+            runtime: spec.gpu.then(|| "nvidia".to_string()),
+            ..Default::default()
+        };
+        let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if spec.gpu {
+            env.push("NVIDIA_VISIBLE_DEVICES=all".into());
+        }
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: Some(env),
+            cmd: (!spec.cmd.is_empty()).then(|| spec.cmd.clone()),
+            labels: Some(spec.labels.clone().into_iter().collect()),
+            host_config: Some(host),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptionsBuilder::default()
+            .name(&spec.name)
+            .build();
+        self.rt.block_on(async {
+            let created = self
+                .docker
+                .create_container(Some(opts), body)
+                .await
+                .map_err(msg)?;
+            self.docker
+                .start_container(&created.id, None)
+                .await
+                .map_err(msg)?;
+            Ok(created.id)
+        })
+    }
+
+    fn stop_and_remove(&self, id: &str, grace: Duration) -> Result<(), String> {
+        let stop = StopContainerOptionsBuilder::default()
+            .t(grace.as_secs().min(i32::MAX as u64) as i32)
+            .build();
+        let rm = RemoveContainerOptionsBuilder::default().force(true).build();
+        self.rt.block_on(async {
+            // Already stopped (304) or gone with AutoRemove (404) is fine.
+            match self.docker.stop_container(id, Some(stop)).await {
+                Ok(()) => {}
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 304 | 404,
+                    ..
+                }) => {}
+                Err(e) => return Err(msg(e)),
+            }
+            match self.docker.remove_container(id, Some(rm)).await {
+                Ok(())
+                | Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404 | 409,
+                    ..
+                }) => Ok(()),
+                Err(e) => Err(msg(e)),
+            }
+        })
+    }
+
+    fn pause(&self, id: &str) -> Result<(), String> {
+        self.rt
+            .block_on(self.docker.pause_container(id))
+            .map_err(msg)
+    }
+
+    fn unpause(&self, id: &str) -> Result<(), String> {
+        self.rt
+            .block_on(self.docker.unpause_container(id))
+            .map_err(msg)
+    }
+
+    fn list_managed(&self) -> Result<Vec<ManagedContainer>, String> {
+        let label = format!("{LABEL_MANAGED_BY}={MANAGED_BY}");
+        let filters: HashMap<String, Vec<String>> =
+            HashMap::from([("label".to_string(), vec![label])]);
+        let opts = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .rt
+            .block_on(self.docker.list_containers(Some(opts)))
+            .map_err(msg)?;
+        Ok(list
+            .into_iter()
+            .map(|c| ManagedContainer {
+                id: c.id.unwrap_or_default(),
+                name: c
+                    .names
+                    .and_then(|n| n.first().cloned())
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_string(),
+                labels: c.labels.unwrap_or_default().into_iter().collect(),
+                state: c
+                    .state
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+                    .to_ascii_lowercase(),
+            })
+            .collect())
+    }
+
+    fn usage(&self, id: &str) -> Option<ContainerUsage> {
+        let opts = StatsOptionsBuilder::default()
+            .stream(false)
+            .one_shot(false)
+            .build();
+        let st = self.rt.block_on(async {
+            let mut s = self.docker.stats(id, Some(opts));
+            s.next().await
+        })?;
+        let st = st.ok()?;
+        let cpu = st.cpu_stats.as_ref()?;
+        let pre = st.precpu_stats.as_ref()?;
+        let total = |c: &bollard::models::ContainerCpuStats| {
+            c.cpu_usage
+                .as_ref()
+                .and_then(|u| u.total_usage)
+                .unwrap_or(0)
+        };
+        let d_cpu = total(cpu).saturating_sub(total(pre)) as f64;
+        let d_sys = cpu
+            .system_cpu_usage
+            .unwrap_or(0)
+            .saturating_sub(pre.system_cpu_usage.unwrap_or(0)) as f64;
+        let cpu_percent = if d_sys > 0.0 {
+            d_cpu / d_sys * 100.0
+        } else {
+            0.0
+        };
+        let mem = st.memory_stats.as_ref();
+        Some(ContainerUsage {
+            cpu_percent,
+            memory_used: mem.and_then(|m| m.usage).unwrap_or(0),
+            memory_limit: mem.and_then(|m| m.limit).unwrap_or(0),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_split_for_the_pull_api() {
+        assert_eq!(split_tag("alpine"), ("alpine", "latest"));
+        assert_eq!(split_tag("reg:5000/a/b:1.2"), ("reg:5000/a/b", "1.2"));
+        assert_eq!(split_tag("reg:5000/a/b"), ("reg:5000/a/b", "latest"));
+        let d = "a/b@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert_eq!(split_tag(d), (d, ""));
+    }
+
+    #[test]
+    fn no_socket_is_one_clear_reason() {
+        let e = DockerRuntime::connect(Path::new("/nonexistent/docker.sock"))
+            .err()
+            .unwrap();
+        assert!(e.contains("no Docker on this node"), "{e}");
+    }
+}

@@ -1,0 +1,674 @@
+//! `HostTasks`: the state machine that carries out the controller's actions on
+//! a [`ContainerRuntime`]. The runtime's list of labelled containers is the
+//! state of the launches (so a restarted agent re-adopts them); what lives here
+//! is the host's mode, the refusals not yet reported, and the background pulls.
+//!
+//! Per status interval: [`HostTasks::apply`] the reply, [`HostTasks::tick`]
+//! (runtimeTTL), [`HostTasks::fill_status`] the next report, then
+//! [`HostTasks::report_sent`] (which powers off after `terminate`).
+
+use super::actions::{self, HostActions, Launch, Mode, Refusal, Registry};
+use crate::containers::{
+    self as rt, ContainerRuntime, ContainerSpec, ManagedContainer, RegistryAuth,
+};
+use crate::log;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Powers the host off (`mode: terminate`). A trait so tests never power off.
+pub trait PowerControl: Send + Sync {
+    fn power_off(&self) -> Result<(), String>;
+}
+
+/// The real one: logind's `PowerOff` on the system bus (what `systemctl poweroff` asks for).
+pub struct LogindPowerOff;
+
+impl PowerControl for LogindPowerOff {
+    fn power_off(&self) -> Result<(), String> {
+        let conn = zbus::blocking::Connection::system()
+            .map_err(|e| format!("cannot reach logind on the system bus: {e}"))?;
+        conn.call_method(
+            Some("org.freedesktop.login1"),
+            "/org/freedesktop/login1",
+            Some("org.freedesktop.login1.Manager"),
+            "PowerOff",
+            &(false,),
+        )
+        .map(|_| ())
+        .map_err(|e| format!("logind PowerOff: {e}"))
+    }
+}
+
+/// A TEST DOUBLE of [`PowerControl`]: counts the requests.
+#[derive(Default)]
+pub struct RecordingPower {
+    pub requests: Mutex<u32>,
+}
+
+impl PowerControl for RecordingPower {
+    fn power_off(&self) -> Result<(), String> {
+        *self.requests.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        Ok(())
+    }
+}
+
+/// What a launch needs from the node (settings, host facts).
+#[derive(Debug, Clone)]
+pub struct LaunchContext {
+    pub host_id: String,
+    pub controller: String,
+    pub license: String,
+    /// The cache as this agent reaches it (`/cache`, or under a test root).
+    pub cache_dir: PathBuf,
+    /// `AIWARE_AUTOREMOVE_ENGINES` (default true).
+    pub auto_remove: bool,
+    pub gpu_image: bool,
+    pub gpus: usize,
+    /// How long past `runtimeTTL` an engine may run before the agent stops it.
+    pub ttl_grace: Duration,
+    /// SIGTERM to SIGKILL when stopping.
+    pub stop_timeout: Duration,
+}
+
+/// `AIWARE_EXPIRATION` when no runtimeTTL is given (documented default).
+pub const DEFAULT_EXPIRATION_S: u64 = 900;
+
+struct PullState {
+    running: usize,
+    failed: Vec<Refusal>,
+}
+
+pub struct HostTasks {
+    runtime: Arc<dyn ContainerRuntime>,
+    power: Arc<dyn PowerControl>,
+    ctx: LaunchContext,
+    mode: Mode,
+    registries: Vec<Registry>,
+    refused: Vec<Refusal>,
+    pulls: Arc<Mutex<PullState>>,
+    runtime_error: Option<String>,
+    terminate_pending: bool,
+    powered_off: bool,
+}
+
+fn now_unix() -> u64 {
+    crate::status::now_unix()
+}
+
+impl HostTasks {
+    /// Looks at what already runs (a previous agent's containers are re-adopted).
+    pub fn new(
+        runtime: Arc<dyn ContainerRuntime>,
+        power: Arc<dyn PowerControl>,
+        ctx: LaunchContext,
+    ) -> Self {
+        let runtime_error = runtime.check().err();
+        match &runtime_error {
+            Some(e) => log::console(&format!("container runtime: {e}")),
+            None => {
+                let live: Vec<String> = runtime
+                    .list_managed()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|c| c.is_live())
+                    .map(|c| c.label(rt::LABEL_LAUNCH_ID).to_string())
+                    .collect();
+                if !live.is_empty() {
+                    log::info(&format!(
+                        "re-adopted {} running launch(es): {}",
+                        live.len(),
+                        live.join(", ")
+                    ));
+                }
+            }
+        }
+        HostTasks {
+            runtime,
+            power,
+            ctx,
+            mode: Mode::Continue,
+            registries: Vec::new(),
+            refused: Vec::new(),
+            pulls: Arc::new(Mutex::new(PullState {
+                running: 0,
+                failed: Vec::new(),
+            })),
+            runtime_error,
+            terminate_pending: false,
+            powered_off: false,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    fn refuse(&mut self, action: &str, launch_id: Option<&str>, reason: String) {
+        let reason = log::scrub(&reason);
+        log::info(&format!(
+            "refused {action}{}: {reason}",
+            launch_id
+                .map(|l| format!(" (launch {l})"))
+                .unwrap_or_default()
+        ));
+        self.refused.push(Refusal {
+            action: action.into(),
+            launch_id: launch_id.map(String::from),
+            reason,
+        });
+    }
+
+    fn managed(&mut self) -> Vec<ManagedContainer> {
+        match self.runtime.list_managed() {
+            Ok(l) => l,
+            Err(e) => {
+                log::info(&format!("listing containers: {e}"));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Carries out one `HostAction` (the reply to register or updatestatus).
+    pub fn apply(&mut self, v: &Value) {
+        let a = actions::parse(v);
+        log::add_secrets(a.secrets().into_iter().filter(|s| s.len() >= 6));
+        self.apply_parsed(a);
+    }
+
+    pub fn apply_parsed(&mut self, a: HostActions) {
+        for r in a.refused {
+            self.refuse(&r.action, r.launch_id.as_deref(), r.reason);
+        }
+        if !a.registries.is_empty() {
+            self.registries = a.registries;
+        }
+        if let Some(m) = a.mode {
+            self.set_mode(m);
+        }
+        for (i, id) in a.terminates.iter().enumerate() {
+            self.terminate(i, id);
+        }
+        for (i, l) in a.launches.iter().enumerate() {
+            self.launch(i, l);
+        }
+        for p in a.pulls {
+            self.pull_in_background(p.image);
+        }
+    }
+
+    fn live_engines(&mut self) -> Vec<ManagedContainer> {
+        self.managed().into_iter().filter(|c| c.is_live()).collect()
+    }
+
+    fn set_mode(&mut self, m: Mode) {
+        let was = self.mode;
+        if m == was && m != Mode::Terminate {
+            return;
+        }
+        log::info(&format!("host mode {} -> {}", was.as_str(), m.as_str()));
+        match m {
+            Mode::Pause => {
+                for c in self
+                    .live_engines()
+                    .into_iter()
+                    .filter(|c| c.state == "running")
+                {
+                    if let Err(e) = self.runtime.pause(&c.id) {
+                        self.refuse(
+                            "mode",
+                            Some(c.label(rt::LABEL_LAUNCH_ID)),
+                            format!("cannot pause: {e}"),
+                        );
+                    }
+                }
+            }
+            Mode::Continue | Mode::Drain => {
+                if was == Mode::Pause {
+                    for c in self
+                        .live_engines()
+                        .into_iter()
+                        .filter(|c| c.state == "paused")
+                    {
+                        if let Err(e) = self.runtime.unpause(&c.id) {
+                            self.refuse(
+                                "mode",
+                                Some(c.label(rt::LABEL_LAUNCH_ID)),
+                                format!("cannot resume: {e}"),
+                            );
+                        }
+                    }
+                }
+            }
+            Mode::Terminate => {
+                if !self.terminate_pending {
+                    for c in self.live_engines() {
+                        self.stop(&c, "the host terminates");
+                    }
+                    self.terminate_pending = true;
+                }
+            }
+        }
+        self.mode = m;
+    }
+
+    fn stop(&mut self, c: &ManagedContainer, why: &str) {
+        let launch = c.label(rt::LABEL_LAUNCH_ID).to_string();
+        if c.state == "paused" {
+            let _ = self.runtime.unpause(&c.id);
+        }
+        match self.runtime.stop_and_remove(&c.id, self.ctx.stop_timeout) {
+            Ok(()) => log::info(&format!(
+                "stopped launch {launch} ({}): {why}",
+                short(&c.id)
+            )),
+            Err(e) => self.refuse(
+                "stop",
+                Some(&launch),
+                format!("cannot stop {}: {e}", short(&c.id)),
+            ),
+        }
+    }
+
+    fn terminate(&mut self, i: usize, id: &str) {
+        let all = self.managed();
+        let found = all.into_iter().find(|c| {
+            (id.len() >= 12 && c.id.starts_with(id))
+                || c.label(rt::LABEL_LAUNCH_ID) == id
+                || c.name == id
+        });
+        match found {
+            Some(c) => self.stop(&c, "terminateContainer"),
+            None => self.refuse(
+                &format!("terminateContainer[{i}]"),
+                None,
+                format!("no container {id} on this host"),
+            ),
+        }
+    }
+
+    fn auth(&self, image: &str) -> Option<RegistryAuth> {
+        actions::find_auth(&self.registries, image).map(|r| RegistryAuth {
+            server: r.host.clone(),
+            username: r.username.clone(),
+            password: r.password.clone(),
+        })
+    }
+
+    fn pull_in_background(&mut self, image: String) {
+        if let Some(e) = &self.runtime_error {
+            let e = e.clone();
+            return self.refuse(
+                "pullDockerImages",
+                None,
+                format!("cannot pull {image}: {e}"),
+            );
+        }
+        let rt = self.runtime.clone();
+        let auth = self.auth(&image);
+        let state = self.pulls.clone();
+        state.lock().unwrap_or_else(|e| e.into_inner()).running += 1;
+        std::thread::spawn(move || {
+            let r = rt.pull(&image, auth.as_ref());
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            st.running -= 1;
+            match r {
+                Ok(()) => log::info(&format!("pulled {image}")),
+                Err(e) => st.failed.push(Refusal {
+                    action: "pullDockerImages".into(),
+                    launch_id: None,
+                    reason: log::scrub(&format!("pulling {image}: {e}")),
+                }),
+            }
+        });
+    }
+
+    fn launch(&mut self, i: usize, l: &Launch) {
+        let what = format!("launchContainer[{i}]");
+        let id = Some(l.launch_id.as_str());
+        if let Some(e) = self.runtime_error.clone() {
+            return self.refuse(&what, id, e);
+        }
+        match self.mode {
+            Mode::Continue => {}
+            m => {
+                return self.refuse(
+                    &what,
+                    id,
+                    format!("the host is in {} mode: no new launches", m.as_str()),
+                )
+            }
+        }
+        let existing = self.managed();
+        if let Some(c) = existing
+            .iter()
+            .find(|c| c.label(rt::LABEL_LAUNCH_ID) == l.launch_id)
+        {
+            log::info(&format!(
+                "launch {} is already on this host as {} ({}): not started again",
+                l.launch_id,
+                short(&c.id),
+                c.state
+            ));
+            return;
+        }
+        if l.is_gpu {
+            if !self.ctx.gpu_image {
+                return self.refuse(
+                    &what,
+                    id,
+                    "isGPU: this node's image is not a GPU image (no NVIDIA driver or runtime)"
+                        .into(),
+                );
+            }
+            if self.ctx.gpus == 0 {
+                return self.refuse(
+                    &what,
+                    id,
+                    "isGPU: no GPU found on this node (no NVIDIA device on PCI)".into(),
+                );
+            }
+        }
+        let auth = self.auth(&l.image);
+        if let Err(e) = self.runtime.pull(&l.image, auth.as_ref()) {
+            return self.refuse(&what, id, format!("pulling {}: {e}", l.image));
+        }
+        let spec = match self.spec(l) {
+            Ok(s) => s,
+            Err(e) => return self.refuse(&what, id, e),
+        };
+        match self.runtime.create_and_start(&spec) {
+            Ok(cid) => log::info(&format!(
+                "launched {} (engine {}) from {} as {}",
+                l.launch_id,
+                l.engine_id,
+                l.image,
+                short(&cid)
+            )),
+            Err(e) => self.refuse(&what, id, format!("starting {}: {e}", l.image)),
+        }
+    }
+
+    /// The container for a launch: env, /cache, scratch folders, labels, reservations.
+    pub fn spec(&self, l: &Launch) -> Result<ContainerSpec, String> {
+        let now = now_unix();
+        let engine_dir = self.ctx.cache_dir.join("engine").join(&l.engine_id);
+        let scratch = engine_dir.join("scratch");
+        let instance = engine_dir.join(&l.launch_id);
+        for d in [&scratch, &instance] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+        }
+        let expires = now + l.runtime_ttl_s.unwrap_or(DEFAULT_EXPIRATION_S);
+        let c = &self.ctx;
+        let mut env: Vec<(String, String)> = [
+            ("AIWARE_HOST_ID", c.host_id.clone()),
+            ("AIWARE_ID", l.launch_id.clone()),
+            ("AIWARE_LAUNCH_ID", l.launch_id.clone()),
+            ("AIWARE_ENGINE_ID", l.engine_id.clone()),
+            ("ENGINE_ID", l.engine_id.clone()),
+            ("AIWARE_EXPIRATION", rfc3339(expires)),
+            (
+                "AIWARE_ENGINE_SCRATCH",
+                format!("/cache/engine/{}/scratch", l.engine_id),
+            ),
+            (
+                "AIWARE_ENGINE_INSTANCE_SCRATCH",
+                format!("/cache/engine/{}/{}", l.engine_id, l.launch_id),
+            ),
+            ("AIWARE_CONTROLLER", c.controller.clone()),
+            ("AIWARE_LICENSE", c.license.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        // The action's own env comes last; the documented names stay the agent's.
+        for (k, v) in &l.env {
+            if env.iter().any(|(e, _)| e == k) {
+                continue;
+            }
+            env.push((k.clone(), v.clone()));
+        }
+        let mut labels = BTreeMap::from([
+            (rt::LABEL_MANAGED_BY.to_string(), rt::MANAGED_BY.to_string()),
+            (rt::LABEL_LAUNCH_ID.to_string(), l.launch_id.clone()),
+            (rt::LABEL_ENGINE_ID.to_string(), l.engine_id.clone()),
+            (rt::LABEL_BUILD_ID.to_string(), l.build_id.clone()),
+            (
+                rt::LABEL_CONTAINER_TYPE.to_string(),
+                l.container_type.clone(),
+            ),
+            (rt::LABEL_STARTED_UNIX.to_string(), now.to_string()),
+        ]);
+        if let Some(ttl) = l.runtime_ttl_s {
+            labels.insert(rt::LABEL_EXPIRES_UNIX.to_string(), (now + ttl).to_string());
+        }
+        Ok(ContainerSpec {
+            name: format!("aiware-engine-{}", l.launch_id),
+            image: l.image.clone(),
+            env,
+            cmd: l.command.clone(),
+            binds: vec![format!("{}:/cache", c.cache_dir.display())],
+            labels,
+            memory_reservation: l.soft_min_memory,
+            cpu_shares: l.soft_min_vcpu,
+            gpu: l.is_gpu,
+            auto_remove: c.auto_remove,
+        })
+    }
+
+    /// Enforces runtimeTTL: a container past its expiry plus the grace is stopped.
+    pub fn tick(&mut self) {
+        let now = now_unix();
+        let grace = self.ctx.ttl_grace.as_secs();
+        for c in self.live_engines() {
+            let Ok(exp) = c.label(rt::LABEL_EXPIRES_UNIX).parse::<u64>() else {
+                continue;
+            };
+            if now >= exp + grace {
+                self.stop(&c, "its runtimeTTL is over");
+            }
+        }
+    }
+
+    /// Fills the container part of a `HostStatus`, and the refusals since the last report.
+    pub fn fill_status(&mut self, status: &mut Value) {
+        let now = now_unix();
+        let mut entries = Vec::new();
+        let mut engines = 0;
+        for c in self.live_engines() {
+            if c.label(rt::LABEL_CONTAINER_TYPE) != "service" {
+                engines += 1;
+            }
+            let u = self.runtime.usage(&c.id).unwrap_or_default();
+            let mut e = json!({
+                "dockerContainerId": c.id,
+                "launchID": c.label(rt::LABEL_LAUNCH_ID),
+                "engineID": c.label(rt::LABEL_ENGINE_ID),
+                "buildID": c.label(rt::LABEL_BUILD_ID),
+                "state": c.state,
+                "CPUUtilization": (u.cpu_percent * 100.0).round() / 100.0,
+                "memoryUsed": u.memory_used,
+            });
+            if u.memory_limit > 0 {
+                e["memoryAvailable"] = json!(u.memory_limit.saturating_sub(u.memory_used));
+            }
+            if let Ok(t) = c.label(rt::LABEL_STARTED_UNIX).parse::<u64>() {
+                e["startupTimestamp"] = json!(t);
+            }
+            if let Ok(t) = c.label(rt::LABEL_EXPIRES_UNIX).parse::<u64>() {
+                e["ttl"] = json!(t.saturating_sub(now));
+            }
+            entries.push(e);
+        }
+        status["numContainers"] = json!(entries.len());
+        status["numEngineInstances"] = json!(engines);
+        status["containerStatus"] = Value::Array(entries);
+        status["hostMode"] = json!(self.mode.as_str());
+        status["drain"] = json!(matches!(self.mode, Mode::Drain | Mode::Terminate));
+        {
+            let mut p = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
+            self.refused.append(&mut p.failed);
+            status["pullsInProgress"] = json!(p.running);
+        }
+        if let Some(e) = &self.runtime_error {
+            status["containerRuntimeError"] = json!(e);
+        }
+        if !self.refused.is_empty() {
+            let errs: Vec<Value> = self
+                .refused
+                .drain(..)
+                .map(|r| json!({"action": r.action, "launchID": r.launch_id, "reason": log::scrub(&r.reason)}))
+                .collect();
+            status["actionErrors"] = Value::Array(errs);
+        }
+    }
+
+    /// After a report reached the controller: a terminating host with no
+    /// engine left asks for power-off (once).
+    pub fn report_sent(&mut self, status: &Value) {
+        if self.terminate_pending && !self.powered_off && status["numContainers"] == 0 {
+            self.powered_off = true;
+            log::console(
+                "mode terminate: no engine runs and the controller knows it; powering off",
+            );
+            if let Err(e) = self.power.power_off() {
+                log::console(&format!("cannot power off: {e}"));
+            }
+        }
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// `2026-12-01T22:13:06Z`
+pub fn rfc3339(unix: u64) -> String {
+    let days = (unix / 86400) as i64;
+    let secs = unix % 86400;
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::containers::fake::FakeRuntime;
+
+    fn ctx(dir: &std::path::Path) -> LaunchContext {
+        LaunchContext {
+            host_id: "H1".into(),
+            controller: "http://c/edge/v1".into(),
+            license: "lic-secret-1234".into(),
+            cache_dir: dir.to_path_buf(),
+            auto_remove: true,
+            gpu_image: false,
+            gpus: 0,
+            ttl_grace: Duration::ZERO,
+            stop_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_904_586), "2026-11-28T22:23:06Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn ttl_over_stops_and_status_counts_what_runs() {
+        let t = tempfile::tempdir().unwrap();
+        let f = Arc::new(FakeRuntime::new());
+        let mut h = HostTasks::new(
+            f.clone(),
+            Arc::new(RecordingPower::default()),
+            ctx(t.path()),
+        );
+        h.apply(&json!({"launchContainer": [
+            {"launchId": "L1", "engineId": "E1", "dockerImage": "a/b:1", "runtimeTTL": 1},
+            {"launchId": "L2", "engineId": "E1", "dockerImage": "a/b:1", "containerType": "service"}
+        ]}));
+        let mut st = json!({});
+        h.fill_status(&mut st);
+        assert_eq!(
+            (
+                st["numContainers"].clone(),
+                st["numEngineInstances"].clone()
+            ),
+            (json!(2), json!(1))
+        );
+        assert!(st.get("actionErrors").is_none(), "{st}");
+        assert!(
+            t.path().join("engine/E1/scratch").is_dir() && t.path().join("engine/E1/L1").is_dir()
+        );
+        h.tick();
+        assert_eq!(f.by_launch("L1").len(), 1, "not over yet");
+        std::thread::sleep(Duration::from_millis(1100));
+        h.tick();
+        assert!(f.by_launch("L1").is_empty(), "over: stopped");
+        assert_eq!(f.by_launch("L2").len(), 1, "no TTL: left alone");
+    }
+
+    #[test]
+    fn terminate_mode_powers_off_once_after_a_report_with_none_running() {
+        let t = tempfile::tempdir().unwrap();
+        let f = Arc::new(FakeRuntime::new());
+        let p = Arc::new(RecordingPower::default());
+        let mut h = HostTasks::new(f.clone(), p.clone(), ctx(t.path()));
+        h.apply(
+            &json!({"launchContainer": [{"launchId": "L1", "engineId": "E1", "dockerImage": "a"}]}),
+        );
+        let mut st = json!({});
+        h.fill_status(&mut st);
+        h.report_sent(&st);
+        assert_eq!(*p.requests.lock().unwrap(), 0);
+        h.apply(&json!({"mode": "terminate"}));
+        assert!(f.containers().is_empty());
+        let mut st = json!({});
+        h.fill_status(&mut st);
+        assert_eq!(st["numContainers"], 0);
+        h.report_sent(&st);
+        h.apply(&json!({"mode": "terminate"}));
+        h.report_sent(&st);
+        assert_eq!(*p.requests.lock().unwrap(), 1);
+    }
+
+    #[test]
+    fn no_runtime_refuses_launches_with_the_reason() {
+        let t = tempfile::tempdir().unwrap();
+        let u = Arc::new(rt::Unavailable {
+            reason: "no Docker on this node".into(),
+        });
+        let mut h = HostTasks::new(u, Arc::new(RecordingPower::default()), ctx(t.path()));
+        h.apply(
+            &json!({"launchContainer": [{"launchId": "L1", "engineId": "E1", "dockerImage": "a"}]}),
+        );
+        let mut st = json!({});
+        h.fill_status(&mut st);
+        assert_eq!(st["numContainers"], 0);
+        assert_eq!(st["actionErrors"][0]["launchID"], "L1");
+        assert!(st["actionErrors"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no Docker"));
+        assert!(st["containerRuntimeError"].is_string());
+    }
+}
