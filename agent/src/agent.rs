@@ -82,6 +82,7 @@ pub struct Agent<'a> {
     runtime: Option<Arc<dyn ContainerRuntime>>,
     power: Option<Arc<dyn PowerControl>>,
     ttl_grace: Duration,
+    stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 fn sd_notify(msg: &str) {
@@ -116,6 +117,7 @@ impl<'a> Agent<'a> {
             runtime: None,
             power: None,
             ttl_grace: Duration::from_secs(TTL_GRACE_S),
+            stop: None,
         }
     }
 
@@ -135,6 +137,12 @@ impl<'a> Agent<'a> {
     /// How long past its runtimeTTL an engine may run before it is stopped.
     pub fn with_ttl_grace(mut self, d: Duration) -> Self {
         self.ttl_grace = d;
+        self
+    }
+
+    /// The status loop returns [`Outcome::Ready`] once `flag` is set (tests).
+    pub fn with_stop_flag(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.stop = Some(flag);
         self
     }
 
@@ -714,7 +722,12 @@ impl<'a> Agent<'a> {
                     Err(e) => self.error(&format!("listing hosts for Prometheus: {e}")),
                 }
             }
-            if self.cfg.stop_after_heartbeats.is_some_and(|n| beats >= n) {
+            if self.cfg.stop_after_heartbeats.is_some_and(|n| beats >= n)
+                || self
+                    .stop
+                    .as_ref()
+                    .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+            {
                 return Outcome::Ready;
             }
             std::thread::sleep(interval);

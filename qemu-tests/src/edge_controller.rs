@@ -7,6 +7,18 @@
 //! - `POST /edge/v1/host/register`           (bearer: the init token)
 //! - `POST /edge/v1/host/{HostID}/updatestatus` (bearer: that host's token or the init token)
 //! - `GET  /edge/v1/hosts`                   (bearer: the init token or any host token)
+//! - `POST /edge/v1/host/{HostID}/drain|pause|resume|terminate` (bearer: the init
+//!   token, as an admin): sets the host's mode, sent in every later reply
+//!   (`resume` sets `continue`)
+//! - `POST /edge/v1/test-only/host/{HostID}/actions` (bearer: the init token):
+//!   NOT in the Edge API, for tests only: a `HostAction` fragment
+//!   (`launchContainer[]`, `terminateContainer[]`, `pullDockerImages[]`,
+//!   `registries[]`, ...) queued for that host
+//!
+//! The controller's side of host actions: each host has a mode and a queue of
+//! actions; the reply to its next updatestatus carries the mode and everything
+//! queued (lists concatenated), and empties the queue. Every status report is
+//! kept ([`HostRecord::statuses`]).
 //!
 //! It records what each host sent, answers registration with a hostID, a
 //! hostToken and the NFS cache (`mount[]` with `local_path`), re-registers a
@@ -74,9 +86,48 @@ pub struct HostRecord {
     pub statuses: Vec<Value>,
     pub created_unix: u64,
     pub last_update_unix: u64,
+    /// `continue`, `drain`, `pause` or `terminate`: in every reply.
+    pub mode: String,
+    /// Actions for the reply to the next updatestatus.
+    pub queued: Vec<Value>,
+    /// Every admin request (`drain`, `pause`, ...) with its body, oldest first.
+    pub admin_requests: Vec<(String, Value)>,
 }
 
 impl HostRecord {
+    fn new(host_id: String, host_token: String, now: u64) -> Self {
+        HostRecord {
+            host_id,
+            host_token,
+            registrations: 0,
+            register_request: Value::Null,
+            statuses: Vec::new(),
+            created_unix: now,
+            last_update_unix: now,
+            mode: "continue".into(),
+            queued: Vec::new(),
+            admin_requests: Vec::new(),
+        }
+    }
+
+    /// The `HostAction` for the next reply: the mode and every queued action; empties the queue.
+    fn take_action(&mut self) -> Value {
+        let mut out = serde_json::Map::new();
+        for a in self.queued.drain(..) {
+            let Value::Object(m) = a else { continue };
+            for (k, v) in m {
+                match (out.get_mut(&k), v) {
+                    (Some(Value::Array(have)), Value::Array(more)) => have.extend(more),
+                    (_, v) => {
+                        out.insert(k, v);
+                    }
+                }
+            }
+        }
+        out.insert("mode".into(), json!(self.mode));
+        Value::Object(out)
+    }
+
     /// `info.runModes` as sent at registration.
     pub fn run_modes(&self) -> Vec<String> {
         self.register_request["info"]["runModes"]
@@ -110,6 +161,8 @@ struct KeptHost {
     register_request: Value,
     #[serde(default)]
     last_status: Option<Value>,
+    #[serde(default)]
+    mode: Option<String>,
     created_unix: u64,
     last_update_unix: u64,
 }
@@ -128,6 +181,7 @@ impl State {
                 registrations: h.registrations,
                 register_request: h.register_request.clone(),
                 last_status: h.statuses.last().cloned(),
+                mode: Some(h.mode.clone()),
                 created_unix: h.created_unix,
                 last_update_unix: h.last_update_unix,
             })
@@ -228,18 +282,13 @@ impl EdgeTestController {
             let kept: Vec<KeptHost> = serde_json::from_slice(&std::fs::read(path)?)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
             for k in kept {
-                st.hosts.insert(
-                    k.host_id.clone(),
-                    HostRecord {
-                        host_id: k.host_id,
-                        host_token: k.host_token,
-                        registrations: k.registrations,
-                        register_request: k.register_request,
-                        statuses: k.last_status.into_iter().collect(),
-                        created_unix: k.created_unix,
-                        last_update_unix: k.last_update_unix,
-                    },
-                );
+                let mut h = HostRecord::new(k.host_id.clone(), k.host_token, k.created_unix);
+                h.registrations = k.registrations;
+                h.register_request = k.register_request;
+                h.statuses = k.last_status.into_iter().collect();
+                h.last_update_unix = k.last_update_unix;
+                h.mode = k.mode.unwrap_or_else(|| "continue".into());
+                st.hosts.insert(k.host_id, h);
             }
         }
         st.state_file = Some(path.to_path_buf());
@@ -264,13 +313,67 @@ impl EdgeTestController {
             .collect()
     }
 
+    /// Queues a `HostAction` fragment (e.g. `{"launchContainer": [...]}`) for
+    /// the reply to `host_id`'s next updatestatus. False: no such host.
+    pub fn queue_actions(&self, host_id: &str, action: Value) -> bool {
+        let mut st = self.shared.state.lock().unwrap();
+        match st.hosts.get_mut(host_id) {
+            Some(h) => {
+                h.queued.push(action);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sets the mode sent to `host_id` in every later reply, as the admin endpoints do.
+    pub fn set_mode(&self, host_id: &str, mode: &str) -> bool {
+        let mut st = self.shared.state.lock().unwrap();
+        match st.hosts.get_mut(host_id) {
+            Some(h) => {
+                h.mode = mode.to_string();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every status report `host_id` sent, oldest first.
+    pub fn statuses(&self, host_id: &str) -> Vec<Value> {
+        let st = self.shared.state.lock().unwrap();
+        st.hosts
+            .get(host_id)
+            .map(|h| h.statuses.clone())
+            .unwrap_or_default()
+    }
+
+    /// Waits until `pred` holds for some status report of `host_id` sent
+    /// after the first `after` ones; returns that report.
+    pub fn wait_for_status(
+        &self,
+        host_id: &str,
+        after: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let mut found = None;
+        self.wait_for(timeout, |hosts| {
+            found = hosts
+                .iter()
+                .find(|h| h.host_id == host_id)
+                .and_then(|h| h.statuses.iter().skip(after).find(|s| pred(s)).cloned());
+            found.is_some()
+        });
+        found
+    }
+
     /// Requests handled so far (any path, any answer).
     pub fn requests(&self) -> u64 {
         self.shared.state.lock().unwrap().requests
     }
 
     /// Waits until `pred` holds for the host list, or the timeout passes.
-    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&[HostRecord]) -> bool) -> bool {
+    pub fn wait_for(&self, timeout: Duration, mut pred: impl FnMut(&[HostRecord]) -> bool) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         let mut st = self.shared.state.lock().unwrap();
         loop {
@@ -422,15 +525,7 @@ fn handle(req: &Request, shared: &Shared) -> (u16, Value) {
             let rec = st
                 .hosts
                 .entry(host_id.clone())
-                .or_insert_with(|| HostRecord {
-                    host_id: host_id.clone(),
-                    host_token: uuid_v4(),
-                    registrations: 0,
-                    register_request: Value::Null,
-                    statuses: Vec::new(),
-                    created_unix: now,
-                    last_update_unix: now,
-                });
+                .or_insert_with(|| HostRecord::new(host_id.clone(), uuid_v4(), now));
             rec.registrations += 1;
             rec.register_request = body;
             rec.last_update_unix = now;
@@ -451,7 +546,7 @@ fn handle(req: &Request, shared: &Shared) -> (u16, Value) {
                     "hostToken": rec.host_token,
                     "mount": mounts,
                     "configProperties": { "localCacheDirectory": "/cache" },
-                    "status": { "mode": "normal" },
+                    "status": { "mode": rec.mode },
                 }),
             )
         }
@@ -472,7 +567,48 @@ fn handle(req: &Request, shared: &Shared) -> (u16, Value) {
                 Some(rec) => {
                     rec.statuses.push(body);
                     rec.last_update_unix = now_unix();
-                    (200, json!({ "mode": "normal" }))
+                    (200, rec.take_action())
+                }
+            }
+        }
+        ("POST", ["host", id, op @ ("drain" | "pause" | "resume" | "terminate")]) => {
+            if !is_init {
+                return error(
+                    401,
+                    "not_authorized",
+                    "admin operations need the init token",
+                );
+            }
+            let body = serde_json::from_slice::<Value>(&req.body).unwrap_or(Value::Null);
+            match st.hosts.get_mut(*id) {
+                None => error(404, "not_found", "no such host"),
+                Some(rec) => {
+                    rec.mode = if *op == "resume" { "continue" } else { op }.to_string();
+                    rec.admin_requests.push((op.to_string(), body));
+                    (200, json!({"success": true, "count": 1}))
+                }
+            }
+        }
+        ("POST", ["test-only", "host", id, "actions"]) => {
+            if !is_init {
+                return error(
+                    401,
+                    "not_authorized",
+                    "test-only actions need the init token",
+                );
+            }
+            let Ok(body @ Value::Object(_)) = serde_json::from_slice::<Value>(&req.body) else {
+                return error(
+                    400,
+                    "bad_request",
+                    "body is not a JSON object (a HostAction fragment)",
+                );
+            };
+            match st.hosts.get_mut(*id) {
+                None => error(404, "not_found", "no such host"),
+                Some(rec) => {
+                    rec.queued.push(body);
+                    (200, json!({"success": true, "count": rec.queued.len()}))
                 }
             }
         }
@@ -486,9 +622,10 @@ fn handle(req: &Request, shared: &Shared) -> (u16, Value) {
                 json!({"count": result.len(), "offset": 0, "limit": result.len(), "result": result, "success": true}),
             )
         }
-        (_, ["host", "register"]) | (_, ["host", _, "updatestatus"]) | (_, ["hosts"]) => {
-            error(405, "method_not_allowed", "method not allowed")
-        }
+        (_, ["host", "register"])
+        | (_, ["host", _, "updatestatus" | "drain" | "pause" | "resume" | "terminate"])
+        | (_, ["test-only", "host", _, "actions"])
+        | (_, ["hosts"]) => error(405, "method_not_allowed", "method not allowed"),
         _ => error(404, "not_found", "not in the Edge API subset"),
     };
     if result.0 == 200 && req.method == "POST" {
@@ -607,6 +744,61 @@ mod tests {
         let c = EdgeTestController::start("127.0.0.1:0", "init").unwrap();
         assert!(c.keep_state_in(&file).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn admin_modes_and_queued_actions_reach_the_next_status_reply() {
+        let c = EdgeTestController::start("127.0.0.1:0", "init").unwrap();
+        let a = c.addr();
+        let (_, v) = http(a, "POST", "/edge/v1/host/register", "init", "{}");
+        assert_eq!(v["status"]["mode"], "continue");
+        let id = v["hostID"].as_str().unwrap().to_string();
+        let tok = v["hostToken"].as_str().unwrap().to_string();
+        let up = format!("/edge/v1/host/{id}/updatestatus");
+        let queue = format!("/edge/v1/test-only/host/{id}/actions");
+        assert_eq!(
+            http(a, "POST", &queue, &tok, "{}").0,
+            401,
+            "a host token is no admin"
+        );
+        assert_eq!(http(a, "POST", &queue, "init", "[1]").0, 400);
+        let l1 = r#"{"launchContainer":[{"launchId":"L1"}]}"#;
+        let l2 = r#"{"launchContainer":[{"launchId":"L2"}],"terminateContainer":[{"dockerContainerId":"x"}]}"#;
+        assert_eq!(http(a, "POST", &queue, "init", l1).0, 200);
+        assert_eq!(http(a, "POST", &queue, "init", l2).0, 200);
+        let (_, r) = http(a, "POST", &up, &tok, r#"{"numContainers":0}"#);
+        assert_eq!(r["mode"], "continue");
+        assert_eq!(r["launchContainer"].as_array().unwrap().len(), 2);
+        assert_eq!(r["terminateContainer"][0]["dockerContainerId"], "x");
+        let (_, r) = http(a, "POST", &up, &tok, "{}");
+        assert!(r.get("launchContainer").is_none(), "delivered once: {r}");
+        let drain = format!("/edge/v1/host/{id}/drain");
+        let (code, v) = http(a, "POST", &drain, "init", r#"{"reason":"user"}"#);
+        assert_eq!((code, v["success"].clone()), (200, json!(true)));
+        assert_eq!(http(a, "POST", &up, &tok, "{}").1["mode"], "drain");
+        assert_eq!(http(a, "POST", &up, &tok, "{}").1["mode"], "drain", "kept");
+        http(a, "POST", &format!("/edge/v1/host/{id}/pause"), "init", "");
+        assert_eq!(http(a, "POST", &up, &tok, "{}").1["mode"], "pause");
+        http(a, "POST", &format!("/edge/v1/host/{id}/resume"), "init", "");
+        assert_eq!(http(a, "POST", &up, &tok, "{}").1["mode"], "continue");
+        assert_eq!(
+            http(a, "POST", "/edge/v1/host/nope/drain", "init", "{}").0,
+            404
+        );
+        assert_eq!(http(a, "GET", &drain, "init", "").0, 405);
+        assert_eq!(c.statuses(&id).len(), 6);
+        assert_eq!(c.statuses(&id)[0]["numContainers"], 0);
+        let h = &c.hosts()[0];
+        assert_eq!(
+            h.admin_requests[0],
+            ("drain".to_string(), json!({"reason": "user"}))
+        );
+        assert!(c.queue_actions(&id, json!({"pullDockerImages": [{"dockerImage": "a"}]})));
+        assert!(!c.queue_actions("nope", json!({})));
+        assert_eq!(
+            http(a, "POST", &up, &tok, "{}").1["pullDockerImages"][0]["dockerImage"],
+            "a"
+        );
     }
 
     #[test]

@@ -93,7 +93,7 @@ impl FakeRuntime {
     pub fn adopt_existing(&self, spec: ContainerSpec) -> String {
         let mut i = self.lock();
         i.next_id += 1;
-        let id = format!("{:064x}", 0xfa4e_0000u64 + i.next_id);
+        let id = format!("{:012x}{}", 0xfa4e_0000u64 + i.next_id, "e".repeat(52));
         i.containers.insert(
             id.clone(),
             FakeContainer {
@@ -133,7 +133,7 @@ impl ContainerRuntime for FakeRuntime {
             ));
         }
         i.next_id += 1;
-        let id = format!("{:064x}", 0xc0de_0000u64 + i.next_id);
+        let id = format!("{:012x}{}", 0xc0de_0000u64 + i.next_id, "d".repeat(52));
         i.containers.insert(
             id.clone(),
             FakeContainer {
