@@ -187,7 +187,14 @@ impl<'a> Agent<'a> {
             ttl_grace: self.ttl_grace,
             stop_timeout: Duration::from_secs(10),
         };
-        HostTasks::new(runtime, power, ctx)
+        let tasks = HostTasks::new(runtime, power, ctx);
+        if self.cfg.real_system && self.runtime.is_none() {
+            tasks.with_reconnect(Box::new(|| {
+                containers::for_system(std::path::Path::new(containers::docker::DOCKER_SOCKET))
+            }))
+        } else {
+            tasks
+        }
     }
 
     /// Keeps what the last report said about the actions in `aiw-agent status`.

@@ -76,10 +76,17 @@ pub struct LaunchContext {
 /// `AIWARE_EXPIRATION` when no runtimeTTL is given (documented default).
 pub const DEFAULT_EXPIRATION_S: u64 = 900;
 
-struct PullState {
-    running: usize,
+/// Work done in threads so that a slow pull never holds up a status report.
+#[derive(Default)]
+struct Background {
+    pulls: usize,
+    /// launchIds being pulled and started now.
+    launches: std::collections::BTreeSet<String>,
     failed: Vec<Refusal>,
 }
+
+/// Makes the runtime anew (Docker's socket appears once docker.service runs).
+pub type Reconnect = Box<dyn Fn() -> Arc<dyn ContainerRuntime> + Send>;
 
 pub struct HostTasks {
     runtime: Arc<dyn ContainerRuntime>,
@@ -88,8 +95,9 @@ pub struct HostTasks {
     mode: Mode,
     registries: Vec<Registry>,
     refused: Vec<Refusal>,
-    pulls: Arc<Mutex<PullState>>,
+    background: Arc<Mutex<Background>>,
     runtime_error: Option<String>,
+    reconnect: Option<Reconnect>,
     terminate_pending: bool,
     powered_off: bool,
 }
@@ -132,13 +140,38 @@ impl HostTasks {
             mode: Mode::Continue,
             registries: Vec::new(),
             refused: Vec::new(),
-            pulls: Arc::new(Mutex::new(PullState {
-                running: 0,
-                failed: Vec::new(),
-            })),
+            background: Arc::default(),
             runtime_error,
+            reconnect: None,
             terminate_pending: false,
             powered_off: false,
+        }
+    }
+
+    /// While the runtime is unavailable, each tick tries `f` for a new one.
+    pub fn with_reconnect(mut self, f: Reconnect) -> Self {
+        self.reconnect = Some(f);
+        self
+    }
+
+    fn bg(&self) -> std::sync::MutexGuard<'_, Background> {
+        self.background.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until no pull or launch runs in the background (tests, shutdown).
+    pub fn wait_background(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            {
+                let bg = self.bg();
+                if bg.pulls == 0 && bg.launches.is_empty() {
+                    return true;
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -308,12 +341,12 @@ impl HostTasks {
         }
         let rt = self.runtime.clone();
         let auth = self.auth(&image);
-        let state = self.pulls.clone();
-        state.lock().unwrap_or_else(|e| e.into_inner()).running += 1;
+        let state = self.background.clone();
+        self.bg().pulls += 1;
         std::thread::spawn(move || {
             let r = rt.pull(&image, auth.as_ref());
             let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-            st.running -= 1;
+            st.pulls -= 1;
             match r {
                 Ok(()) => log::info(&format!("pulled {image}")),
                 Err(e) => st.failed.push(Refusal {
@@ -340,6 +373,13 @@ impl HostTasks {
                     format!("the host is in {} mode: no new launches", m.as_str()),
                 )
             }
+        }
+        if self.bg().launches.contains(&l.launch_id) {
+            log::info(&format!(
+                "launch {} is being started already: not started again",
+                l.launch_id
+            ));
+            return;
         }
         let existing = self.managed();
         if let Some(c) = existing
@@ -371,24 +411,40 @@ impl HostTasks {
                 );
             }
         }
-        let auth = self.auth(&l.image);
-        if let Err(e) = self.runtime.pull(&l.image, auth.as_ref()) {
-            return self.refuse(&what, id, format!("pulling {}: {e}", l.image));
-        }
         let spec = match self.spec(l) {
             Ok(s) => s,
             Err(e) => return self.refuse(&what, id, e),
         };
-        match self.runtime.create_and_start(&spec) {
-            Ok(cid) => log::info(&format!(
-                "launched {} (engine {}) from {} as {}",
-                l.launch_id,
-                l.engine_id,
-                l.image,
-                short(&cid)
-            )),
-            Err(e) => self.refuse(&what, id, format!("starting {}: {e}", l.image)),
-        }
+        let auth = self.auth(&l.image);
+        let rt = self.runtime.clone();
+        let state = self.background.clone();
+        let launch_id = l.launch_id.clone();
+        let engine_id = l.engine_id.clone();
+        self.bg().launches.insert(launch_id.clone());
+        // Pull and start in a thread: a pull may take minutes, reports go on.
+        std::thread::spawn(move || {
+            let r = rt
+                .pull(&spec.image, auth.as_ref())
+                .map_err(|e| format!("pulling {}: {e}", spec.image))
+                .and_then(|()| {
+                    rt.create_and_start(&spec)
+                        .map_err(|e| format!("starting {}: {e}", spec.image))
+                });
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            st.launches.remove(&launch_id);
+            match r {
+                Ok(cid) => log::info(&format!(
+                    "launched {launch_id} (engine {engine_id}) from {} as {}",
+                    spec.image,
+                    short(&cid)
+                )),
+                Err(e) => st.failed.push(Refusal {
+                    action: what,
+                    launch_id: Some(launch_id),
+                    reason: log::scrub(&e),
+                }),
+            }
+        });
     }
 
     /// The container for a launch: env, /cache, scratch folders, labels, reservations.
@@ -459,8 +515,37 @@ impl HostTasks {
         })
     }
 
-    /// Enforces runtimeTTL: a container past its expiry plus the grace is stopped.
+    /// Once per report: retries an unavailable runtime, keeps the containers
+    /// in line with the mode (one started while pausing is paused too), and
+    /// enforces runtimeTTL (past its expiry plus the grace: stopped).
     pub fn tick(&mut self) {
+        if self.runtime_error.is_some() {
+            if let Some(f) = &self.reconnect {
+                let candidate = f();
+                if candidate.check().is_ok() {
+                    log::console("container runtime: reachable now; container actions run");
+                    self.runtime = candidate;
+                    self.runtime_error = None;
+                }
+            }
+        }
+        match self.mode {
+            Mode::Pause => {
+                for c in self
+                    .live_engines()
+                    .into_iter()
+                    .filter(|c| c.state == "running")
+                {
+                    let _ = self.runtime.pause(&c.id);
+                }
+            }
+            Mode::Terminate => {
+                for c in self.live_engines() {
+                    self.stop(&c, "the host terminates");
+                }
+            }
+            Mode::Continue | Mode::Drain => {}
+        }
         let now = now_unix();
         let grace = self.ctx.ttl_grace.as_secs();
         for c in self.live_engines() {
@@ -509,9 +594,10 @@ impl HostTasks {
         status["hostMode"] = json!(self.mode.as_str());
         status["drain"] = json!(matches!(self.mode, Mode::Drain | Mode::Terminate));
         {
-            let mut p = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
-            self.refused.append(&mut p.failed);
-            status["pullsInProgress"] = json!(p.running);
+            let mut bg = self.background.lock().unwrap_or_else(|e| e.into_inner());
+            self.refused.append(&mut bg.failed);
+            status["pullsInProgress"] = json!(bg.pulls);
+            status["launchesInProgress"] = json!(bg.launches.iter().collect::<Vec<_>>());
         }
         if let Some(e) = &self.runtime_error {
             status["containerRuntimeError"] = json!(e);
@@ -529,7 +615,9 @@ impl HostTasks {
     /// After a report reached the controller: a terminating host with no
     /// engine left asks for power-off (once).
     pub fn report_sent(&mut self, status: &Value) {
-        if self.terminate_pending && !self.powered_off && status["numContainers"] == 0 {
+        let starting = !self.bg().launches.is_empty();
+        if self.terminate_pending && !self.powered_off && !starting && status["numContainers"] == 0
+        {
             self.powered_off = true;
             log::console(
                 "mode terminate: no engine runs and the controller knows it; powering off",
@@ -606,6 +694,7 @@ mod tests {
             {"launchId": "L1", "engineId": "E1", "dockerImage": "a/b:1", "runtimeTTL": 1},
             {"launchId": "L2", "engineId": "E1", "dockerImage": "a/b:1", "containerType": "service"}
         ]}));
+        assert!(h.wait_background(Duration::from_secs(5)));
         let mut st = json!({});
         h.fill_status(&mut st);
         assert_eq!(
@@ -636,8 +725,10 @@ mod tests {
         h.apply(
             &json!({"launchContainer": [{"launchId": "L1", "engineId": "E1", "dockerImage": "a"}]}),
         );
+        assert!(h.wait_background(Duration::from_secs(5)));
         let mut st = json!({});
         h.fill_status(&mut st);
+        assert_eq!(st["numContainers"], 1);
         h.report_sent(&st);
         assert_eq!(*p.requests.lock().unwrap(), 0);
         h.apply(&json!({"mode": "terminate"}));
