@@ -26,6 +26,11 @@ const ENV_SECRET: &str = "env-value-s3cr3t-42";
 const WAIT: Duration = Duration::from_secs(10);
 
 fn node(url: &str, gpu_image: bool) -> (tempfile::TempDir, Paths) {
+    node_with(url, gpu_image, "")
+}
+
+/// `extra`: more lines under `aiware:` in the user-data.
+fn node_with(url: &str, gpu_image: bool, extra: &str) -> (tempfile::TempDir, Paths) {
     let t = tempfile::tempdir().unwrap();
     let p = Paths::new(t.path());
     std::fs::create_dir_all(p.modes_toml().parent().unwrap()).unwrap();
@@ -39,7 +44,7 @@ fn node(url: &str, gpu_image: bool) -> (tempfile::TempDir, Paths) {
     std::fs::write(p.image_json(), image.to_string()).unwrap();
     let seed = p.by_label().join("cidata");
     std::fs::create_dir_all(&seed).unwrap();
-    let ud = format!("#cloud-config\nhostname: eng-1\naiware:\n  mode: [engine]\n  controller: {url}\n  init_token: {INIT}\n  license: {LICENSE}\n");
+    let ud = format!("#cloud-config\nhostname: eng-1\naiware:\n  mode: [engine]\n  controller: {url}\n  init_token: {INIT}\n  license: {LICENSE}\n{extra}");
     std::fs::write(seed.join("user-data"), ud).unwrap();
     std::fs::write(seed.join("meta-data"), "instance-id: iid-1\n").unwrap();
     std::fs::create_dir_all(p.proc_sys().join("vm")).unwrap();
@@ -611,5 +616,73 @@ fn background_pulls_never_block_status_reports() {
     );
     assert_eq!(f.pulled().len(), 1);
     assert_eq!(f.pulled()[0].0, "good/image:1");
+    a.stop();
+}
+
+#[test]
+fn a_slow_launch_pull_never_blocks_reports_and_the_resent_launch_is_not_started_twice() {
+    let c = EdgeTestController::start("127.0.0.1:0", INIT).unwrap();
+    let (_t, p) = node(&c.url(), false);
+    let (a, f) = fake_agent(&c, &p);
+    f.set_pull_delay(Duration::from_millis(1500));
+    let st = queue_and_wait(
+        &c,
+        &a.host_id,
+        json!({"launchContainer": [launch("L-slow", "big/image:1")]}),
+        |s| s["launchesInProgress"] == json!(["L-slow"]),
+    );
+    assert_eq!(st["numContainers"], 0);
+    // The controller sends it again while it is still being pulled.
+    let before = c.statuses(&a.host_id).len();
+    assert!(c.queue_actions(
+        &a.host_id,
+        json!({"launchContainer": [launch("L-slow", "big/image:1")]})
+    ));
+    assert!(
+        c.wait_for(Duration::from_millis(1000), |h| h[0].statuses.len()
+            >= before + 5),
+        "status reports stalled during the launch's pull"
+    );
+    let st = queue_and_wait(&c, &a.host_id, Value::Null, |s| s["numContainers"] == 1);
+    assert_eq!(launch_ids(&st), ["L-slow"]);
+    queue_and_wait(&c, &a.host_id, Value::Null, |_| true);
+    assert_eq!(
+        f.calls().iter().filter(|c| c.starts_with("pull")).count(),
+        1,
+        "{:?}",
+        f.calls()
+    );
+    assert_eq!(f.by_launch("L-slow").len(), 1);
+    a.stop();
+}
+
+#[test]
+fn autoremove_engines_false_keeps_exited_containers_and_they_are_not_counted() {
+    let c = EdgeTestController::start("127.0.0.1:0", INIT).unwrap();
+    let (_t, p) = node_with(&c.url(), false, "  autoremove_engines: false\n");
+    let (a, f) = fake_agent(&c, &p);
+    queue_and_wait(
+        &c,
+        &a.host_id,
+        json!({"launchContainer": [launch("L1", "task:1")]}),
+        |s| s["numContainers"] == 1,
+    );
+    let c1 = f.by_launch("L1").remove(0);
+    assert!(!c1.spec.auto_remove);
+    f.exit(&c1.id);
+    queue_and_wait(&c, &a.host_id, Value::Null, |s| s["numContainers"] == 0);
+    assert_eq!(f.by_launch("L1")[0].state, "exited", "kept by Docker");
+    // Still there: the same launch is not started again.
+    queue_and_wait(
+        &c,
+        &a.host_id,
+        json!({"launchContainer": [launch("L1", "task:1")]}),
+        |_| true,
+    );
+    queue_and_wait(&c, &a.host_id, Value::Null, |_| true);
+    assert_eq!(
+        f.calls().iter().filter(|c| c.starts_with("create")).count(),
+        1
+    );
     a.stop();
 }

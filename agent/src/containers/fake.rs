@@ -112,10 +112,13 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     fn pull(&self, image: &str, auth: Option<&RegistryAuth>) -> Result<(), String> {
-        let delay = self.lock().pull_delay;
+        let delay = {
+            let mut i = self.lock();
+            i.calls.push(format!("pull {image}"));
+            i.pull_delay
+        };
         std::thread::sleep(delay);
         let mut i = self.lock();
-        i.calls.push(format!("pull {image}"));
         if i.failing_pulls.iter().any(|f| f == image) {
             return Err(format!("pull access denied for {image} (fake runtime)"));
         }
