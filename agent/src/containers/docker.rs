@@ -24,6 +24,10 @@ pub const DOCKER_SOCKET: &str = "/run/docker.sock";
 pub struct DockerRuntime {
     docker: Docker,
     rt: tokio::runtime::Runtime,
+    /// Per container: (its CPU time, the system's CPU time) at the last
+    /// report, so CPU % is over one report interval from one-shot stats
+    /// (a streamed sample would hold each report up by a second per container).
+    last_cpu: std::sync::Mutex<HashMap<String, (u64, u64)>>,
 }
 
 fn msg(e: bollard::errors::Error) -> String {
@@ -54,7 +58,11 @@ impl DockerRuntime {
         let docker =
             Docker::connect_with_unix(&socket.to_string_lossy(), 120, bollard::API_DEFAULT_VERSION)
                 .map_err(|e| format!("cannot use {}: {e}", socket.display()))?;
-        Ok(DockerRuntime { docker, rt })
+        Ok(DockerRuntime {
+            docker,
+            rt,
+            last_cpu: Default::default(),
+        })
     }
 }
 
@@ -209,37 +217,43 @@ impl ContainerRuntime for DockerRuntime {
     fn usage(&self, id: &str) -> Option<ContainerUsage> {
         let opts = StatsOptionsBuilder::default()
             .stream(false)
-            .one_shot(false)
+            .one_shot(true)
             .build();
         let st = self.rt.block_on(async {
             let mut s = self.docker.stats(id, Some(opts));
             s.next().await
         })?;
         let st = st.ok()?;
-        let cpu = st.cpu_stats.as_ref()?;
-        let pre = st.precpu_stats.as_ref()?;
-        let total = |c: &bollard::models::ContainerCpuStats| {
-            c.cpu_usage
-                .as_ref()
+        let cpu = st.cpu_stats.as_ref();
+        let now = (
+            cpu.and_then(|c| c.cpu_usage.as_ref())
                 .and_then(|u| u.total_usage)
-                .unwrap_or(0)
-        };
-        let d_cpu = total(cpu).saturating_sub(total(pre)) as f64;
-        let d_sys = cpu
-            .system_cpu_usage
-            .unwrap_or(0)
-            .saturating_sub(pre.system_cpu_usage.unwrap_or(0)) as f64;
-        let cpu_percent = if d_sys > 0.0 {
-            d_cpu / d_sys * 100.0
-        } else {
-            0.0
-        };
+                .unwrap_or(0),
+            cpu.and_then(|c| c.system_cpu_usage).unwrap_or(0),
+        );
+        let before = self
+            .last_cpu
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), now);
         let mem = st.memory_stats.as_ref();
         Some(ContainerUsage {
-            cpu_percent,
+            cpu_percent: before.map(|b| cpu_percent(b, now)).unwrap_or(0.0),
             memory_used: mem.and_then(|m| m.usage).unwrap_or(0),
             memory_limit: mem.and_then(|m| m.limit).unwrap_or(0),
         })
+    }
+}
+
+/// Docker's formula over two samples of (container CPU ns, system CPU ns):
+/// the share of all the host's CPUs, 0-100.
+fn cpu_percent(before: (u64, u64), now: (u64, u64)) -> f64 {
+    let d_cpu = now.0.saturating_sub(before.0) as f64;
+    let d_sys = now.1.saturating_sub(before.1) as f64;
+    if d_sys > 0.0 {
+        (d_cpu / d_sys * 100.0).min(100.0)
+    } else {
+        0.0
     }
 }
 
@@ -254,6 +268,17 @@ mod tests {
         assert_eq!(split_tag("reg:5000/a/b"), ("reg:5000/a/b", "latest"));
         let d = "a/b@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
         assert_eq!(split_tag(d), (d, ""));
+    }
+
+    #[test]
+    fn cpu_percent_is_over_the_interval() {
+        assert_eq!(cpu_percent((0, 0), (50, 200)), 25.0);
+        assert_eq!(cpu_percent((100, 1000), (100, 1000)), 0.0);
+        assert_eq!(
+            cpu_percent((100, 1000), (50, 2000)),
+            0.0,
+            "a restarted container"
+        );
     }
 
     #[test]

@@ -95,11 +95,19 @@ impl HostActions {
             && self.refused.is_empty()
     }
 
-    /// Every secret in it (registry passwords, launch env values), for log scrubbing.
+    /// Every secret in it, for log scrubbing: registry passwords, env values
+    /// under a secret-looking key, and any env value of 12 characters or more
+    /// (shorter ones such as `true` or `engine` would blank out log lines).
+    /// Env values are never logged nor reported anyway.
     pub fn secrets(&self) -> Vec<String> {
         let mut s: Vec<String> = self.registries.iter().map(|r| r.password.clone()).collect();
         for l in &self.launches {
-            s.extend(l.env.iter().map(|(_, v)| v.clone()));
+            s.extend(
+                l.env
+                    .iter()
+                    .filter(|(k, v)| crate::settings::is_secret(k) || v.len() >= 12)
+                    .map(|(_, v)| v.clone()),
+            );
         }
         s
     }
