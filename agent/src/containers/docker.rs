@@ -281,6 +281,197 @@ mod tests {
         );
     }
 
+    /// A TEST DOUBLE of the Docker Engine API on a unix socket: canned
+    /// answers, and every request kept, to check what bollard sends.
+    struct FakeEngineApi {
+        _dir: tempfile::TempDir,
+        socket: std::path::PathBuf,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, String)>>>,
+    }
+
+    impl FakeEngineApi {
+        fn start() -> Self {
+            use std::io::{BufRead, BufReader, Read, Write};
+            let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("docker.sock");
+            let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+            let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let log = seen.clone();
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(mut conn) = conn else { break };
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        continue;
+                    }
+                    let mut parts = line.split_whitespace();
+                    let method = parts.next().unwrap_or("").to_string();
+                    let path = parts.next().unwrap_or("").to_string();
+                    let (mut len, mut headers) = (0usize, String::new());
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).unwrap();
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                        headers.push_str(&h);
+                    }
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                    let p = path.split('?').next().unwrap_or("");
+                    let (code, answer) = if p.ends_with("/_ping") {
+                        (200, "OK".to_string())
+                    } else if p.ends_with("/images/create") {
+                        (
+                            200,
+                            "{\"status\":\"Pulling\"}\n{\"status\":\"Done\"}\n".into(),
+                        )
+                    } else if p.ends_with("/containers/create") {
+                        (201, "{\"Id\":\"c0ffee\",\"Warnings\":[]}".into())
+                    } else if p.ends_with("/containers/json") {
+                        (200, r#"[{"Id":"c0ffee","Names":["/aiware-engine-L1"],"Labels":{"ai.veritone.aiware.launch-id":"L1"},"State":"paused"}]"#.into())
+                    } else if p.ends_with("/stats") {
+                        (200, r#"{"cpu_stats":{"cpu_usage":{"total_usage":100},"system_cpu_usage":1000},"memory_stats":{"usage":2048,"limit":4096}}"#.into())
+                    } else if p.contains("/containers/gone") {
+                        (404, r#"{"message":"No such container: gone"}"#.into())
+                    } else {
+                        (204, String::new())
+                    };
+                    log.lock().unwrap().push((
+                        method,
+                        path,
+                        headers,
+                        String::from_utf8_lossy(&body).into_owned(),
+                    ));
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                }
+            });
+            FakeEngineApi {
+                _dir: dir,
+                socket,
+                seen,
+            }
+        }
+
+        fn request(&self, path_part: &str) -> (String, String, String, String) {
+            self.seen
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|r| r.1.contains(path_part))
+                .cloned()
+                .unwrap_or_else(|| panic!("no request to {path_part}"))
+        }
+    }
+
+    #[test]
+    fn what_bollard_sends_to_the_engine_api() {
+        let api = FakeEngineApi::start();
+        let d = DockerRuntime::connect(&api.socket).unwrap();
+        d.check().unwrap();
+        let auth = RegistryAuth {
+            server: "reg.example:5000".into(),
+            username: "u".into(),
+            password: "pw-secret".into(),
+        };
+        d.pull("reg.example:5000/a/b:1.2", Some(&auth)).unwrap();
+        let (m, path, headers, _) = api.request("/images/create");
+        assert_eq!(m, "POST");
+        assert!(
+            path.contains("fromImage=reg.example%3A5000%2Fa%2Fb") && path.contains("tag=1.2"),
+            "{path}"
+        );
+        let reg = headers
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with("x-registry-auth:")
+                    .then(|| l[16..].trim().to_string())
+            })
+            .expect("X-Registry-Auth");
+        use base64::Engine as _;
+        let decoded = base64::engine::general_purpose::URL_SAFE
+            .decode(reg.trim_end_matches('='))
+            .or_else(|_| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(reg.trim_end_matches('='))
+            })
+            .unwrap();
+        let creds: serde_json::Value = serde_json::from_slice(&decoded).unwrap();
+        assert_eq!(
+            (creds["username"].as_str(), creds["password"].as_str()),
+            (Some("u"), Some("pw-secret"))
+        );
+
+        let spec = ContainerSpec {
+            name: "aiware-engine-L1".into(),
+            image: "a/b:1".into(),
+            env: vec![("AIWARE_ID".into(), "L1".into())],
+            cmd: vec!["/task".into(), "a b; c".into()],
+            binds: vec!["/cache:/cache".into()],
+            labels: [("ai.veritone.aiware.launch-id".to_string(), "L1".to_string())].into(),
+            memory_reservation: Some(1 << 28),
+            cpu_shares: Some(512),
+            gpu: true,
+            auto_remove: true,
+        };
+        assert_eq!(d.create_and_start(&spec).unwrap(), "c0ffee");
+        let (_, path, _, body) = api.request("/containers/create");
+        assert!(path.contains("name=aiware-engine-L1"), "{path}");
+        let b: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(b["Image"], "a/b:1");
+        assert_eq!(b["Cmd"], serde_json::json!(["/task", "a b; c"]));
+        assert_eq!(
+            b["Env"],
+            serde_json::json!(["AIWARE_ID=L1", "NVIDIA_VISIBLE_DEVICES=all"])
+        );
+        assert_eq!(b["Labels"]["ai.veritone.aiware.launch-id"], "L1");
+        let h = &b["HostConfig"];
+        assert_eq!(h["Binds"], serde_json::json!(["/cache:/cache"]));
+        assert_eq!(
+            (h["MemoryReservation"].as_i64(), h["CpuShares"].as_i64()),
+            (Some(1 << 28), Some(512))
+        );
+        assert_eq!(
+            (h["AutoRemove"].as_bool(), h["Runtime"].as_str()),
+            (Some(true), Some("nvidia"))
+        );
+        assert_eq!(api.request("/containers/c0ffee/start").0, "POST");
+
+        let list = d.list_managed().unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(
+            (list[0].name.as_str(), list[0].state.as_str()),
+            ("aiware-engine-L1", "paused")
+        );
+        assert_eq!(list[0].label(crate::containers::LABEL_LAUNCH_ID), "L1");
+        let (_, path, _, _) = api.request("/containers/json");
+        assert!(
+            path.contains("all=true") && path.contains("managed-by"),
+            "{path}"
+        );
+
+        let u = d.usage("c0ffee").unwrap();
+        assert_eq!(
+            (u.memory_used, u.memory_limit, u.cpu_percent),
+            (2048, 4096, 0.0)
+        );
+        d.stop_and_remove("c0ffee", Duration::from_secs(7)).unwrap();
+        assert!(api.request("/containers/c0ffee/stop").1.contains("t=7"));
+        assert_eq!(api.request("/containers/c0ffee?").0, "DELETE");
+        d.stop_and_remove("gone", Duration::from_secs(1)).unwrap();
+        d.pause("c0ffee").unwrap();
+        d.unpause("c0ffee").unwrap();
+        assert!(api.request("/containers/c0ffee/unpause").0 == "POST");
+    }
+
     #[test]
     fn no_socket_is_one_clear_reason() {
         let e = DockerRuntime::connect(Path::new("/nonexistent/docker.sock"))
