@@ -286,8 +286,11 @@ mod tests {
     struct FakeEngineApi {
         _dir: tempfile::TempDir,
         socket: std::path::PathBuf,
-        seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, String)>>>,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
     }
+
+    /// method, path with query, headers, body
+    type Seen = (String, String, String, String);
 
     impl FakeEngineApi {
         fn start() -> Self {
@@ -361,7 +364,7 @@ mod tests {
             }
         }
 
-        fn request(&self, path_part: &str) -> (String, String, String, String) {
+        fn request(&self, path_part: &str) -> Seen {
             self.seen
                 .lock()
                 .unwrap()
