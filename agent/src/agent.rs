@@ -208,6 +208,7 @@ impl<'a> Agent<'a> {
                 .cloned()
                 .unwrap_or_default();
             for e in report["actionErrors"].as_array().into_iter().flatten() {
+                a.errors_total += 1;
                 a.errors.push(format!(
                     "{}{}: {}",
                     e["action"].as_str().unwrap_or("?"),

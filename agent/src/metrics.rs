@@ -51,6 +51,24 @@ pub fn render(st: &Status) -> String {
         "gauge",
         st.gpus.len().to_string(),
     );
+    m(
+        "aiw_agent_containers",
+        "Containers of the controller's launches on this host (running or paused)",
+        "gauge",
+        st.actions.containers.len().to_string(),
+    );
+    m(
+        "aiw_agent_action_errors_total",
+        "Controller actions refused or failed since the agent started",
+        "counter",
+        st.actions.errors_total.to_string(),
+    );
+    if !st.actions.host_mode.is_empty() {
+        out.push_str(&format!(
+            "# HELP aiw_agent_host_mode The controller's mode for this host\n# TYPE aiw_agent_host_mode gauge\naiw_agent_host_mode{{mode=\"{}\"}} 1\n",
+            st.actions.host_mode
+        ));
+    }
     out.push_str(
         "# HELP aiw_agent_mode Run modes enabled on this node\n# TYPE aiw_agent_mode gauge\n",
     );

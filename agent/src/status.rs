@@ -56,6 +56,9 @@ pub struct ActionStatus {
     pub containers: Vec<Value>,
     /// The last refused or failed actions (newest last, at most 20).
     pub errors: Vec<String>,
+    /// Actions refused or failed since the agent started.
+    #[serde(default)]
+    pub errors_total: u64,
 }
 
 pub fn now_unix() -> u64 {

@@ -508,6 +508,32 @@ fn bad_image_references_and_shell_metacharacters_are_refused_and_reported() {
         f.calls()
     );
     a.stop();
+    // What an operator sees: `aiw-agent status` and /metrics.
+    let st: aiw_agent::status::Status =
+        serde_json::from_slice(&std::fs::read(p.status_file()).unwrap()).unwrap();
+    let human = st.human();
+    assert!(
+        human.contains("host mode:  continue, 1 container(s)"),
+        "{human}"
+    );
+    assert!(
+        human.contains("launch L-ok engine eng-7 running"),
+        "{human}"
+    );
+    assert!(
+        human.contains("refused: launchContainer[0] (launch L-img)"),
+        "{human}"
+    );
+    let metrics = aiw_agent::metrics::render(&st);
+    assert!(
+        metrics.contains("aiw_agent_action_errors_total 4\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("aiw_agent_containers 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("aiw_agent_host_mode{mode=\"continue\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[test]
