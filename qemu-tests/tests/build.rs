@@ -191,8 +191,14 @@ fn a_rebuild_from_the_lock_file_is_bit_identical() {
         let mut extra = vec!["--formats", "raw", "--rebuild"];
         extra.extend_from_slice(locked);
         let (stages, result) = build(&ws, &work.join(name), &extra);
+        // --rebuild keeps the tools tree; an empty cache (a first CI run)
+        // builds it too, which is no reuse.
+        let image_stages: Vec<String> = rebuilt(&stages)
+            .into_iter()
+            .filter(|s| s != "tools")
+            .collect();
         assert_eq!(
-            rebuilt(&stages),
+            image_stages,
             ["rootfs", "customize", "initrd", "disk"],
             "--rebuild reused a stage: {stages:?}"
         );
