@@ -259,6 +259,10 @@ impl HostTasks {
                 }
             }
             Mode::Continue | Mode::Drain => {
+                // The controller took the terminate back before the power-off.
+                if !self.powered_off {
+                    self.terminate_pending = false;
+                }
                 if was == Mode::Pause {
                     for c in self
                         .live_engines()
@@ -544,7 +548,16 @@ impl HostTasks {
                     self.stop(&c, "the host terminates");
                 }
             }
-            Mode::Continue | Mode::Drain => {}
+            // Paused by an earlier agent, or a resume that failed: unpause.
+            Mode::Continue | Mode::Drain => {
+                for c in self
+                    .live_engines()
+                    .into_iter()
+                    .filter(|c| c.state == "paused")
+                {
+                    let _ = self.runtime.unpause(&c.id);
+                }
+            }
         }
         let now = now_unix();
         let grace = self.ctx.ttl_grace.as_secs();
@@ -740,6 +753,33 @@ mod tests {
         h.apply(&json!({"mode": "terminate"}));
         h.report_sent(&st);
         assert_eq!(*p.requests.lock().unwrap(), 1);
+    }
+
+    #[test]
+    fn continue_unpauses_what_a_previous_agent_paused_and_cancels_a_terminate() {
+        let t = tempfile::tempdir().unwrap();
+        let f = Arc::new(FakeRuntime::new());
+        let labels = BTreeMap::from([
+            (rt::LABEL_MANAGED_BY.to_string(), rt::MANAGED_BY.to_string()),
+            (rt::LABEL_LAUNCH_ID.to_string(), "L0".to_string()),
+        ]);
+        let id = f.adopt_existing(ContainerSpec {
+            name: "aiware-engine-L0".into(),
+            labels,
+            ..Default::default()
+        });
+        f.pause(&id).unwrap();
+        let p = Arc::new(RecordingPower::default());
+        let mut h = HostTasks::new(f.clone(), p.clone(), ctx(t.path()));
+        h.apply(&json!({"mode": "continue"}));
+        h.tick();
+        assert_eq!(f.containers()[0].state, "running");
+        h.apply(&json!({"mode": "terminate"}));
+        h.apply(&json!({"mode": "continue"}));
+        let mut st = json!({});
+        h.fill_status(&mut st);
+        h.report_sent(&st);
+        assert_eq!(*p.requests.lock().unwrap(), 0, "taken back: no power-off");
     }
 
     #[test]
