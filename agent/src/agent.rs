@@ -197,6 +197,26 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// A `HostAction` whose `mount[]` differs from what is mounted: mounts it
+    /// (mounting is idempotent: what is mounted already is kept).
+    fn mount_from_action(&self, action: &serde_json::Value, applied: &mut Vec<serde_json::Value>) {
+        let Some(m) = action["mount"].as_array().filter(|m| !m.is_empty()) else {
+            return;
+        };
+        if m == applied {
+            return;
+        }
+        *applied = m.clone();
+        let mut lines = Vec::new();
+        for r in join::mount_all(&self.cfg.paths, m, self.cfg.real_system) {
+            match r {
+                Ok(l) => lines.push(l),
+                Err(e) => self.error(&e),
+            }
+        }
+        self.update(|st| st.join.mounts = lines);
+    }
+
     /// Keeps what the last report said about the actions in `aiw-agent status`.
     fn record_actions(&self, report: &serde_json::Value) {
         self.update(|st| {
@@ -647,6 +667,8 @@ impl<'a> Agent<'a> {
             }
         }
         let mut tasks = self.host_tasks(&host_id, url, s, gpus);
+        let mut applied_mounts = mounts.clone();
+        self.mount_from_action(&reply["status"], &mut applied_mounts);
         tasks.apply(&reply["status"]);
         self.update(|st| {
             st.phase = "joined".into();
@@ -681,6 +703,7 @@ impl<'a> Agent<'a> {
             match client.update_status(&host_id, &token, &status) {
                 Ok(reply) => {
                     tasks.report_sent(&status);
+                    self.mount_from_action(&reply, &mut applied_mounts);
                     tasks.apply(&reply);
                     beats += 1;
                     self.update(|st| {

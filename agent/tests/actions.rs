@@ -712,3 +712,21 @@ fn autoremove_engines_false_keeps_exited_containers_and_they_are_not_counted() {
     );
     a.stop();
 }
+
+#[test]
+fn a_mount_in_a_later_host_action_is_applied() {
+    let c = EdgeTestController::start("127.0.0.1:0", INIT).unwrap();
+    let (_t, p) = node(&c.url(), false);
+    let (a, _f) = fake_agent(&c, &p);
+    let mount = json!({"mountType": "nfs", "ips": ["10.9.8.7"], "server_path": "/export/cache1",
+        "local_path": "/cache/1", "options": "nfsvers=4.1", "cache_number": 1, "priority": 20});
+    queue_and_wait(&c, &a.host_id, json!({"mount": [mount]}), |_| true);
+    queue_and_wait(&c, &a.host_id, Value::Null, |_| true);
+    let st: Value = serde_json::from_slice(&std::fs::read(p.status_file()).unwrap()).unwrap();
+    let mounts = st["join"]["mounts"].to_string();
+    assert!(
+        mounts.contains("10.9.8.7:/export/cache1 on /cache/1"),
+        "{mounts}"
+    );
+    a.stop();
+}
