@@ -618,7 +618,7 @@ fn background_pulls_never_block_status_reports() {
     let c = EdgeTestController::start("127.0.0.1:0", INIT).unwrap();
     let (_t, p) = node(&c.url(), false);
     let (a, f) = fake_agent(&c, &p);
-    f.set_pull_delay(Duration::from_millis(1500));
+    f.set_pull_delay(Duration::from_millis(2500));
     f.fail_pulls_of("bad/image:1");
     let before = c.statuses(&a.host_id).len();
     queue_and_wait(
@@ -627,8 +627,8 @@ fn background_pulls_never_block_status_reports() {
         json!({"pullDockerImages": [{"dockerImage": "good/image:1", "engineID": "e", "buildID": "b"}, {"dockerImage": "bad/image:1"}]}),
         |s| s["pullsInProgress"] == 2,
     );
-    // Reports go on while both pulls take 1.5 s each.
-    let during = c.wait_for(Duration::from_millis(1200), |h| {
+    // Reports go on while both pulls take 2.5 s each.
+    let during = c.wait_for(Duration::from_millis(2000), |h| {
         h[0].statuses.len() >= before + 6
     });
     assert!(during, "status reports stalled during the pulls");
@@ -650,7 +650,7 @@ fn a_slow_launch_pull_never_blocks_reports_and_the_resent_launch_is_not_started_
     let c = EdgeTestController::start("127.0.0.1:0", INIT).unwrap();
     let (_t, p) = node(&c.url(), false);
     let (a, f) = fake_agent(&c, &p);
-    f.set_pull_delay(Duration::from_millis(1500));
+    f.set_pull_delay(Duration::from_millis(2500));
     let st = queue_and_wait(
         &c,
         &a.host_id,
@@ -665,7 +665,7 @@ fn a_slow_launch_pull_never_blocks_reports_and_the_resent_launch_is_not_started_
         json!({"launchContainer": [launch("L-slow", "big/image:1")]})
     ));
     assert!(
-        c.wait_for(Duration::from_millis(1000), |h| h[0].statuses.len()
+        c.wait_for(Duration::from_millis(2000), |h| h[0].statuses.len()
             >= before + 5),
         "status reports stalled during the launch's pull"
     );

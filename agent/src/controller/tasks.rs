@@ -562,10 +562,11 @@ impl HostTasks {
         let now = now_unix();
         let grace = self.ctx.ttl_grace.as_secs();
         for c in self.live_engines() {
+            // Whole seconds: past `exp` means at least runtimeTTL ran, never less.
             let Ok(exp) = c.label(rt::LABEL_EXPIRES_UNIX).parse::<u64>() else {
                 continue;
             };
-            if now >= exp + grace {
+            if now > exp + grace {
                 self.stop(&c, "its runtimeTTL is over");
             }
         }
@@ -723,7 +724,7 @@ mod tests {
         );
         h.tick();
         assert_eq!(f.by_launch("L1").len(), 1, "not over yet");
-        std::thread::sleep(Duration::from_millis(1100));
+        std::thread::sleep(Duration::from_millis(2100));
         h.tick();
         assert!(f.by_launch("L1").is_empty(), "over: stopped");
         assert_eq!(f.by_launch("L2").len(), 1, "no TTL: left alone");
