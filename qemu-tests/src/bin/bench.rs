@@ -101,6 +101,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Each stage of a build: name, state (built/cached/unused), seconds.
+type StageTimes = Vec<(String, String, f64)>;
+
 /// `aiwimg build --json`: the whole time and each stage's.
 fn build(
     aiwimg: &Path,
@@ -108,7 +111,7 @@ fn build(
     cache: &Path,
     out: &Path,
     formats: &str,
-) -> Result<(f64, Vec<(String, String, f64)>, Value)> {
+) -> Result<(f64, StageTimes, Value)> {
     let o = Command::new(aiwimg)
         .arg("--project")
         .arg(project)
