@@ -115,7 +115,10 @@ impl HostTasks {
     ) -> Self {
         let runtime_error = runtime.check().err();
         match &runtime_error {
-            Some(e) => log::console(&format!("container runtime: {e}")),
+            // The journal, not the console: most nodes without Docker (db,
+            // nfs, ...) never get a container action; one that does is
+            // refused with this reason in its next status report.
+            Some(e) => log::info(&format!("container runtime: {e}")),
             None => {
                 let live: Vec<String> = runtime
                     .list_managed()

@@ -22,6 +22,10 @@ use std::path::{Path, PathBuf};
 const MODE_HELPER_UNITS: &[&str] = &["docker.socket", "containerd.service"];
 /// Units every node runs, whatever its modes.
 const ALWAYS_ENABLED: &[&str] = &["systemd-networkd.service", "systemd-resolved.service"];
+/// Units no node runs: systemd loads the DRM core early for a graphical
+/// console a headless node does not have (a GPU image's nvidia-drm still
+/// pulls it in as a dependency).
+const MASKED: &[&str] = &["modprobe@drm.service"];
 
 /// Where the agent binary comes from: built from `agent/`, or given.
 pub enum AgentInput {
@@ -97,7 +101,7 @@ pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slo
     let mut k = KeyBuilder::new("customize");
     k.key("rootfs", &rootfs.key)
         // Bump when make() changes what it produces from the same inputs.
-        .field("recipe", "3")
+        .field("recipe", "4")
         .field("overlay-context", &overlay_context(ctx).to_string())
         .list("overlays", &p.overlays)
         .field("image-version", &ctx.opts.image_version)
@@ -487,5 +491,8 @@ fn set_unit_states(ctx: &BuildContext, tools: &ToolsTree, tree: &Path) -> Result
     let mut args = vec!["systemctl", "--root=/image", "--no-reload", "enable"];
     args.extend(enable.iter().map(String::as_str));
     tools.run("enabling node services", &args, &bind)?;
+    let mut args = vec!["systemctl", "--root=/image", "--no-reload", "mask"];
+    args.extend(MASKED.iter().copied());
+    tools.run("masking units no node needs", &args, &bind)?;
     Ok(())
 }

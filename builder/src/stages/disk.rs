@@ -23,7 +23,7 @@ const MIB: u64 = 1 << 20;
 pub fn slot(ctx: &BuildContext, tools: &Slot, custom: &Slot, initrd: &Slot) -> Slot {
     let key = KeyBuilder::new("disk")
         // Bump when make() changes what it produces from the same inputs.
-        .field("recipe", "2")
+        .field("recipe", "3")
         .key("tools", &tools.key)
         .key("customize", &custom.key)
         .key("initrd", &initrd.key)
@@ -126,7 +126,12 @@ pub fn make(
         ),
         (
             "11-root-a-verity.conf",
-            "[Partition]\nType=root-verity\nLabel=root-a-verity\nVerity=hash\nVerityMatchKey=root\nMinimize=best\n".to_string(),
+            // 4 KiB verity blocks, the root's page and erofs block size. Left
+            // to repart, they follow --sector-size (512): eight hashes per page
+            // read, which made every cold read of the root ~3x slower than
+            // the disk (64 MiB in 1.9 s against 0.6 s under TCG).
+            "[Partition]\nType=root-verity\nLabel=root-a-verity\nVerity=hash\nVerityMatchKey=root\nMinimize=best\n\
+             VerityDataBlockSizeBytes=4096\nVerityHashBlockSizeBytes=4096\n".to_string(),
         ),
         (
             "20-root-b.conf",
