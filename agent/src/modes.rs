@@ -239,6 +239,37 @@ pub struct ImageInfo {
     /// True for profiles that carry the NVIDIA driver and container runtime.
     #[serde(default)]
     pub gpu: bool,
+    /// sha256 of the vendor's `aiware-agent` binary baked at
+    /// [`VENDOR_AGENT_PATH`] (profile key `vendor_agent`): aiw-agent then
+    /// configures the node and starts it instead of joining the controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor_agent: Option<String>,
+    /// Container images baked in (profile key `[[container_images]]`),
+    /// loaded into Docker at first boot before any mode container starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub container_images: Vec<BakedImage>,
+}
+
+/// Where a profile's `vendor_agent` binary is baked (where the vendor's install script puts it).
+pub const VENDOR_AGENT_PATH: &str = "/usr/local/bin/aiware-agent";
+/// Folder of the baked image archives, each named `<sha256>.tar`.
+pub const BAKED_IMAGES_DIR: &str = "/usr/lib/aiware/images";
+
+/// One container image archive baked into the image.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BakedImage {
+    /// Path of the archive on the node (under [`BAKED_IMAGES_DIR`]).
+    pub archive: String,
+    /// sha256 of the archive file (hex).
+    pub sha256: String,
+    /// The image's config digest, `sha256:<hex>` (what `docker image inspect` shows as Id).
+    pub image_id: String,
+    /// `docker-save` or `oci`.
+    pub format: String,
+    /// The names the archive gives the image (`RepoTags`, or the OCI ref names).
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 impl ImageInfo {

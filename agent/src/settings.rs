@@ -438,6 +438,8 @@ mod tests {
             ]
             .into(),
             gpu: false,
+            vendor_agent: None,
+            container_images: Vec::new(),
         }
     }
 

@@ -23,6 +23,13 @@ pub struct Manifest {
     pub packages: Vec<Package>,
     /// The disk stage's cache key: the hash of every input of the image.
     pub input_hash: String,
+    /// Container images baked in (`[[container_images]]`): archive sha256,
+    /// image config digest, tags; aiw-agent loads them at first boot.
+    #[serde(default)]
+    pub container_images: Vec<aiw_agent::modes::BakedImage>,
+    /// sha256 of the vendor's aiware-agent baked in (`vendor_agent`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor_agent: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

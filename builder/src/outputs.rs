@@ -105,6 +105,7 @@ pub fn write_all(ctx: &BuildContext, disk: &Slot, out: &Path) -> Result<Manifest
         .into_iter()
         .map(|(name, version)| Package { name, version })
         .collect();
+    let info_json = stages::customize::image_info(ctx)?;
     let manifest = Manifest {
         profile: ctx.profile.name.clone(),
         version: ctx.opts.image_version.clone(),
@@ -120,6 +121,8 @@ pub fn write_all(ctx: &BuildContext, disk: &Slot, out: &Path) -> Result<Manifest
         files,
         packages,
         input_hash: disk.key.clone(),
+        container_images: info_json.container_images,
+        vendor_agent: info_json.vendor_agent,
     };
     std::fs::write(
         out.join("manifest.json"),

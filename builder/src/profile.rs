@@ -59,6 +59,38 @@ pub struct ProfileFile {
     pub required_modules: Vec<String>,
     /// Docker's default runtime (e.g. "nvidia"); unset keeps runc.
     pub docker_default_runtime: Option<String>,
+    /// The vendor's `aiware-agent` binary to bake at /usr/local/bin/aiware-agent:
+    /// aiw-agent then configures the node and starts `aiware-agent.service`
+    /// instead of joining the controller itself.
+    pub vendor_agent: Option<VendorAgent>,
+    /// Container images baked in from docker-save or OCI archive files,
+    /// loaded into Docker at first boot (air-gapped nodes).
+    #[serde(default)]
+    pub container_images: Vec<ContainerImage>,
+}
+
+/// `vendor_agent = { binary = "...", sha256 = "..." }`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VendorAgent {
+    /// A local file; a relative path is relative to `images/`.
+    pub binary: PathBuf,
+    /// sha256 the file must have (64 hex digits).
+    pub sha256: String,
+}
+
+/// One `[[container_images]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerImage {
+    /// A `docker save` or OCI image-layout tar; a relative path is relative to `images/`.
+    pub archive: PathBuf,
+    /// sha256 the archive file must have (64 hex digits).
+    pub sha256: String,
+    /// The image's config digest, `sha256:<64 hex>` (`docker image inspect -f
+    /// '{{.Id}}'`): required for a docker-save archive, checked when given for OCI.
+    #[serde(default)]
+    pub image_id: Option<String>,
 }
 
 /// A third-party apt repository.
@@ -107,6 +139,10 @@ pub struct Profile {
     pub build_only: Vec<String>,
     pub required_modules: Vec<String>,
     pub docker_default_runtime: Option<String>,
+    /// Paths resolved against `images/`.
+    pub vendor_agent: Option<VendorAgent>,
+    /// Paths resolved against `images/`; parents' first, one per sha256.
+    pub container_images: Vec<ContainerImage>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +187,8 @@ impl Profile {
             build_only: Vec::new(),
             required_modules: Vec::new(),
             docker_default_runtime: None,
+            vendor_agent: None,
+            container_images: Vec::new(),
         };
         for (fname, f) in files {
             p.chain.push(fname.clone());
@@ -171,6 +209,35 @@ impl Profile {
             append_unique(&mut p.build_only, f.build_only);
             append_unique(&mut p.required_modules, f.required_modules);
             p.docker_default_runtime = f.docker_default_runtime.or(p.docker_default_runtime);
+            let invalid = |message: String| ProfileError::Invalid {
+                path: path_of(&fname),
+                message,
+            };
+            if let Some(mut v) = f.vendor_agent {
+                check_sha256(&v.sha256)
+                    .map_err(|m| invalid(format!("key `vendor_agent`: sha256 {m}")))?;
+                v.binary = images_dir.join(&v.binary);
+                p.vendor_agent = Some(v);
+            }
+            for mut c in f.container_images {
+                check_sha256(&c.sha256).map_err(|m| {
+                    invalid(format!(
+                        "[[container_images]] {}: sha256 {m}",
+                        c.archive.display()
+                    ))
+                })?;
+                if let Some(id) = &c.image_id {
+                    check_sha256(id.strip_prefix("sha256:").unwrap_or("")).map_err(|_| {
+                        invalid(format!(
+                            "[[container_images]] {}: image_id {id:?} is not sha256:<64 hex digits>",
+                            c.archive.display()
+                        ))
+                    })?;
+                }
+                c.archive = images_dir.join(&c.archive);
+                p.container_images.retain(|x| x.sha256 != c.sha256);
+                p.container_images.push(c);
+            }
             for repo in f.repositories {
                 let invalid = |message: String| ProfileError::Invalid {
                     path: path_of(&fname),
@@ -305,6 +372,18 @@ fn append_unique(into: &mut Vec<String>, items: Vec<String>) {
     }
 }
 
+/// 64 lower-case hex digits.
+fn check_sha256(s: &str) -> Result<(), String> {
+    if s.len() == 64
+        && s.chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    {
+        Ok(())
+    } else {
+        Err(format!("{s:?} is not 64 lower-case hex digits"))
+    }
+}
+
 fn check_fingerprint(fpr: &str) -> Result<(), String> {
     let hex: String = fpr.chars().filter(|c| !c.is_whitespace()).collect();
     if hex.len() == 40 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -418,6 +497,50 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("a -> b -> c -> a"), "{e}");
+    }
+
+    #[test]
+    fn vendor_agent_and_container_images_resolve_against_images() {
+        let sha = "ab".repeat(32);
+        let d = dir_with(&[
+            (
+                "a",
+                &format!("description='a'\n[[container_images]]\narchive='x.tar'\nsha256='{sha}'\nimage_id='sha256:{sha}'"),
+            ),
+            (
+                "b",
+                &format!("extends=['a']\nvendor_agent={{binary='bin/aiware-agent', sha256='{sha}'}}\n[[container_images]]\narchive='/abs/y.tar'\nsha256='{}'", "cd".repeat(32)),
+            ),
+        ]);
+        let p = Profile::load(d.path(), "b", &table()).unwrap();
+        let v = p.vendor_agent.unwrap();
+        assert_eq!(v.binary, d.path().join("bin/aiware-agent"));
+        assert_eq!(p.container_images.len(), 2);
+        assert_eq!(p.container_images[0].archive, d.path().join("x.tar"));
+        assert_eq!(p.container_images[1].archive, Path::new("/abs/y.tar"));
+        assert_eq!(p.container_images[1].image_id, None);
+        let a = Profile::load(d.path(), "a", &table()).unwrap();
+        assert!(a.vendor_agent.is_none());
+
+        let d = dir_with(&[(
+            "p",
+            "description='p'\n[[container_images]]\narchive='x.tar'\nsha256='ABC'",
+        )]);
+        let e = Profile::load(d.path(), "p", &table())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("container_images") && e.contains("64 lower-case hex"),
+            "{e}"
+        );
+        let d = dir_with(&[(
+            "p",
+            &format!("description='p'\n[[container_images]]\narchive='x.tar'\nsha256='{sha}'\nimage_id='{sha}'"),
+        )]);
+        let e = Profile::load(d.path(), "p", &table())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("image_id") && e.contains("sha256:<64"), "{e}");
     }
 
     #[test]

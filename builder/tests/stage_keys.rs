@@ -166,3 +166,87 @@ fn each_input_changes_exactly_the_stages_it_feeds() {
     ov.image_version = "1.1".into();
     assert_eq!(changed(&base, &keys(ov)), ["customize", "disk"]);
 }
+
+/// A docker-save archive of one tiny image; returns (bytes, config digest).
+fn docker_save(salt: &str) -> (Vec<u8>, String) {
+    use sha2::Digest;
+    let mut b = tar::Builder::new(Vec::new());
+    let config = format!(r#"{{"os":"linux","architecture":"amd64","salt":"{salt}"}}"#);
+    let cid = hex::encode(sha2::Sha256::digest(config.as_bytes()));
+    let manifest =
+        format!(r#"[{{"Config":"{cid}.json","RepoTags":["aiware-controller:test"],"Layers":[]}}]"#);
+    for (name, data) in [
+        (format!("{cid}.json"), config.into_bytes()),
+        ("manifest.json".to_string(), manifest.into_bytes()),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data.as_slice()).unwrap();
+    }
+    (b.into_inner().unwrap(), format!("sha256:{cid}"))
+}
+
+#[test]
+fn a_baked_archive_or_vendor_agent_feeds_customize_and_a_changed_one_is_never_missed() {
+    use sha2::Digest;
+    let p = project_copy();
+    let cache = tempfile::tempdir().unwrap();
+    let o = || opts(p.path(), cache.path());
+    let base = keys(o());
+    let (one, id1) = docker_save("one");
+    let archive = p.path().join("images/controller-double.tar");
+    std::fs::write(&archive, &one).unwrap();
+    let sha1 = hex::encode(sha2::Sha256::digest(&one));
+    let engine = p.path().join("images/engine.toml");
+    let before = std::fs::read_to_string(&engine).unwrap();
+    let pin = |sha: &str, id: &str| {
+        std::fs::write(
+            &engine,
+            format!(
+                "{before}\n[[container_images]]\narchive = \"controller-double.tar\"\nsha256 = \"{sha}\"\nimage_id = \"{id}\"\n"
+            ),
+        )
+        .unwrap()
+    };
+    pin(&sha1, &id1);
+    let k1 = keys(o());
+    assert_eq!(changed(&base, &k1), ["customize", "disk"]);
+
+    // Other bytes under the same pins: planning fails, no stale key.
+    let (two, id2) = docker_save("two");
+    std::fs::write(&archive, &two).unwrap();
+    let ctx = BuildContext::new(o()).unwrap();
+    let e = Plan::new(&ctx)
+        .err()
+        .expect("a changed archive is an error");
+    assert!(format!("{e:#}").contains("the profile pins"), "{e:#}");
+    // Re-pinned: a new key.
+    pin(&hex::encode(sha2::Sha256::digest(&two)), &id2);
+    let k2 = keys(o());
+    assert_eq!(changed(&k1, &k2), ["customize", "disk"]);
+
+    // The vendor's agent: its bytes are in the key too.
+    let bin = p.path().join("images/aiware-agent");
+    std::fs::write(&bin, b"vendor 1").unwrap();
+    append(
+        &engine,
+        &format!(
+            "vendor_agent = {{ binary = \"aiware-agent\", sha256 = \"{}\" }}\n",
+            hex::encode(sha2::Sha256::digest(b"vendor 1"))
+        ),
+    );
+    // (a top-level key after a table would belong to it: put it first)
+    let text = std::fs::read_to_string(&engine).unwrap();
+    let (head, vendor) = text.rsplit_once("vendor_agent").unwrap();
+    std::fs::write(&engine, format!("vendor_agent{vendor}{head}")).unwrap();
+    let k3 = keys(o());
+    assert_eq!(changed(&k2, &k3), ["customize", "disk"]);
+    std::fs::write(&bin, b"vendor 2").unwrap();
+    let ctx = BuildContext::new(o()).unwrap();
+    assert!(
+        Plan::new(&ctx).is_err(),
+        "a changed vendor binary is an error"
+    );
+}

@@ -12,6 +12,7 @@
 use crate::cache::{remove_tree, sha256_file, KeyBuilder, Slot};
 use crate::pipeline::BuildContext;
 use crate::run::{run_cmd, Cmd};
+use crate::stages::baked;
 use crate::tools::{Bind, ToolsTree};
 use aiw_agent::modes::ImageInfo;
 use anyhow::{bail, Context, Result};
@@ -101,11 +102,11 @@ pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slo
     let mut k = KeyBuilder::new("customize");
     k.key("rootfs", &rootfs.key)
         // Bump when make() changes what it produces from the same inputs.
-        .field("recipe", "4")
+        .field("recipe", "5")
         .field("overlay-context", &overlay_context(ctx).to_string())
         .list("overlays", &p.overlays)
         .field("image-version", &ctx.opts.image_version)
-        .field("image-info", &serde_json::to_string(&image_info(ctx))?)
+        .field("image-info", &serde_json::to_string(&image_info(ctx)?)?)
         .path("modes.toml", &ctx.images_dir().join("modes.toml"))?;
     for o in &p.overlays {
         k.path(
@@ -114,6 +115,8 @@ pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slo
         )?;
     }
     agent.add_to_key(&mut k, &ctx.opts.project)?;
+    // Archives and the vendor binary by their content as read now.
+    baked::add_to_key(&mut k, &p.container_images, p.vendor_agent.as_ref())?;
     Ok(ctx.cache.slot("customize", &k.finish()))
 }
 
@@ -134,14 +137,21 @@ pub fn overlay_context(ctx: &BuildContext) -> serde_json::Value {
     })
 }
 
-fn image_info(ctx: &BuildContext) -> ImageInfo {
-    ImageInfo {
+pub fn image_info(ctx: &BuildContext) -> Result<ImageInfo> {
+    Ok(ImageInfo {
         profile: ctx.profile.name.clone(),
         version: ctx.opts.image_version.clone(),
         modes: ctx.profile.modes.clone(),
         profiles: ctx.all_profiles.clone(),
         gpu: ctx.profile.gpu,
-    }
+        vendor_agent: ctx.profile.vendor_agent.as_ref().map(|v| v.sha256.clone()),
+        container_images: ctx
+            .profile
+            .container_images
+            .iter()
+            .map(baked::describe)
+            .collect::<Result<_>>()?,
+    })
 }
 
 pub fn make(
@@ -304,7 +314,12 @@ fn install_agent(ctx: &BuildContext, bin: &Path, tree: &Path) -> Result<()> {
     std::fs::copy(ctx.images_dir().join("modes.toml"), lib.join("modes.toml"))?;
     std::fs::write(
         lib.join("image.json"),
-        serde_json::to_string_pretty(&image_info(ctx))? + "\n",
+        serde_json::to_string_pretty(&image_info(ctx)?)? + "\n",
+    )?;
+    baked::install(
+        tree,
+        &ctx.profile.container_images,
+        ctx.profile.vendor_agent.as_ref(),
     )?;
     Ok(())
 }

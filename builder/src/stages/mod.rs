@@ -1,4 +1,5 @@
 //! The pipeline's stages, one file each, in build order.
+pub mod baked;
 pub mod customize;
 pub mod disk;
 pub mod initrd;
