@@ -74,6 +74,137 @@ pub struct ModeSpec {
     /// System user that owns the mode's directories (the service's own user).
     #[serde(default)]
     pub owner: Option<String>,
+    /// The aiWARE containers the mode runs, each under a unit of its own that
+    /// aiw-agent writes at boot (see `node::mode_containers`).
+    #[serde(default)]
+    pub containers: Vec<ModeContainer>,
+}
+
+/// One container of a containerized mode (`[[modes.<mode>.containers]]`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModeContainer {
+    /// Docker's name for it, as the vendor names it (`aiware-controller`); the unit is `<name>.service`.
+    pub name: String,
+    /// Default image, overridden by the setting `<settings>_IMAGE`.
+    pub image: String,
+    /// Prefix of its settings: `<settings>_IMAGE`, `<settings>_ARGS`
+    /// (arguments, whitespace separated, replacing `args`) and `<settings>_ENV`
+    /// (extra `KEY=VALUE` words), e.g. `AIWARE_CONTROLLER`.
+    pub settings: String,
+    /// Published ports, `"9000"` or `"HOST:CONTAINER"`, optionally `/udp`.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// Bind mounts `"<folder under /opt/aiware>:<path in the container>"`.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// Settings passed into it when set (names of `AIWARE_*` variables).
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Gets `AIWARE_DB_HOST/PORT/NAME/USER/PASS`: the db mode's PostgreSQL
+    /// when this node runs it, else the `AIWARE_DB_*` of an existing server.
+    #[serde(default)]
+    pub database: bool,
+    /// Arguments after the image (its entrypoint's); empty: the image's own command.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// `host` to share the node's network (no published ports); unset: Docker's bridge.
+    #[serde(default)]
+    pub network: Option<String>,
+}
+
+/// A docker image reference we accept: registry, path, tag and digest
+/// characters only, so it never needs quoting and is never an option.
+pub fn valid_image_ref(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && !s.starts_with(['-', '.', '/', ':', '@'])
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c))
+}
+
+fn valid_env_key(s: &str) -> bool {
+    let mut c = s.chars();
+    matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_')
+        && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+}
+
+impl ModeContainer {
+    /// Checks one entry of the table; `Err` says what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let n = &self.name;
+        let ok_name = !n.is_empty()
+            && n.len() <= 64
+            && n.starts_with(|c: char| c.is_ascii_lowercase())
+            && n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !ok_name {
+            return Err(format!(
+                "container name {n:?}: lower-case letters, digits and '-' (it names the unit too)"
+            ));
+        }
+        if !valid_image_ref(&self.image) {
+            return Err(format!(
+                "container {n}: image {:?} is not an image reference",
+                self.image
+            ));
+        }
+        if !self.settings.starts_with("AIWARE_") || !valid_env_key(&self.settings) {
+            return Err(format!(
+                "container {n}: settings {:?} must be an AIWARE_ prefix such as AIWARE_CONTROLLER",
+                self.settings
+            ));
+        }
+        for p in &self.ports {
+            parse_published(p).map_err(|e| format!("container {n}: {e}"))?;
+        }
+        for v in &self.volumes {
+            let (host, inside) = v.split_once(':').unwrap_or(("", ""));
+            let bad = host.is_empty()
+                || host.starts_with('/')
+                || host.split('/').any(|x| x == ".." || x.is_empty())
+                || !inside.starts_with('/')
+                || v.contains(char::is_whitespace);
+            if bad {
+                return Err(format!(
+                    "container {n}: volume {v:?} is not \"<folder under /opt/aiware>:/path/in/container\""
+                ));
+            }
+        }
+        for e in &self.env {
+            if !valid_env_key(e) {
+                return Err(format!("container {n}: env {e:?} is not a variable name"));
+            }
+        }
+        match self.network.as_deref() {
+            None | Some("host") => {}
+            Some(o) => {
+                return Err(format!(
+                    "container {n}: network {o:?}: only \"host\" or unset"
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `"9000"`, `"9002:9000"`, `"53/udp"` → (host port, container port, proto).
+pub fn parse_published(p: &str) -> Result<(u16, u16, Proto), String> {
+    let bad = || format!("port {p:?} is not \"PORT\" or \"HOST:CONTAINER\" (optionally /udp)");
+    let (ports, proto) = match p.split_once('/') {
+        Some((a, "udp")) => (a, Proto::Udp),
+        Some((a, "tcp")) => (a, Proto::Tcp),
+        Some(_) => return Err(bad()),
+        None => (p, Proto::Tcp),
+    };
+    let num = |s: &str| s.parse::<u16>().ok().filter(|v| *v > 0).ok_or_else(bad);
+    match ports.split_once(':') {
+        Some((h, c)) => Ok((num(h)?, num(c)?, proto)),
+        None => {
+            let v = num(ports)?;
+            Ok((v, v, proto))
+        }
+    }
 }
 
 /// A firewall port or port range, written `tcp/5432` or `tcp/5000-6000`.
@@ -183,7 +314,22 @@ impl ModeTable {
                 return Err(err(format!("mode {known} is missing from the table")));
             }
         }
+        let mut names = std::collections::BTreeSet::new();
         for (name, spec) in &table.modes {
+            if !spec.containers.is_empty() && !spec.containerized {
+                return Err(err(format!(
+                    "[modes.{name}] has containers but is not containerized"
+                )));
+            }
+            for c in &spec.containers {
+                c.check().map_err(|e| err(format!("[modes.{name}] {e}")))?;
+                if !names.insert(c.name.clone()) {
+                    return Err(err(format!(
+                        "[modes.{name}] container {} is named twice in the table",
+                        c.name
+                    )));
+                }
+            }
             for req in &spec.requires {
                 if !table.modes.contains_key(req) {
                     return Err(err(format!(
@@ -308,6 +454,80 @@ mod tests {
             .unwrap()
             .ports
             .contains(&"tcp/5432".parse().unwrap()));
+    }
+
+    #[test]
+    fn repo_containerized_modes_name_their_containers() {
+        let t = repo_table();
+        let c = &t.get("controller").unwrap().containers;
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].name, "aiware-controller");
+        assert_eq!(c[0].image, "aiware-controller:latest");
+        assert_eq!(c[0].settings, "AIWARE_CONTROLLER");
+        assert!(c[0].database);
+        assert!(c[0].env.contains(&"AIWARE_INIT_TOKEN".to_string()));
+        for m in ["api", "es", "minio", "nsq"] {
+            assert!(
+                !t.get(m).unwrap().containers.is_empty(),
+                "{m} runs containers"
+            );
+        }
+        assert!(
+            t.get("engine").unwrap().containers.is_empty(),
+            "engines come from the controller"
+        );
+        // Every published port is one the mode opens in the firewall.
+        for (name, spec) in &t.modes {
+            for c in &spec.containers {
+                if c.network.is_some() {
+                    continue;
+                }
+                for p in &c.ports {
+                    let (host, _, proto) = parse_published(p).unwrap();
+                    assert!(
+                        spec.ports
+                            .iter()
+                            .any(|o| o.proto == proto && o.first <= host && host <= o.last),
+                        "{name}: {} publishes {p}, not opened",
+                        c.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_containers_are_table_errors() {
+        let base = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/modes.toml"),
+        )
+        .unwrap();
+        let with = |extra: &str| {
+            ModeTable::parse(&format!("{base}\n{extra}"), "m.toml")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let c =
+            |fields: &str| format!("[[modes.api.containers]]\nsettings = \"AIWARE_X\"\n{fields}");
+        assert!(with(&c("name = \"Bad Name\"\nimage = \"a\"")).contains("container name"));
+        assert!(with(&c("name = \"x\"\nimage = \"a;rm -rf\"")).contains("not an image reference"));
+        assert!(with(&c(
+            "name = \"x\"\nimage = \"a\"\nvolumes = [\"../etc:/etc\"]"
+        ))
+        .contains("volume"));
+        assert!(with(&c("name = \"x\"\nimage = \"a\"\nports = [\"70000\"]")).contains("port"));
+        assert!(with(&c("name = \"aiware-controller\"\nimage = \"a\"")).contains("named twice"));
+        assert!(with(
+            "[[modes.db.containers]]\nname = \"x\"\nimage = \"a\"\nsettings = \"AIWARE_X\""
+        )
+        .contains("not containerized"));
+        assert_eq!(
+            with(&c(
+                "name = \"x\"\nimage = \"reg:5000/a/b:1\"\nports = [\"1:2/udp\"]"
+            )),
+            ""
+        );
     }
 
     #[test]
