@@ -243,6 +243,51 @@ impl ContainerRuntime for DockerRuntime {
             memory_limit: mem.and_then(|m| m.limit).unwrap_or(0),
         })
     }
+
+    fn load_archive(&self, path: &Path) -> Result<Vec<String>, String> {
+        use std::io::Read;
+        let file = std::fs::File::open(path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        // Streamed in 1 MiB chunks: an archive may be gigabytes.
+        let chunks = futures_util::stream::unfold(file, |mut f| async move {
+            let mut buf = vec![0u8; 1 << 20];
+            match f.read(&mut buf) {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), f))
+                }
+                Err(e) => Some((Err(e), f)),
+            }
+        });
+        let opts = bollard::query_parameters::ImportImageOptionsBuilder::default()
+            .quiet(true)
+            .build();
+        self.rt.block_on(async {
+            let mut s = self.docker.import_image_stream(opts, chunks, None);
+            let mut loaded = Vec::new();
+            while let Some(item) = s.next().await {
+                let info = item.map_err(msg)?;
+                if let Some(line) = info.stream {
+                    let line = line.trim();
+                    if !line.is_empty() {
+                        loaded.push(line.to_string());
+                    }
+                }
+            }
+            Ok(loaded)
+        })
+    }
+
+    fn has_image(&self, reference: &str) -> Result<bool, String> {
+        match self.rt.block_on(self.docker.inspect_image(reference)) {
+            Ok(_) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(false),
+            Err(e) => Err(msg(e)),
+        }
+    }
 }
 
 /// Docker's formula over two samples of (container CPU ns, system CPU ns):
@@ -481,5 +526,100 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.contains("no Docker on this node"), "{e}");
+    }
+
+    /// A TEST DOUBLE of the Engine API's image endpoints: `POST /images/load`
+    /// (a chunked body, as bollard streams it) and `GET /images/{ref}/json`.
+    fn image_api() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    ) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("docker.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let body_seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = body_seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { break };
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    continue;
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let (mut len, mut chunked) = (0usize, false);
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                    let l = h.to_ascii_lowercase();
+                    if let Some(v) = l.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if l.starts_with("transfer-encoding:") && l.contains("chunked") {
+                        chunked = true;
+                    }
+                }
+                let mut body = Vec::new();
+                if chunked {
+                    loop {
+                        let mut size = String::new();
+                        r.read_line(&mut size).unwrap();
+                        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+                        let mut c = vec![0; n + 2];
+                        r.read_exact(&mut c).unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        body.extend_from_slice(&c[..n]);
+                    }
+                } else {
+                    body.resize(len, 0);
+                    r.read_exact(&mut body).unwrap();
+                }
+                let p = path.split('?').next().unwrap_or("");
+                let (code, answer) = if p.ends_with("/images/load") {
+                    keep.lock().unwrap().extend_from_slice(&body);
+                    (
+                        200,
+                        "{\"stream\":\"Loaded image: aiware-controller:test\\n\"}\n".to_string(),
+                    )
+                } else if p.contains("/images/aiware-controller:test/json") {
+                    (200, "{\"Id\":\"sha256:ab\"}".to_string())
+                } else if p.contains("/images/") {
+                    (404, "{\"message\":\"No such image\"}".to_string())
+                } else {
+                    (200, "OK".to_string())
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+            }
+        });
+        (dir, socket, body_seen)
+    }
+
+    #[test]
+    fn an_archive_is_streamed_to_images_load() {
+        let (dir, socket, seen) = image_api();
+        let d = DockerRuntime::connect(&socket).unwrap();
+        // Over one chunk, so the stream is really read in pieces.
+        let data: Vec<u8> = (0..(3 << 20) + 17).map(|i| (i % 251) as u8).collect();
+        let archive = dir.path().join("a.tar");
+        std::fs::write(&archive, &data).unwrap();
+        let loaded = d.load_archive(&archive).unwrap();
+        assert_eq!(loaded, vec!["Loaded image: aiware-controller:test"]);
+        assert!(*seen.lock().unwrap() == data, "the archive's bytes, whole");
+        assert_eq!(d.has_image("aiware-controller:test"), Ok(true));
+        assert_eq!(d.has_image("nope:1"), Ok(false));
+        let e = d.load_archive(&dir.path().join("missing.tar")).unwrap_err();
+        assert!(e.contains("cannot open"), "{e}");
     }
 }

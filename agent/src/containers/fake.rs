@@ -23,6 +23,10 @@ struct Inner {
     calls: Vec<String>,
     failing_pulls: Vec<String>,
     pull_delay: Duration,
+    /// Archive path → the image references loading it adds.
+    archives: BTreeMap<std::path::PathBuf, Vec<String>>,
+    /// Images in the store besides pulled ones (loaded or given).
+    images: Vec<String>,
 }
 
 #[derive(Default)]
@@ -211,5 +215,40 @@ impl ContainerRuntime for FakeRuntime {
             memory_used: c.spec.memory_reservation.unwrap_or(0) as u64 / 2 + 1024,
             memory_limit: 0,
         })
+    }
+
+    fn load_archive(&self, path: &std::path::Path) -> Result<Vec<String>, String> {
+        let mut i = self.lock();
+        i.calls.push(format!("load {}", path.display()));
+        let Some(refs) = i.archives.get(path).cloned() else {
+            return Err(format!(
+                "{}: not an image archive (fake runtime)",
+                path.display()
+            ));
+        };
+        i.images.extend(refs.iter().cloned());
+        Ok(refs.iter().map(|r| format!("Loaded image: {r}")).collect())
+    }
+
+    fn has_image(&self, reference: &str) -> Result<bool, String> {
+        let i = self.lock();
+        Ok(i.images.iter().any(|x| x == reference) || i.pulled.iter().any(|(x, _)| x == reference))
+    }
+}
+
+impl FakeRuntime {
+    /// Loading the archive at `path` adds `refs` (tags and `sha256:<id>`) to the store.
+    pub fn add_archive(&self, path: &std::path::Path, refs: &[&str]) {
+        self.lock().archives.insert(
+            path.to_path_buf(),
+            refs.iter().map(|r| r.to_string()).collect(),
+        );
+    }
+
+    /// Forgets every image (Docker's data wiped).
+    pub fn forget_images(&self) {
+        let mut i = self.lock();
+        i.images.clear();
+        i.pulled.clear();
     }
 }

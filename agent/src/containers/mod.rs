@@ -114,6 +114,18 @@ pub trait ContainerRuntime: Send + Sync {
     fn list_managed(&self) -> Result<Vec<ManagedContainer>, String>;
     /// CPU and memory now; `None` when the runtime cannot say.
     fn usage(&self, id: &str) -> Option<ContainerUsage>;
+    /// Loads a docker-save or OCI archive file into the image store (`POST
+    /// /images/load`); returns what the runtime says it loaded.
+    fn load_archive(&self, path: &std::path::Path) -> Result<Vec<String>, String> {
+        Err(format!(
+            "this container runtime cannot load {}",
+            path.display()
+        ))
+    }
+    /// Whether an image (`name:tag` or `sha256:<id>`) is in the image store.
+    fn has_image(&self, reference: &str) -> Result<bool, String> {
+        Err(format!("this container runtime cannot look up {reference}"))
+    }
 }
 
 /// The runtime of a node where there is none (no `/run/docker.sock`, or a
@@ -146,6 +158,12 @@ impl ContainerRuntime for Unavailable {
     }
     fn usage(&self, _: &str) -> Option<ContainerUsage> {
         None
+    }
+    fn load_archive(&self, _: &std::path::Path) -> Result<Vec<String>, String> {
+        Err(self.reason.clone())
+    }
+    fn has_image(&self, _: &str) -> Result<bool, String> {
+        Err(self.reason.clone())
     }
 }
 
