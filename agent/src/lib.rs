@@ -1,7 +1,8 @@
 //! aiw-agent: the first-boot agent of aiwimg images.
 //!
 //! Pipeline (see [`agent`]): [`datasource`] → [`userdata`] → [`settings`] →
-//! [`apply`] (with [`systemd`]) → [`controller::join`] → status reports, whose
+//! [`apply`] (with [`systemd`]) → [`node`] (baked images, mode containers or
+//! the vendor's agent) → [`controller::join`] → status reports, whose
 //! replies carry the controller's actions: [`controller::actions`] parses them,
 //! [`controller::tasks`] carries them out on a [`containers::ContainerRuntime`]
 //! (Docker, [`containers::docker`]) → [`status`] and [`metrics`].
@@ -13,13 +14,16 @@ pub mod datasource;
 pub mod firewall;
 pub mod gpu;
 pub mod host;
+pub mod hostname;
 pub mod iso9660;
 /// Kept so `crate::join` paths keep working.
 pub use controller::join;
 pub mod log;
 pub mod metrics;
 pub mod modes;
+pub mod node;
 pub mod paths;
+pub mod platform;
 pub mod services;
 pub mod settings;
 pub mod status;
