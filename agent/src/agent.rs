@@ -473,6 +473,15 @@ impl<'a> Agent<'a> {
                 }
             }
         });
+        // Baked images, then the mode containers or the vendor's agent (node/).
+        if self.start_node(&table, image.as_ref(), &settings, &modes) {
+            log::console(&format!(
+                "ready modes={} datasource={source} (the vendor's aiware-agent joins the controller)",
+                modes.join(",")
+            ));
+            self.update(|s| s.join.state = "vendor-agent".into());
+            return Outcome::Ready;
+        }
 
         match settings.controller() {
             None => {
@@ -484,6 +493,57 @@ impl<'a> Agent<'a> {
             }
             Some(url) => self.join_and_report(url, &settings, &modes, &gpus, &source),
         }
+    }
+
+    /// Loads the baked images and starts the mode containers, or the vendor's
+    /// agent; true when the vendor's agent runs (it registers, not us).
+    fn start_node(
+        &self,
+        table: &ModeTable,
+        image: Option<&ImageInfo>,
+        s: &Settings,
+        modes: &[String],
+    ) -> bool {
+        let rt: Arc<dyn ContainerRuntime> = match &self.runtime {
+            Some(r) => r.clone(),
+            None if self.cfg.real_system => {
+                containers::for_system(std::path::Path::new(containers::docker::DOCKER_SOCKET))
+            }
+            None => Arc::new(containers::Unavailable {
+                reason: "no container runtime under a test root".into(),
+            }),
+        };
+        let effective = crate::services::with_generated_secrets(&self.cfg.paths, s, modes)
+            .unwrap_or_else(|_| s.clone());
+        let wait = Duration::from_secs(if self.cfg.real_system { 60 } else { 0 });
+        let node = crate::node::Node {
+            paths: &self.cfg.paths,
+            units: self.units,
+            rt: rt.as_ref(),
+            table,
+            docker_wait: wait,
+        };
+        let r = crate::node::start(&node, image, &effective, modes);
+        for e in &r.errors {
+            self.error(e);
+        }
+        self.update(|st| {
+            for (mode, unit, state) in &r.units {
+                let state = if state == "started" {
+                    &self.units.active_state(unit)
+                } else {
+                    state
+                };
+                match st.modes.iter_mut().find(|m| &m.mode == mode) {
+                    Some(m) => m.services.push((unit.clone(), state.clone())),
+                    None => st.modes.push(ModeStatus {
+                        mode: mode.clone(),
+                        services: vec![(unit.clone(), state.clone())],
+                    }),
+                }
+            }
+        });
+        r.vendor_agent
     }
 
     /// The applier for this node's paths, units and mode table.

@@ -70,6 +70,25 @@ pub const KNOWN_VARS: &[(&str, &str)] = &[
         "AIWARE_CACHE_DIR",
         "local path of the cluster cache (default /cache)",
     ),
+    // The mode containers (modes.toml `settings` prefixes): image, arguments, extra env.
+    ("AIWARE_CONTROLLER_IMAGE", "image of the aiware-controller container (default aiware-controller:latest)"),
+    ("AIWARE_CONTROLLER_ARGS", "arguments of the aiware-controller container, whitespace separated"),
+    ("AIWARE_CONTROLLER_ENV", "extra KEY=VALUE words for the aiware-controller container"),
+    ("AIWARE_API_IMAGE", "image of the aiware-api container"),
+    ("AIWARE_API_ARGS", "arguments of the aiware-api container"),
+    ("AIWARE_API_ENV", "extra KEY=VALUE words for the aiware-api container"),
+    ("AIWARE_ES_IMAGE", "image of the aiware-elasticsearch container"),
+    ("AIWARE_ES_ARGS", "arguments of the aiware-elasticsearch container"),
+    ("AIWARE_ES_ENV", "extra KEY=VALUE words for the aiware-elasticsearch container"),
+    ("AIWARE_MINIO_IMAGE", "image of the aiware-minio container"),
+    ("AIWARE_MINIO_ARGS", "arguments of the aiware-minio container"),
+    ("AIWARE_MINIO_ENV", "extra KEY=VALUE words for the aiware-minio container"),
+    ("AIWARE_NSQ_IMAGE", "image of the aiware-nsqd container"),
+    ("AIWARE_NSQ_ARGS", "arguments of the aiware-nsqd container"),
+    ("AIWARE_NSQ_ENV", "extra KEY=VALUE words for the aiware-nsqd container"),
+    ("AIWARE_NSQLOOKUPD_IMAGE", "image of the aiware-nsqlookupd container"),
+    ("AIWARE_NSQLOOKUPD_ARGS", "arguments of the aiware-nsqlookupd container"),
+    ("AIWARE_NSQLOOKUPD_ENV", "extra KEY=VALUE words for the aiware-nsqlookupd container"),
 ];
 
 pub const DEFAULT_UPDATE_INTERVAL_S: u64 = 60;
@@ -243,6 +262,9 @@ pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
         }
     }
     errs.extend(crate::services::validate(s, &modes));
+    if let Some(t) = ctx.table {
+        errs.extend(crate::node::mode_containers::validate(s, t, &modes));
+    }
     let has = |m: &str| modes.iter().any(|x| x == m);
     if has("engine") && s.controller().is_none() {
         errs.push(
@@ -441,6 +463,41 @@ mod tests {
             vendor_agent: None,
             container_images: Vec::new(),
         }
+    }
+
+    #[test]
+    fn every_container_settings_prefix_is_known() {
+        let t = ModeTable::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/modes.toml"),
+        )
+        .unwrap();
+        for spec in t.modes.values() {
+            for c in &spec.containers {
+                for suffix in ["IMAGE", "ARGS", "ENV"] {
+                    let k = format!("{}_{suffix}", c.settings);
+                    assert!(
+                        KNOWN_VARS.iter().any(|(n, _)| *n == k),
+                        "{k} not in KNOWN_VARS"
+                    );
+                }
+            }
+        }
+        let s = Settings::from_user_data(
+            parse(b"AIWARE_MODE=controller\nAIWARE_CONTROLLER_IMAGE=a;b\n").unwrap(),
+            None,
+        );
+        let e = validate(
+            &s,
+            &ImageContext {
+                table: Some(&t),
+                image: None,
+            },
+        );
+        assert!(
+            e.iter().any(|x| x.starts_with("AIWARE_CONTROLLER_IMAGE=")),
+            "{e:?}"
+        );
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
     }
 
     fn errs(text: &str) -> Vec<String> {

@@ -39,17 +39,25 @@ fn wait_for(rt: &dyn ContainerRuntime, limit: Duration) -> Result<(), String> {
     }
 }
 
+/// What [`start`] runs against.
+pub struct Node<'a> {
+    pub paths: &'a Paths,
+    pub units: &'a dyn UnitControl,
+    pub rt: &'a dyn ContainerRuntime,
+    pub table: &'a ModeTable,
+    /// How long Docker may take to answer (it starts with the modes).
+    pub docker_wait: Duration,
+}
+
 /// `s` is the effective settings (generated passwords filled in).
-pub fn start(
-    paths: &Paths,
-    units: &dyn UnitControl,
-    rt: &dyn ContainerRuntime,
-    table: &ModeTable,
-    image: Option<&ImageInfo>,
-    s: &Settings,
-    modes: &[String],
-    docker_wait: Duration,
-) -> NodeReport {
+pub fn start(n: &Node, image: Option<&ImageInfo>, s: &Settings, modes: &[String]) -> NodeReport {
+    let Node {
+        paths,
+        units,
+        rt,
+        table,
+        docker_wait,
+    } = *n;
     let mut r = NodeReport::default();
     let vendor = image.is_some_and(|i| i.vendor_agent.is_some());
     let containerized = modes
@@ -168,14 +176,16 @@ mod tests {
         let s = settings(&[("AIWARE_INIT_TOKEN", "t")]);
         let modes = vec!["controller".to_string()];
         let r = start(
-            &paths,
-            &units,
-            &rt,
-            &table(),
+            &Node {
+                paths: &paths,
+                units: &units,
+                rt: &rt,
+                table: &table(),
+                docker_wait: Duration::ZERO,
+            },
             Some(&image(false, vec![b])),
             &s,
             &modes,
-            Duration::ZERO,
         );
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         assert_eq!(r.images.loaded, vec!["aa"]);
@@ -204,14 +214,16 @@ mod tests {
         let units = RecordingUnits::default();
         let s = settings(&[("AIWARE_MODE", "controller")]);
         let r = start(
-            &paths,
-            &units,
-            &rt,
-            &table(),
+            &Node {
+                paths: &paths,
+                units: &units,
+                rt: &rt,
+                table: &table(),
+                docker_wait: Duration::ZERO,
+            },
             Some(&image(true, vec![])),
             &s,
             &["controller".into()],
-            Duration::ZERO,
         );
         assert!(r.vendor_agent);
         assert!(r.errors.is_empty(), "{:?}", r.errors);
@@ -232,14 +244,16 @@ mod tests {
         };
         let units = RecordingUnits::default();
         let r = start(
-            &paths,
-            &units,
-            &rt,
-            &table(),
+            &Node {
+                paths: &paths,
+                units: &units,
+                rt: &rt,
+                table: &table(),
+                docker_wait: Duration::ZERO,
+            },
             None,
             &settings(&[]),
             &["controller".into()],
-            Duration::ZERO,
         );
         assert_eq!(
             r.errors,
@@ -249,14 +263,16 @@ mod tests {
         assert!(units.calls.lock().unwrap().is_empty());
         // An engine node without baked images needs nothing here.
         let r = start(
-            &paths,
-            &units,
-            &rt,
-            &table(),
+            &Node {
+                paths: &paths,
+                units: &units,
+                rt: &rt,
+                table: &table(),
+                docker_wait: Duration::ZERO,
+            },
             None,
             &settings(&[]),
             &["engine".into()],
-            Duration::ZERO,
         );
         assert!(r.errors.is_empty() && r.units.is_empty());
     }
