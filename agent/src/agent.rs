@@ -336,6 +336,8 @@ impl<'a> Agent<'a> {
         // Launch data, or the settings persisted by an earlier boot.
         let persisted = apply::load_settings(&paths);
         let found = self.find_launch_data();
+        // Kept for apply_access and the register request (host::add_platform_facts).
+        crate::platform::for_this_boot(&paths, found.as_ref().map(|(n, _, ld)| (n.as_str(), ld)));
         let (source, reason, settings) = match (found, persisted) {
             (Some((name, reason, ld)), prev) => {
                 if let Some(p) =
@@ -676,11 +678,13 @@ impl<'a> Agent<'a> {
         let mut on_wait = |m: &str| log::info(m);
         let mut register_request = |id: Option<&str>| {
             let facts = host::gather_toward(paths, Some(url));
-            HostReport {
+            let mut r = HostReport {
                 facts: &facts,
                 ..report
             }
-            .register_request(id)
+            .register_request(id);
+            host::add_platform_facts(paths, s, &mut r);
+            r
         };
         let reply = match join::join(
             &client,
@@ -776,7 +780,9 @@ impl<'a> Agent<'a> {
                     log::info(
                         "the controller refused the host token; registering again as the same host",
                     );
-                    match client.register(&init, &report.register_request(Some(&host_id))) {
+                    let mut again = report.register_request(Some(&host_id));
+                    host::add_platform_facts(paths, s, &mut again);
+                    match client.register(&init, &again) {
                         Ok(v) => {
                             token = v["hostToken"].as_str().unwrap_or_default().to_string();
                             log::add_secrets([token.clone()]);

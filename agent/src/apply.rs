@@ -1,5 +1,5 @@
 //! Applying settings to the node: persisted state, directories, sysctls,
-//! kernel modules, SSH keys, hostname, write_files, rendered config files and
+//! kernel modules, SSH keys and hostname (user-data's and the platform's), write_files, rendered config files and
 //! the mode services. Settings flow one way: settings → files → units.
 
 use crate::modes::ModeTable;
@@ -191,6 +191,11 @@ impl Applier<'_> {
                 s.clone()
             }
         };
+        // AIWARE_SERVER_TYPE and AIWARE_REGION not given: the instance's own.
+        let effective = crate::platform::with_defaults(
+            effective,
+            &crate::platform::for_settings(self.paths, s),
+        );
         crate::log::add_secrets(effective.secrets());
         let prepared = crate::services::prepare(self.paths, &effective, &modes, self.real_system);
         errs.extend(prepared.errors);
@@ -213,16 +218,20 @@ impl Applier<'_> {
         errs
     }
 
-    /// What keeps the node reachable: SSH keys and hostname. Applied even when
-    /// the aiWARE settings are invalid, so the operator can log in and look.
+    /// What keeps the node reachable: SSH keys and hostname, from user-data
+    /// and from the platform's metadata of the same instance. Applied even
+    /// when the aiWARE settings are invalid, so the operator can log in and
+    /// look; and at every boot, since nothing on the read-only /etc keeps them.
     pub fn apply_access(&self, s: &Settings) -> Vec<String> {
         let mut errs = Vec::new();
-        if let Err(e) = self.ssh_keys(&s.ssh_authorized_keys) {
+        let platform = crate::platform::for_settings(self.paths, s);
+        if let Err(e) = self.ssh_keys(&crate::platform::authorized_keys(s, &platform)) {
             errs.push(e);
         }
-        if let Some(h) = &s.hostname {
-            if let Err(e) = self.hostname(h) {
-                errs.push(e);
+        if let Some((h, from)) = crate::platform::hostname(s, &platform) {
+            match self.hostname(h) {
+                Ok(how) => crate::log::info(&format!("hostname {h} (from {from}): {how}")),
+                Err(e) => errs.push(e),
             }
         }
         errs
@@ -252,24 +261,24 @@ impl Applier<'_> {
             .map_err(|e| format!("cannot write authorized_keys: {e}"))
     }
 
-    fn hostname(&self, h: &str) -> Result<(), String> {
+    /// /run/aiware/hostname (what the agent registers with), then the
+    /// system's hostname ([`crate::hostname`]); returns how it was set.
+    fn hostname(&self, h: &str) -> Result<String, String> {
         write_private(
             &self.paths.run_dir().join("hostname"),
             format!("{h}\n").as_bytes(),
             0o644,
         )
         .map_err(|e| format!("cannot write /run/aiware/hostname: {e}"))?;
-        if self.real_system {
-            // SAFETY: pointer and length describe h's bytes.
-            let rc = unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) };
-            if rc != 0 {
-                return Err(format!(
-                    "sethostname({h}): {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
+        if !self.real_system {
+            return Ok("written to /run/aiware/hostname only (not a real system)".into());
         }
-        Ok(())
+        crate::hostname::set(
+            &crate::hostname::SystemHostname {
+                etc: self.paths.at("/etc"),
+            },
+            h,
+        )
     }
 
     fn write_file(&self, f: &crate::userdata::WriteFile) -> Result<(), String> {

@@ -85,7 +85,7 @@ pub fn gather(paths: &Paths) -> HostFacts {
             * 1024
     };
     HostFacts {
-        hostname: hostname(),
+        hostname: chosen_hostname(paths).unwrap_or_else(hostname),
         ips: ips(),
         num_cpu: std::thread::available_parallelism()
             .map(|n| n.get())
@@ -95,6 +95,55 @@ pub fn gather(paths: &Paths) -> HostFacts {
         disk_available_root: disk_available("/"),
         disk_available_var: disk_available(&paths.at("/var").to_string_lossy()),
     }
+}
+
+/// The name the agent set this boot (user-data's or the platform's), which
+/// is what the controller should list even where the kernel's could not be set.
+pub fn chosen_hostname(paths: &Paths) -> Option<String> {
+    std::fs::read_to_string(paths.run_dir().join("hostname"))
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+/// Adds the instance facts of the platform's metadata to a register request
+/// (`HostRegisterRequest`), in the fields `HostDetail` has for them:
+/// - `serverTypeName` ("the name of server type"): `AIWARE_SERVER_TYPE`, else
+///   the instance type (`m5.large`); the image version stays when neither is
+///   known. The spec's other server-type field, `serverTypeID`, is a
+///   controller-side uuid.
+/// - `ips` ("IPs ... valid for this host"): the platform's private and public
+///   addresses are added after the interfaces' (a public address is NAT'd and
+///   on no interface), so the first stays the one toward the controller.
+/// - `cloudProviderInstanceID` is already the datasource's instance id.
+///
+/// `HostDetail` has no field for the region or zone, and `HostStatus` none for
+/// any of these, so they are not sent (the region reaches the containers as
+/// `AIWARE_REGION`, see [`crate::platform::with_defaults`]).
+pub fn add_platform_facts(
+    paths: &Paths,
+    s: &crate::settings::Settings,
+    request: &mut serde_json::Value,
+) {
+    let p = crate::platform::for_settings(paths, s);
+    let info = &mut request["info"];
+    if let Some(t) = s.get("AIWARE_SERVER_TYPE").or(p.instance_type.as_deref()) {
+        info["serverTypeName"] = serde_json::json!(t);
+    }
+    let mut ips: Vec<String> = info["ips"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    for ip in p.private_ips.iter().chain(&p.public_ips) {
+        if !ips.contains(ip) {
+            ips.push(ip.clone());
+        }
+    }
+    info["ips"] = serde_json::json!(ips);
 }
 
 pub fn hostname() -> String {
@@ -198,6 +247,61 @@ mod tests {
         assert_eq!(a("http://[fd00::1]/x").as_deref(), Some("[fd00::1]:80"));
         assert_eq!(a("no-scheme"), None);
         assert_eq!(a("http:///path"), None);
+    }
+
+    #[test]
+    fn instance_facts_go_into_server_type_name_and_ips() {
+        use crate::datasource::{LaunchData, PlatformMeta};
+        use crate::settings::Settings;
+        let t = tempfile::tempdir().unwrap();
+        let paths = Paths::new(t.path());
+        let ld = LaunchData {
+            instance_id: Some("i-1".into()),
+            platform: PlatformMeta {
+                instance_type: Some("m5.large".into()),
+                private_ips: vec!["10.0.0.5".into()],
+                public_ips: vec!["3.4.5.6".into()],
+                ..PlatformMeta::default()
+            },
+            ..LaunchData::default()
+        };
+        crate::platform::for_this_boot(&paths, Some(("ec2", &ld)));
+        let s = Settings {
+            instance_id: Some("i-1".into()),
+            ..Settings::default()
+        };
+        let mut req = serde_json::json!({"info": {"serverTypeName": "1.2.3", "ips": ["10.0.0.5", "fd00::5"]}});
+        add_platform_facts(&paths, &s, &mut req);
+        assert_eq!(req["info"]["serverTypeName"], "m5.large");
+        assert_eq!(
+            req["info"]["ips"],
+            serde_json::json!(["10.0.0.5", "fd00::5", "3.4.5.6"])
+        );
+        // AIWARE_SERVER_TYPE given wins; another instance's facts are not used.
+        let mut s2 = s.clone();
+        s2.vars.insert("AIWARE_SERVER_TYPE".into(), "big".into());
+        let mut req = serde_json::json!({"info": {"serverTypeName": "1.2.3", "ips": []}});
+        add_platform_facts(&paths, &s2, &mut req);
+        assert_eq!(req["info"]["serverTypeName"], "big");
+        let other = Settings {
+            instance_id: Some("i-2".into()),
+            ..Settings::default()
+        };
+        let mut req = serde_json::json!({"info": {"serverTypeName": "1.2.3", "ips": []}});
+        add_platform_facts(&paths, &other, &mut req);
+        assert_eq!(req["info"]["serverTypeName"], "1.2.3");
+        assert_eq!(req["info"]["ips"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn the_hostname_the_agent_chose_is_the_one_reported() {
+        let t = tempfile::tempdir().unwrap();
+        let paths = Paths::new(t.path());
+        assert_eq!(chosen_hostname(&paths), None);
+        assert_eq!(gather(&paths).hostname, hostname());
+        std::fs::create_dir_all(paths.run_dir()).unwrap();
+        std::fs::write(paths.run_dir().join("hostname"), "ceo-engine\n").unwrap();
+        assert_eq!(gather(&paths).hostname, "ceo-engine");
     }
 
     #[test]

@@ -28,7 +28,14 @@ pub const KNOWN_VARS: &[(&str, &str)] = &[
     ("AIWARE_DOMAIN_NAME", "domain name served by the lb mode"),
     ("AIWARE_HOST_IP", "IP address this host announces"),
     ("AIWARE_ROOT", "aiWARE root directory (default /opt/aiware)"),
-    ("AIWARE_REGION", "region label of this host"),
+    (
+        "AIWARE_REGION",
+        "region label of this host (default: the cloud region)",
+    ),
+    (
+        "AIWARE_SERVER_TYPE",
+        "server type of this host (default: the instance type)",
+    ),
     (
         "AIWARE_AGENT_UPDATE_INTERVAL",
         "seconds between status reports (default 60)",

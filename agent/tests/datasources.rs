@@ -91,6 +91,10 @@ fn azure_retries_410_429_and_404_then_decodes_base64() {
         if p.starts_with("/metadata/instance/compute/vmId") {
             return (200, b"vm-42".to_vec());
         }
+        // Counted: the userData requests only (not the instance document).
+        if !p.starts_with("/metadata/instance/compute/userData") {
+            return (404, vec![]);
+        }
         match n2.fetch_add(1, Ordering::SeqCst) {
             0 => (410, vec![]),
             1 => (429, vec![]),

@@ -74,6 +74,8 @@ impl Datasource for CmdlineSource {
         Ok(LaunchData {
             user_data: Some(env.into_bytes()),
             instance_id,
+            // Bare metal and PXE: no platform metadata service.
+            platform: Default::default(),
         })
     }
 }

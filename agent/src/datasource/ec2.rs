@@ -3,7 +3,7 @@
 //! only when the token PUT itself is refused.
 
 use super::retry::{Outcome, RetryClient};
-use super::{Datasource, DsError, LaunchData};
+use super::{text, Datasource, DsError, LaunchData, PlatformMeta};
 use std::cell::RefCell;
 use std::time::Instant;
 
@@ -85,6 +85,46 @@ impl Ec2Source {
     }
 }
 
+impl Ec2Source {
+    /// The instance's metadata: each item is optional (404 when the instance
+    /// has none, e.g. no key pair or no public address), and a failure to get
+    /// one leaves it out rather than failing the launch data.
+    fn platform(&self, token: &RefCell<Option<String>>, deadline: Instant) -> PlatformMeta {
+        let item = |name: &str| -> Option<String> {
+            let path = format!("/latest/meta-data/{name}");
+            match self.get(&path, name, token, deadline) {
+                Ok(b) => text(b),
+                Err(e) => {
+                    crate::log::info(&format!("{e} (left out)"));
+                    None
+                }
+            }
+        };
+        let zone = item("placement/availability-zone");
+        // placement/region is newer than the zone; the zone is the region plus a letter.
+        let region = item("placement/region").or_else(|| {
+            zone.as_deref()
+                .map(|z| {
+                    z.trim_end_matches(|c: char| c.is_ascii_alphabetic())
+                        .to_string()
+                })
+                .filter(|r| !r.is_empty())
+        });
+        PlatformMeta {
+            hostname: item("local-hostname").and_then(|h| super::platform_hostname(&h)),
+            // The key pair chosen at launch; only index 0 holds an OpenSSH key.
+            ssh_keys: item("public-keys/0/openssh-key")
+                .map(|k| super::public_keys_value(&serde_json::Value::String(k)))
+                .unwrap_or_default(),
+            instance_type: item("instance-type"),
+            region,
+            zone,
+            private_ips: item("local-ipv4").into_iter().collect(),
+            public_ips: item("public-ipv4").into_iter().collect(),
+        }
+    }
+}
+
 impl Datasource for Ec2Source {
     fn name(&self) -> &'static str {
         "ec2"
@@ -103,6 +143,7 @@ impl Datasource for Ec2Source {
         Ok(LaunchData {
             user_data,
             instance_id,
+            platform: self.platform(&token, deadline),
         })
     }
 }

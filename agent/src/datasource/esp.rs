@@ -29,6 +29,8 @@ impl Datasource for EspSource {
         Ok(LaunchData {
             user_data: Some(data),
             instance_id,
+            // Bare metal and PXE: no platform metadata service.
+            platform: Default::default(),
         })
     }
 }

@@ -1,4 +1,5 @@
-//! Datasources: where launch data (user-data, instance-id) comes from.
+//! Datasources: where launch data (user-data, instance-id, and the platform's
+//! own metadata: hostname, SSH keys, instance facts) comes from.
 //!
 //! Each is a small type behind [`Datasource`], in a file named after it. They
 //! are chosen by evidence ([`identify`]: DMI strings, filesystem labels, the
@@ -35,6 +36,73 @@ pub struct LaunchData {
     pub user_data: Option<Vec<u8>>,
     /// The launch's identity; a new one replaces persisted settings.
     pub instance_id: Option<String>,
+    /// What the platform says about the instance besides user-data.
+    pub platform: PlatformMeta,
+}
+
+/// The platform's metadata (afterburn's job): what the user chose at launch
+/// outside user-data (instance name, key pair) and what the cloud assigned.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PlatformMeta {
+    /// Already checked with [`platform_hostname`].
+    pub hostname: Option<String>,
+    /// OpenSSH public key lines, for the image's admin user.
+    pub ssh_keys: Vec<String>,
+    /// The instance type or size (`m5.large`, `n2-standard-4`, `Standard_D4s_v5`).
+    pub instance_type: Option<String>,
+    pub region: Option<String>,
+    /// Availability zone (or Azure's zone number).
+    pub zone: Option<String>,
+    pub private_ips: Vec<String>,
+    pub public_ips: Vec<String>,
+}
+
+/// A platform's host name as the kernel can take it: the name itself when it
+/// is a valid host name of at most 64 bytes (the kernel's and hostnamed's
+/// limit), else its first label (GCE's `name.zone.c.project.internal` often is
+/// longer; cloud-init sets the short name too). `None` when neither is valid.
+pub fn platform_hostname(raw: &str) -> Option<String> {
+    let name = raw.trim().trim_end_matches('.');
+    let fits = |h: &str| h.len() <= 64 && crate::settings::valid_hostname(h);
+    if fits(name) {
+        return Some(name.to_string());
+    }
+    let short = name.split('.').next().unwrap_or("");
+    if fits(short) {
+        crate::log::info(&format!(
+            "the platform's host name {name:?} is longer than 64 characters or not valid; using {short:?}"
+        ));
+        return Some(short.to_string());
+    }
+    crate::log::info(&format!(
+        "the platform's host name {name:?} is not a valid host name (ignored)"
+    ));
+    None
+}
+
+/// SSH keys in the forms cloud-init accepts in NoCloud and OVF meta-data
+/// (`public-keys`): one string of lines, a list of strings, or a map whose
+/// values are keys (OpenStack's `public_keys` is `{name: key}`).
+pub fn public_keys_value(v: &serde_json::Value) -> Vec<String> {
+    let lines = |s: &str| -> Vec<String> {
+        s.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect()
+    };
+    match v {
+        serde_json::Value::String(s) => lines(s),
+        serde_json::Value::Array(a) => a.iter().flat_map(public_keys_value).collect(),
+        serde_json::Value::Object(m) => m.values().flat_map(public_keys_value).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A text answer trimmed, `None` when empty.
+fn text(b: Option<Vec<u8>>) -> Option<String> {
+    b.map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -2,10 +2,12 @@
 //! OVA declares) on the CD-ROM vSphere attaches for the ISO transport (volume
 //! label `OVF ENV`), or through guestinfo (`guestinfo.ovfEnv`); and guestinfo
 //! `guestinfo.userdata` with `guestinfo.userdata.encoding` (`base64`/`b64` or
-//! `gzip+base64`/`gz+b64`), read with `vmware-rpctool`.
+//! `gzip+base64`/`gz+b64`), read with `vmware-rpctool`. The platform's host
+//! name and SSH keys come from the OVF properties `hostname`/`local-hostname`
+//! and `public-keys`, or from `guestinfo.metadata` (NoCloud-style meta-data).
 
 use super::seedfs::SeedFs;
-use super::{Datasource, DsError, LaunchData};
+use super::{Datasource, DsError, LaunchData, PlatformMeta};
 use crate::paths::Paths;
 use base64::Engine;
 use std::io::Read;
@@ -118,6 +120,24 @@ impl OvfEnv {
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// `hostname` (or cloud-init's `local-hostname`) and `public-keys`, the
+    /// properties an OVA declares for them.
+    pub fn platform(&self) -> PlatformMeta {
+        let hostname = self
+            .property("local-hostname")
+            .filter(|h| !h.trim().is_empty())
+            .or_else(|| self.property("hostname"))
+            .and_then(super::platform_hostname);
+        PlatformMeta {
+            hostname,
+            ssh_keys: self
+                .property("public-keys")
+                .map(|k| super::public_keys_value(&serde_json::Value::String(k.into())))
+                .unwrap_or_default(),
+            ..PlatformMeta::default()
+        }
     }
 
     /// The `user-data` property: base64 as vSphere users give it (cloud-init
@@ -274,8 +294,10 @@ impl Datasource for VmwareSource {
             Some((paths, label)) => (self.ovf_env_from_iso(paths, label)?, false),
             None => (self.info_get("guestinfo.ovfEnv")?, true),
         };
+        let mut ovf_platform = PlatformMeta::default();
         if let Some(doc) = doc {
             let env = parse_ovf_env(&doc).map_err(fail)?;
+            let platform = env.platform();
             if let Some(data) = env.user_data() {
                 let instance_id = env
                     .id
@@ -284,24 +306,58 @@ impl Datasource for VmwareSource {
                 return Ok(LaunchData {
                     user_data: Some(data),
                     instance_id,
+                    platform,
                 });
             }
             crate::log::info("vmware: the OVF environment has no user-data property value");
+            ovf_platform = platform;
         }
+        let without_user_data = LaunchData {
+            platform: ovf_platform.clone(),
+            ..LaunchData::default()
+        };
         if !rpctool_usable && !which(&self.rpctool) {
             // An OVF environment CD-ROM and no guestinfo tool: nothing more to ask.
-            return Ok(LaunchData::default());
+            return Ok(without_user_data);
         }
         let Some(value) = self.info_get("guestinfo.userdata")? else {
-            return Ok(LaunchData::default());
+            return Ok(without_user_data);
         };
         let enc = self.info_get("guestinfo.userdata.encoding")?;
         let data = decode(&value, enc.as_deref()).map_err(fail)?;
-        let instance_id = Some(super::digest_id("vmware", &data));
+        let meta = self.guestinfo_metadata()?;
+        let instance_id = meta
+            .as_deref()
+            .and_then(super::nocloud::meta_instance_id)
+            .or_else(|| Some(super::digest_id("vmware", &data)));
+        let platform = meta
+            .as_deref()
+            .map(super::nocloud::meta_platform)
+            .filter(|p| *p != PlatformMeta::default())
+            .unwrap_or(ovf_platform);
         Ok(LaunchData {
             user_data: Some(data),
             instance_id,
+            platform,
         })
+    }
+}
+
+impl VmwareSource {
+    /// `guestinfo.metadata` decoded (`guestinfo.metadata.encoding` as for
+    /// user-data); one that does not decode is left out, with a log line.
+    fn guestinfo_metadata(&self) -> Result<Option<Vec<u8>>, DsError> {
+        let Some(value) = self.info_get("guestinfo.metadata")? else {
+            return Ok(None);
+        };
+        let enc = self.info_get("guestinfo.metadata.encoding")?;
+        match decode(&value, enc.as_deref()) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => {
+                crate::log::info(&format!("vmware: guestinfo.metadata: {e} (left out)"));
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -354,6 +410,23 @@ mod tests {
             Some(&b"AIWARE_MODE=engine\n"[..])
         );
         assert_eq!(env.properties.len(), 2, "{env:?}");
+        // "a & b" is no host name: left out rather than refused by hostnamed.
+        assert_eq!(env.platform(), PlatformMeta::default());
+    }
+
+    #[test]
+    fn ovf_properties_give_the_hostname_and_keys() {
+        let env = parse_ovf_env(
+            "<Environment oe:id='vm-7'><PropertySection>\
+             <Property oe:key='hostname' oe:value='vsphere-engine'/>\
+             <Property oe:key='public-keys' oe:value='ssh-ed25519 AAAA1 a@b&#10;ssh-rsa AAAA2 c@d'/>\
+             <Property oe:key='user-data' oe:value='QUlXQVJFX01PREU9ZW5naW5lCg=='/>\
+             </PropertySection></Environment>",
+        )
+        .unwrap();
+        let p = env.platform();
+        assert_eq!(p.hostname.as_deref(), Some("vsphere-engine"));
+        assert_eq!(p.ssh_keys, ["ssh-ed25519 AAAA1 a@b", "ssh-rsa AAAA2 c@d"]);
     }
 
     #[test]
