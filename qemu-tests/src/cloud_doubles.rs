@@ -8,6 +8,11 @@
 //! answers 400 without `Metadata: true` or `api-version`; all three refuse a
 //! request carrying `X-Forwarded-For` (what keeps proxies from reaching them).
 //! Every request and its answer is recorded so tests can show the flow.
+//!
+//! Besides user-data, each serves the platform metadata a guest agent reads
+//! ([`InstanceFacts`]: a hostname, SSH keys, instance type, region/zone,
+//! addresses) where its service does: EC2 `meta-data/*`, GCE `instance/*` and
+//! `project/attributes/*`, Azure's `/metadata/instance` document.
 
 use crate::netdev::{UserNet, LOOPBACK};
 use anyhow::{Context, Result};
@@ -86,9 +91,76 @@ impl std::fmt::Display for Seen {
     }
 }
 
+/// The platform metadata a double serves (defaults: [`InstanceFacts::of`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InstanceFacts {
+    pub hostname: String,
+    /// EC2: the key pair (index 0); GCE: instance `ssh-keys` as `aiware:key`
+    /// lines; Azure: `compute.publicKeys`.
+    pub ssh_keys: Vec<String>,
+    /// GCE: the `ssh-keys` project attribute (the other clouds have none).
+    pub project_ssh_keys: Vec<String>,
+    pub instance_type: String,
+    pub region: String,
+    pub zone: String,
+    pub private_ip: String,
+    /// `None`: the instance has no public address (EC2 answers 404).
+    pub public_ip: Option<String>,
+}
+
+/// A well-formed OpenSSH key no one holds the private half of: what the
+/// doubles serve until a test gives its own (to log in with).
+pub const DOUBLE_SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFpd2ltZy10ZXN0LWRvdWJsZS1ub3QtYS1yZWFsLWtleQ aiwimg-double";
+/// GCE's project-wide key of the double.
+pub const GCE_PROJECT_SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFpd2ltZy1nY2UtcHJvamVjdC1rZXktbm90LXJlYWwx project-admin";
+
+impl InstanceFacts {
+    /// What each cloud's double says by default, in its own forms.
+    pub fn of(cloud: Cloud) -> Self {
+        match cloud {
+            Cloud::Ec2 => InstanceFacts {
+                hostname: "ip-172-31-5-10.ec2.internal".into(),
+                ssh_keys: vec![DOUBLE_SSH_KEY.into()],
+                project_ssh_keys: vec![],
+                instance_type: "m5.xlarge".into(),
+                region: "us-east-1".into(),
+                zone: "us-east-1a".into(),
+                private_ip: "172.31.5.10".into(),
+                public_ip: Some("54.80.1.2".into()),
+            },
+            Cloud::Gce => InstanceFacts {
+                hostname: "gce-engine.us-central1-a.c.aiwimg-test.internal".into(),
+                ssh_keys: vec![DOUBLE_SSH_KEY.into()],
+                project_ssh_keys: vec![GCE_PROJECT_SSH_KEY.into()],
+                instance_type: "n2-standard-4".into(),
+                region: "us-central1".into(),
+                zone: "us-central1-a".into(),
+                private_ip: "10.128.0.7".into(),
+                public_ip: Some("34.66.1.2".into()),
+            },
+            Cloud::Azure => InstanceFacts {
+                hostname: "azure-engine".into(),
+                ssh_keys: vec![DOUBLE_SSH_KEY.into()],
+                project_ssh_keys: vec![],
+                instance_type: "Standard_D4s_v5".into(),
+                region: "westeurope".into(),
+                zone: "1".into(),
+                private_ip: "10.1.0.4".into(),
+                public_ip: Some("20.50.1.2".into()),
+            },
+        }
+    }
+}
+
+/// The numeric GCE project the double's `zones/` and `machineTypes/` paths name.
+const GCE_PROJECT_NUMBER: &str = "123456789012";
+
 #[derive(Default)]
 struct State {
     user_data: Option<Vec<u8>>,
+    facts: InstanceFacts,
     seen: Vec<Seen>,
     tokens: Vec<String>,
 }
@@ -116,6 +188,7 @@ impl MetadataDouble {
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State {
             user_data: user_data.map(<[u8]>::to_vec),
+            facts: InstanceFacts::of(cloud),
             ..State::default()
         }));
         let stop = Arc::new(AtomicBool::new(false));
@@ -159,6 +232,29 @@ impl MetadataDouble {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .user_data = user_data.map(<[u8]>::to_vec);
+    }
+
+    /// Replaces the platform metadata served from now on.
+    pub fn set_instance_facts(&self, facts: InstanceFacts) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).facts = facts;
+    }
+
+    /// The SSH keys served as the instance's own (e.g. the test's key, to log in with).
+    pub fn set_ssh_keys(&self, keys: &[&str]) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .facts
+            .ssh_keys = keys.iter().map(|k| k.to_string()).collect();
+    }
+
+    /// The platform metadata served now.
+    pub fn instance_facts(&self) -> InstanceFacts {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .facts
+            .clone()
     }
 
     /// Every request answered so far, in order.
@@ -269,7 +365,21 @@ fn ec2(req: &Request, st: &mut State, counter: &AtomicU64) -> Answer {
     if !valid {
         return (401, b"Unauthorized".to_vec(), false, vec![]);
     }
+    let f = &st.facts;
+    let item = |v: Option<&str>| match v {
+        Some(v) if !v.is_empty() => (200, v.as_bytes().to_vec(), true, vec![]),
+        _ => (404, b"Not Found".to_vec(), true, vec![]),
+    };
     match req.path() {
+        "/latest/meta-data/local-hostname" => item(Some(&f.hostname)),
+        "/latest/meta-data/public-keys/0/openssh-key" => {
+            item(f.ssh_keys.first().map(String::as_str))
+        }
+        "/latest/meta-data/instance-type" => item(Some(&f.instance_type)),
+        "/latest/meta-data/placement/region" => item(Some(&f.region)),
+        "/latest/meta-data/placement/availability-zone" => item(Some(&f.zone)),
+        "/latest/meta-data/local-ipv4" => item(Some(&f.private_ip)),
+        "/latest/meta-data/public-ipv4" => item(f.public_ip.as_deref()),
         "/latest/meta-data/instance-id" => (200, EC2_INSTANCE_ID.into(), true, vec![]),
         "/latest/user-data" => match &st.user_data {
             Some(u) => (200, u.clone(), true, vec![]),
@@ -297,7 +407,32 @@ fn gce(req: &Request, st: &State) -> Answer {
     if req.method != "GET" {
         return (405, vec![], true, flavor);
     }
+    let f = &st.facts;
+    let lines = |keys: &[String]| {
+        keys.iter()
+            .map(|k| format!("aiware:{k}\n"))
+            .collect::<String>()
+    };
+    let item = |v: Option<String>| match v {
+        Some(v) if !v.is_empty() => (200, v.into_bytes(), true, flavor.clone()),
+        _ => (404, vec![], true, flavor.clone()),
+    };
     match req.path() {
+        "/computeMetadata/v1/instance/hostname" => item(Some(f.hostname.clone())),
+        "/computeMetadata/v1/instance/machine-type" => item(Some(format!(
+            "projects/{GCE_PROJECT_NUMBER}/machineTypes/{}",
+            f.instance_type
+        ))),
+        "/computeMetadata/v1/instance/zone" => item(Some(format!(
+            "projects/{GCE_PROJECT_NUMBER}/zones/{}",
+            f.zone
+        ))),
+        "/computeMetadata/v1/instance/network-interfaces/0/ip" => item(Some(f.private_ip.clone())),
+        "/computeMetadata/v1/instance/network-interfaces/0/access-configs/0/external-ip" => {
+            item(f.public_ip.clone())
+        }
+        "/computeMetadata/v1/instance/attributes/ssh-keys" => item(Some(lines(&f.ssh_keys))),
+        "/computeMetadata/v1/project/attributes/ssh-keys" => item(Some(lines(&f.project_ssh_keys))),
         "/computeMetadata/v1/instance/id" => (200, GCE_INSTANCE_ID.into(), true, flavor),
         "/computeMetadata/v1/instance/attributes/user-data" => match &st.user_data {
             Some(u) => (200, u.clone(), true, flavor),
@@ -331,6 +466,12 @@ fn azure(req: &Request, st: &State) -> Answer {
         return (405, vec![], true, vec![]);
     }
     match req.path() {
+        "/metadata/instance" => (
+            200,
+            azure_instance_document(&st.facts).into_bytes(),
+            true,
+            vec![],
+        ),
         "/metadata/instance/compute/vmId" => (200, AZURE_VM_ID.into(), true, vec![]),
         "/metadata/instance/compute/userData" => (
             200,
@@ -344,6 +485,33 @@ fn azure(req: &Request, st: &State) -> Answer {
         ),
         _ => (404, vec![], true, vec![]),
     }
+}
+
+/// The `/metadata/instance` JSON document (the parts a guest agent reads).
+fn azure_instance_document(f: &InstanceFacts) -> String {
+    let keys: Vec<serde_json::Value> = f
+        .ssh_keys
+        .iter()
+        .map(|k| {
+            serde_json::json!({"keyData": format!("{k}\r\n"), "path": "/home/azureuser/.ssh/authorized_keys"})
+        })
+        .collect();
+    serde_json::json!({
+        "compute": {
+            "name": f.hostname, "vmId": AZURE_VM_ID, "vmSize": f.instance_type,
+            "location": f.region, "zone": f.zone, "osType": "Linux",
+            "osProfile": {"adminUsername": "azureuser", "computerName": f.hostname},
+            "publicKeys": keys,
+        },
+        "network": {"interface": [{
+            "ipv4": {"ipAddress": [{"privateIpAddress": f.private_ip,
+                                    "publicIpAddress": f.public_ip.clone().unwrap_or_default()}],
+                     "subnet": [{"address": "10.1.0.0", "prefix": "24"}]},
+            "ipv6": {"ipAddress": []},
+            "macAddress": "000D3A1B2C3D",
+        }]},
+    })
+    .to_string()
 }
 
 /// Standard base64 with padding (what Azure and vSphere carry user-data in).
@@ -486,6 +654,89 @@ mod tests {
         assert_eq!(
             ask(&d, "GET", ud, &[("Metadata", "true")]),
             (200, String::new())
+        );
+    }
+
+    #[test]
+    fn each_double_serves_hostname_keys_and_instance_facts() {
+        let d = MetadataDouble::start(Cloud::Ec2, None).unwrap();
+        let ttl = ("X-aws-ec2-metadata-token-ttl-seconds", "60");
+        let (_, token) = ask(&d, "PUT", "/latest/api/token", &[ttl]);
+        let auth = [("X-aws-ec2-metadata-token", token.as_str())];
+        let get = |p: &str| ask(&d, "GET", &format!("/latest/meta-data/{p}"), &auth);
+        assert_eq!(
+            get("local-hostname"),
+            (200, "ip-172-31-5-10.ec2.internal".into())
+        );
+        assert_eq!(
+            get("public-keys/0/openssh-key"),
+            (200, DOUBLE_SSH_KEY.into())
+        );
+        assert_eq!(get("instance-type"), (200, "m5.xlarge".into()));
+        assert_eq!(
+            get("placement/availability-zone"),
+            (200, "us-east-1a".into())
+        );
+        assert_eq!(get("public-ipv4"), (200, "54.80.1.2".into()));
+        d.set_instance_facts(InstanceFacts {
+            public_ip: None,
+            ..InstanceFacts::of(Cloud::Ec2)
+        });
+        d.set_ssh_keys(&[]);
+        assert_eq!(get("public-ipv4").0, 404);
+        assert_eq!(get("public-keys/0/openssh-key").0, 404);
+        assert_eq!(get("instance-id").0, 200, "unchanged");
+
+        let g = MetadataDouble::start(Cloud::Gce, None).unwrap();
+        let google = [("Metadata-Flavor", "Google")];
+        let get = |p: &str| ask(&g, "GET", &format!("/computeMetadata/v1/{p}"), &google);
+        assert_eq!(
+            get("instance/zone"),
+            (200, "projects/123456789012/zones/us-central1-a".into())
+        );
+        assert_eq!(
+            get("instance/machine-type"),
+            (
+                200,
+                "projects/123456789012/machineTypes/n2-standard-4".into()
+            )
+        );
+        assert_eq!(
+            get("instance/attributes/ssh-keys"),
+            (200, format!("aiware:{DOUBLE_SSH_KEY}\n"))
+        );
+        assert_eq!(
+            get("project/attributes/ssh-keys"),
+            (200, format!("aiware:{GCE_PROJECT_SSH_KEY}\n"))
+        );
+        assert_eq!(get("instance/attributes/sshKeys").0, 404);
+        assert_eq!(
+            ask(&g, "GET", "/computeMetadata/v1/instance/hostname", &[]).0,
+            403
+        );
+
+        let a = MetadataDouble::start(Cloud::Azure, None).unwrap();
+        let (st, doc) = ask(
+            &a,
+            "GET",
+            "/metadata/instance?api-version=2021-01-01",
+            &[("Metadata", "true")],
+        );
+        assert_eq!(st, 200);
+        let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert_eq!(doc["compute"]["name"], "azure-engine");
+        assert_eq!(doc["compute"]["vmSize"], "Standard_D4s_v5");
+        assert_eq!(
+            doc["compute"]["publicKeys"][0]["keyData"],
+            format!("{DOUBLE_SSH_KEY}\r\n")
+        );
+        assert_eq!(
+            doc["network"]["interface"][0]["ipv4"]["ipAddress"][0]["publicIpAddress"],
+            "20.50.1.2"
+        );
+        assert_eq!(
+            ask(&a, "GET", "/metadata/instance", &[("Metadata", "true")]).0,
+            400
         );
     }
 
