@@ -299,3 +299,38 @@ pub fn digest_id(prefix: &str, data: &[u8]) -> String {
         &hex::encode(sha2::Sha256::digest(data))[..16]
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_hostnames_fit_the_kernel_or_are_shortened_or_dropped() {
+        let h = |s: &str| platform_hostname(s);
+        assert_eq!(h("ceo-engine\n").as_deref(), Some("ceo-engine"));
+        assert_eq!(
+            h("ip-10-0-0-5.ec2.internal.").as_deref(),
+            Some("ip-10-0-0-5.ec2.internal")
+        );
+        let long = format!("{}.europe-west4-b.c.project.internal", "n".repeat(40));
+        assert_eq!(h(&long), Some("n".repeat(40)));
+        assert_eq!(h(&"x".repeat(65)), None);
+        assert_eq!(h("under_score"), None);
+        assert_eq!(h(""), None);
+    }
+
+    #[test]
+    fn public_keys_as_text_list_or_map() {
+        let v = |y: &str| public_keys_value(&serde_yaml::from_str(y).unwrap());
+        assert_eq!(
+            v("|\n  ssh-ed25519 A a\n  # note\n\n  ssh-rsa B b\n"),
+            ["ssh-ed25519 A a", "ssh-rsa B b"]
+        );
+        assert_eq!(
+            v("[ssh-ed25519 A a, [ssh-rsa B b]]"),
+            ["ssh-ed25519 A a", "ssh-rsa B b"]
+        );
+        assert_eq!(v("{k1: ssh-ed25519 A a}"), ["ssh-ed25519 A a"]);
+        assert!(v("42").is_empty());
+    }
+}
