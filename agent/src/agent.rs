@@ -273,6 +273,7 @@ impl<'a> Agent<'a> {
             log::info("no datasource identified: no cidata/config-2 label, no /efi/aiware/user-data, no aiware.* on the kernel command line, no cloud in DMI");
         }
         let deadline = Instant::now() + self.cfg.datasource_deadline;
+        let mut recorded = false;
         for c in candidates {
             log::info(&format!(
                 "trying datasource {} because {}",
@@ -283,7 +284,15 @@ impl<'a> Agent<'a> {
                 Ok(ld) if ld.user_data.is_some() => {
                     return Some((c.source.name().to_string(), c.reason, ld))
                 }
-                Ok(_) => log::info(&format!("datasource {} has no user-data", c.source.name())),
+                Ok(ld) => {
+                    // Its metadata is kept: a launch without user-data still gets the
+                    // platform's hostname and SSH keys.
+                    if !recorded {
+                        crate::platform::for_this_boot(paths, Some((c.source.name(), &ld)));
+                        recorded = true;
+                    }
+                    log::info(&format!("datasource {} has no user-data", c.source.name()))
+                }
                 Err(e) => self.error(&e.to_string()),
             }
         }
@@ -369,6 +378,11 @@ impl<'a> Agent<'a> {
                     let a = self.applier(t);
                     if let Err(e) = a.stop_all() {
                         self.error(&e);
+                    }
+                    if let Some(only) = crate::platform::access_settings(&paths) {
+                        for e in a.apply_access(&only) {
+                            self.error(&e);
+                        }
                     }
                 }
                 self.update(|s| {

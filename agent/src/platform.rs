@@ -63,6 +63,18 @@ pub fn for_settings(paths: &Paths, s: &Settings) -> PlatformMeta {
         .unwrap_or_default()
 }
 
+/// Settings for a node without user-data: none of its own, only the
+/// instance id the kept platform metadata belongs to, so that its hostname
+/// and SSH keys are applied (afterburn's case: a key pair, no user-data).
+/// `None` when the platform gave neither.
+pub fn access_settings(paths: &Paths) -> Option<Settings> {
+    let c = load(paths)?;
+    (c.meta.hostname.is_some() || !c.meta.ssh_keys.is_empty()).then(|| Settings {
+        instance_id: c.instance_id,
+        ..Settings::default()
+    })
+}
+
 /// The host name to set: user-data's wins over the platform's, as with cloud-init.
 pub fn hostname<'a>(s: &'a Settings, p: &'a PlatformMeta) -> Option<(&'a str, &'static str)> {
     s.hostname.as_deref().map(|h| (h, "user-data")).or_else(|| {

@@ -348,3 +348,34 @@ fn ec2_instance_facts_reach_the_controller_and_the_containers() {
         .collect::<Vec<_>>();
     assert!(last.contains(&serde_json::json!("gpu-pool")), "{last:?}");
 }
+
+#[test]
+fn a_launch_without_user_data_still_gets_the_platform_hostname_and_key() {
+    let (_t, p) = node_root();
+    let d = MetadataDouble::start(Cloud::Ec2, None).unwrap();
+    d.set_ssh_keys(&[KEY_A]);
+    std::fs::create_dir_all(p.dmi("x").parent().unwrap()).unwrap();
+    std::fs::write(p.dmi("sys_vendor"), "Amazon EC2\n").unwrap();
+    let endpoints = Endpoints {
+        ec2: d.url(),
+        ..Endpoints::default()
+    };
+    assert_eq!(run(&p, endpoints.clone()), Outcome::NoUserData);
+    assert_eq!(authorized_keys(&p), format!("{KEY_A}\n"));
+    assert_eq!(
+        std::fs::read_to_string(p.run_dir().join("hostname")).unwrap(),
+        "ip-172-31-5-10.ec2.internal\n"
+    );
+    // Neither a hostname nor a key: nothing is written.
+    let (_t2, p2) = node_root();
+    std::fs::create_dir_all(p2.dmi("x").parent().unwrap()).unwrap();
+    std::fs::write(p2.dmi("sys_vendor"), "Amazon EC2\n").unwrap();
+    d.set_instance_facts(InstanceFacts {
+        hostname: String::new(),
+        ssh_keys: vec![],
+        ..InstanceFacts::of(Cloud::Ec2)
+    });
+    assert_eq!(run(&p2, endpoints), Outcome::NoUserData);
+    assert!(!p2.ssh_root_dir().join("authorized_keys").exists());
+    assert!(!p2.run_dir().join("hostname").exists());
+}
