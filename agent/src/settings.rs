@@ -129,6 +129,13 @@ impl Settings {
                 ));
             }
         }
+        if let Some(w) = u
+            .vars
+            .get("AIWARE_CONTROLLER")
+            .and_then(|c| controller_path_warning(c))
+        {
+            warnings.push(w);
+        }
         Settings {
             vars: u.vars,
             hostname: u.hostname,
@@ -185,14 +192,14 @@ impl Settings {
 
     /// JSON for `check`/`status`: secrets replaced by [`REDACTED`], file contents left out.
     pub fn redacted_json(&self) -> Value {
-        let vars: BTreeMap<&str, &str> = self
+        let vars: BTreeMap<&str, String> = self
             .vars
             .iter()
             .map(|(k, v)| {
                 let shown = if is_secret(k) && !v.is_empty() {
-                    REDACTED
+                    REDACTED.to_string()
                 } else {
-                    v.as_str()
+                    crate::log::scrub_url_userinfo(v)
                 };
                 (k.as_str(), shown)
             })
@@ -209,7 +216,7 @@ impl Settings {
             "ssh_authorized_keys": self.ssh_authorized_keys.len(),
             "write_files": files,
             "instance_id": self.instance_id,
-            "warnings": self.warnings,
+            "warnings": self.warnings.iter().map(|w| crate::log::scrub_url_userinfo(w)).collect::<Vec<_>>(),
         })
     }
 }
@@ -282,7 +289,8 @@ pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
     }
     if let Some(url) = s.controller() {
         if let Err(e) = check_url(url) {
-            errs.push(format!("AIWARE_CONTROLLER={url}: {e}"));
+            let shown = crate::log::scrub_url_userinfo(url);
+            errs.push(format!("AIWARE_CONTROLLER={shown}: {e}"));
         }
         if let Some(ca) = s.get("AIWARE_CONTROLLER_CA") {
             if let Err(e) = crate::tls::controller_ca(ca) {
@@ -408,6 +416,30 @@ pub fn valid_hostname(h: &str) -> bool {
         })
 }
 
+/// The Edge API path the guide gives the controller URL.
+pub const EDGE_API_PATH: &str = "/edge/v1";
+
+/// A warning when `AIWARE_CONTROLLER` does not end in `/edge/v1`: the agent
+/// calls the URL as given, so it says which URL that is.
+pub fn controller_path_warning(url: &str) -> Option<String> {
+    let base = url.trim().trim_end_matches('/');
+    if base.is_empty() || base.ends_with(EDGE_API_PATH) || check_url(base).is_err() {
+        return None;
+    }
+    let shown = crate::log::scrub_url_userinfo(base);
+    let after_scheme = base.split_once("://").map(|(_, r)| r).unwrap_or(base);
+    let root = match after_scheme.find('/') {
+        Some(i) => &base[..base.len() - after_scheme.len() + i],
+        None => base,
+    };
+    let root = crate::log::scrub_url_userinfo(root);
+    Some(format!(
+        "AIWARE_CONTROLLER={shown} does not end in {EDGE_API_PATH}: the agent calls it as given, \
+         e.g. {shown}/host/register; the controller's Edge API is usually \
+         {root}{EDGE_API_PATH} (AIWARE_CONTROLLER={root}{EDGE_API_PATH})"
+    ))
+}
+
 /// A minimal URL check: `http(s)://host[:port][/path]`.
 pub fn check_url(url: &str) -> Result<(), String> {
     let rest = if let Some(r) = url.strip_prefix("http://") {
@@ -419,7 +451,15 @@ pub fn check_url(url: &str) -> Result<(), String> {
             "must start with http:// or https://, e.g. http://10.0.0.5:9000/edge/v1".into(),
         );
     };
-    let authority = rest.split('/').next().unwrap_or("");
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        // Never repeated in the message: it would print the password.
+        return Err(
+            "has a user name or password in it (user:password@host); the agent authenticates \
+             with AIWARE_INIT_TOKEN, so write the URL without credentials"
+                .into(),
+        );
+    }
     let (host, port) = if let Some(h) = authority.strip_prefix('[') {
         let (h, p) = h.split_once(']').ok_or("unclosed [ in the IPv6 address")?;
         (h, p.strip_prefix(':'))
@@ -571,6 +611,58 @@ mod tests {
         let j = s.redacted_json().to_string();
         assert!(!j.contains("tok-secret") && j.contains(REDACTED));
         assert!(s.warnings.iter().any(|w| w.contains("AIWARE_X")));
+    }
+
+    #[test]
+    fn controller_with_credentials_is_refused_without_printing_them() {
+        let e = errs("AIWARE_MODE=engine\nAIWARE_LICENSE=l123\nAIWARE_INIT_TOKEN=t123\nAIWARE_CONTROLLER=https://aiw:pa55-in-url@c:9000/edge/v1\n");
+        let all = e.join("\n");
+        assert!(all.contains("user name or password"), "{all}");
+        assert!(
+            !all.contains("pa55-in-url") && !all.contains("aiw:"),
+            "{all}"
+        );
+        let s = Settings::from_user_data(
+            parse(b"AIWARE_CONTROLLER=https://aiw:pa55-in-url@c/edge/v1\n").unwrap(),
+            None,
+        );
+        let j = s.redacted_json().to_string();
+        assert!(!j.contains("pa55-in-url"), "{j}");
+        assert!(j.contains("https://<redacted>@c/edge/v1"), "{j}");
+    }
+
+    #[test]
+    fn controller_without_edge_path_warns_with_the_url_called() {
+        let s = Settings::from_user_data(
+            parse(b"AIWARE_CONTROLLER=http://10.0.0.5:9000/\n").unwrap(),
+            None,
+        );
+        let w = s.warnings.join("\n");
+        assert!(
+            w.contains("does not end in /edge/v1")
+                && w.contains("http://10.0.0.5:9000/host/register")
+                && w.contains("AIWARE_CONTROLLER=http://10.0.0.5:9000/edge/v1"),
+            "{w}"
+        );
+        let s = Settings::from_user_data(
+            parse(b"AIWARE_CONTROLLER=http://c:9000/api\n").unwrap(),
+            None,
+        );
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("http://c:9000/api/host/register")
+                    && w.contains("http://c:9000/edge/v1")),
+            "{:?}",
+            s.warnings
+        );
+        for ok in ["http://c:9000/edge/v1", "http://c:9000/edge/v1/"] {
+            let s = Settings::from_user_data(
+                parse(format!("AIWARE_CONTROLLER={ok}\n").as_bytes()).unwrap(),
+                None,
+            );
+            assert!(s.warnings.is_empty(), "{ok}: {:?}", s.warnings);
+        }
     }
 
     #[test]

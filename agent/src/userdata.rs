@@ -26,6 +26,67 @@ pub struct UserData {
     pub warnings: Vec<String>,
     /// The formats met, outermost first (e.g. `gzip`, `cloud-config`).
     pub formats: Vec<String>,
+    /// Where each of `vars` (and `hostname`) was last set, e.g.
+    /// `MIME part 2 (text/cloud-config): aiware.mode`, for the warnings on
+    /// settings given twice.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub origins: BTreeMap<String, String>,
+    /// The MIME part being read (`MIME part 2`, `MIME part 1.3`), empty outside.
+    #[serde(skip)]
+    part: String,
+}
+
+impl UserData {
+    fn place(&self, what: &str) -> String {
+        if self.part.is_empty() {
+            what.to_string()
+        } else {
+            format!("{}: {what}", self.part)
+        }
+    }
+
+    /// Sets a variable; a different value given before is a warning naming
+    /// both places and the one that wins (the later one, as cloud-init merges).
+    fn set_var(&mut self, key: String, value: String, what: &str) {
+        let place = self.place(what);
+        if let Some(old) = self.vars.get(&key) {
+            if *old != value {
+                let before = self.origins.get(&key).cloned().unwrap_or_default();
+                let (o, n) = if crate::settings::is_secret(&key) {
+                    (
+                        crate::settings::REDACTED.to_string(),
+                        crate::settings::REDACTED.to_string(),
+                    )
+                } else {
+                    (
+                        crate::log::scrub_url_userinfo(old),
+                        crate::log::scrub_url_userinfo(&value),
+                    )
+                };
+                self.warnings.push(format!(
+                    "{key} is given twice with different values: {before} sets {o:?}, \
+                     {place} sets {n:?}; the later one ({place}) wins"
+                ));
+            }
+        }
+        self.origins.insert(key.clone(), place);
+        self.vars.insert(key, value);
+    }
+
+    fn set_hostname(&mut self, h: &str, what: &str) {
+        let place = self.place(what);
+        if let Some(old) = &self.hostname {
+            if old != h {
+                let before = self.origins.get("hostname").cloned().unwrap_or_default();
+                self.warnings.push(format!(
+                    "hostname is given twice with different values: {before} sets {old:?}, \
+                     {place} sets {h:?}; the later one ({place}) wins"
+                ));
+            }
+        }
+        self.origins.insert("hostname".into(), place);
+        self.hostname = Some(h.to_string());
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -83,6 +144,13 @@ fn parse_into(data: &[u8], out: &mut UserData, depth: usize) -> Result<(), Parse
         out.formats.push("mime-multipart".into());
         return parse_mime(trimmed, out, depth);
     }
+    if let Some(e) = refused_header(first_line) {
+        return Err(perr(e));
+    }
+    if first_line == "#cloud-config-archive" {
+        out.formats.push("cloud-config-archive".into());
+        return parse_archive(trimmed, out, depth);
+    }
     if first_line == "#cloud-config" || first_line.starts_with("#cloud-config ") {
         out.formats.push("cloud-config".into());
         let doc: Value = serde_yaml::from_str(trimmed)
@@ -107,6 +175,112 @@ fn parse_into(data: &[u8], out: &mut UserData, depth: usize) -> Result<(), Parse
     }
     out.formats.push("env".into());
     parse_env(trimmed, out)
+}
+
+/// The first lines cloud-init gives a meaning aiwimg images do not: an error
+/// saying so, instead of reading the text as KEY=VALUE lines.
+fn refused_header(first_line: &str) -> Option<String> {
+    let l = first_line.trim();
+    let lower = l.to_ascii_lowercase();
+    if lower.starts_with("#include") {
+        let which = if lower.starts_with("#include-once") {
+            "#include-once"
+        } else {
+            "#include"
+        };
+        return Some(format!(
+            "user-data starts with {which}: cloud-init would download the URLs listed; \
+             aiw-agent does not fetch user-data from URLs. Put the content itself in user-data \
+             (MIME multipart can combine several parts)"
+        ));
+    }
+    if lower.starts_with("## template:") || lower.starts_with("##template:") {
+        return Some(format!(
+            "user-data starts with {l:?}: aiw-agent does not render templates (cloud-init's \
+             jinja with instance metadata such as v1.local_hostname); the instance's hostname, \
+             region and type are taken from the platform without it. Write the values themselves"
+        ));
+    }
+    if lower.starts_with("#cloud-boothook") {
+        return Some(
+            "user-data is a #cloud-boothook: boot hooks are scripts, and scripts are not run on \
+             aiwimg images; give AIWARE_* settings and declarative #cloud-config keys instead"
+                .into(),
+        );
+    }
+    if lower.starts_with("#part-handler") {
+        return Some(
+            "user-data is a #part-handler: part handlers are Python code cloud-init would load; \
+             aiw-agent runs no code from user-data. Use #cloud-config or KEY=VALUE parts"
+                .into(),
+        );
+    }
+    None
+}
+
+/// `#cloud-config-archive`: a YAML list of parts, each a string (cloud-config)
+/// or a map with `content` and an optional `type` (a MIME type).
+fn parse_archive(text: &str, out: &mut UserData, depth: usize) -> Result<(), ParseError> {
+    let doc: Value = serde_yaml::from_str(text)
+        .map_err(|e| perr(format!("#cloud-config-archive is not valid YAML: {e}")))?;
+    let Value::Array(items) = doc else {
+        return Err(perr(
+            "#cloud-config-archive must be a list of parts (`- type: text/cloud-config` with `content:`)",
+        ));
+    };
+    let outer = out.part.clone();
+    for (i, item) in items.iter().enumerate() {
+        let (ctype, content) = match item {
+            Value::String(c) => ("text/cloud-config".to_string(), c.clone()),
+            Value::Object(m) => {
+                let content = match m.get("content") {
+                    Some(Value::String(c)) => c.clone(),
+                    None | Some(Value::Null) => String::new(),
+                    Some(_) => {
+                        return Err(perr(format!(
+                            "#cloud-config-archive part {}: `content` must be a string",
+                            i + 1
+                        )))
+                    }
+                };
+                let ctype = m
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+                    .unwrap_or_else(|| guess_type(&content));
+                (ctype, content)
+            }
+            _ => {
+                return Err(perr(format!(
+                    "#cloud-config-archive part {} must be a string or a map with `content`",
+                    i + 1
+                )))
+            }
+        };
+        out.part = child_label(&outer, "archive part", i + 1);
+        parse_part(&ctype, content.as_bytes(), out, depth)?;
+    }
+    out.part = outer;
+    Ok(())
+}
+
+/// The MIME type a part without one has, from its first line (as cloud-init guesses).
+fn guess_type(content: &str) -> String {
+    let first = content.trim_start().lines().next().unwrap_or("");
+    if first.starts_with("#cloud-config") {
+        "text/cloud-config"
+    } else {
+        "text/plain"
+    }
+    .into()
+}
+
+fn child_label(outer: &str, what: &str, n: usize) -> String {
+    if outer.is_empty() {
+        format!("{what} {n}")
+    } else {
+        format!("{outer}.{n}")
+    }
 }
 
 fn looks_like_shell(first_line: &str) -> bool {
@@ -191,7 +365,7 @@ fn take_document(doc: &Value, out: &mut UserData, what: &str) -> Result<(), Pars
                         ))
                     })?;
                     check_no_substitution(&name, &value, &format!("aiware.{k}"))?;
-                    out.vars.insert(name, value);
+                    out.set_var(name, value, &format!("{what} aiware.{k}"));
                 }
             }
             k if k.to_ascii_uppercase().starts_with("AIWARE_") => {
@@ -199,14 +373,15 @@ fn take_document(doc: &Value, out: &mut UserData, what: &str) -> Result<(), Pars
                     .ok_or_else(|| perr(format!("{what}: {k} must be a string")))?;
                 let name = k.to_ascii_uppercase();
                 check_no_substitution(&name, &value, k)?;
-                out.vars.insert(name, value);
+                out.set_var(name, value, &format!("{what} {k}"));
             }
             "hostname" | "fqdn" => {
                 let h = val
                     .as_str()
                     .ok_or_else(|| perr(format!("{what}: {key} must be a string")))?;
-                if key == "hostname" || out.hostname.is_none() {
-                    out.hostname = Some(h.to_string());
+                // `hostname` wins over `fqdn` in the same document, as in cloud-init.
+                if key == "hostname" || !map.contains_key("hostname") {
+                    out.set_hostname(h, &format!("{what} {key}"));
                 }
             }
             "ssh_authorized_keys" => {
@@ -325,16 +500,22 @@ fn b64(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
 
 /// Rejects shell substitutions: user-data is parsed, never executed.
 fn check_no_substitution(key: &str, value: &str, at: &str) -> Result<(), ParseError> {
+    // The value is quoted back to help, except a secret's.
+    let shown = if crate::settings::is_secret(key) {
+        crate::settings::REDACTED.to_string()
+    } else {
+        crate::log::scrub_url_userinfo(value)
+    };
     if value.contains("$(") || value.contains('`') {
         return Err(perr(format!(
-            "{at}: {key} uses a command substitution ({value}); user-data is parsed, never \
+            "{at}: {key} uses a command substitution ({shown}); user-data is parsed, never \
              executed, so nothing would run it. Run the command once yourself (e.g. uuidgen) \
              and paste its output as the value"
         )));
     }
     if value.contains('$') {
         return Err(perr(format!(
-            "{at}: {key} refers to a shell variable ({value}); user-data is parsed, never \
+            "{at}: {key} refers to a shell variable ({shown}); user-data is parsed, never \
              executed. Write the value itself"
         )));
     }
@@ -375,7 +556,7 @@ fn parse_env(text: &str, out: &mut UserData) -> Result<(), ParseError> {
         if !single_quoted {
             check_no_substitution(key, &value, &format!("line {lineno}"))?;
         }
-        out.vars.insert(key.to_ascii_uppercase(), value);
+        out.set_var(key.to_ascii_uppercase(), value, &format!("line {lineno}"));
     }
     Ok(())
 }
@@ -460,10 +641,30 @@ fn parse_mime(text: &str, out: &mut UserData, depth: usize) -> Result<(), ParseE
         let data = decode_part(&headers, body)?;
         return parse_part(&ctype, &data, out, depth);
     }
-    let boundary = mime_param(&ctype, "boundary")
+    parse_multipart(&ctype, body, out, depth)
+}
+
+/// The body of a `multipart/*` entity: its parts, each read by its own type;
+/// a part that is itself multipart is read the same way (nested, as cloud-init does).
+fn parse_multipart(
+    ctype: &str,
+    body: &str,
+    out: &mut UserData,
+    depth: usize,
+) -> Result<(), ParseError> {
+    if depth > MAX_DEPTH {
+        return Err(perr(format!(
+            "user-data is nested more than {MAX_DEPTH} levels deep (gzip/base64/multipart)"
+        )));
+    }
+    let boundary = mime_param(ctype, "boundary")
         .ok_or_else(|| perr("MIME user-data: multipart Content-Type without a boundary"))?;
+    if boundary.is_empty() {
+        return Err(perr("MIME user-data: empty multipart boundary"));
+    }
     let delim = format!("--{boundary}");
     let mut parts = 0;
+    let outer = out.part.clone();
     for chunk in body.split(delim.as_str()).skip(1) {
         if chunk.starts_with("--") {
             break;
@@ -478,10 +679,24 @@ fn parse_mime(text: &str, out: &mut UserData, depth: usize) -> Result<(), ParseE
             .or_else(|| pbody.strip_suffix('\n'))
             .unwrap_or(pbody);
         let pct = header(&ph, "content-type").unwrap_or_else(|| "text/plain".into());
-        let data = decode_part(&ph, pbody)?;
-        parse_part(&pct, &data, out, depth)?;
         parts += 1;
+        out.part = child_label(&outer, "MIME part", parts);
+        if pct
+            .to_ascii_lowercase()
+            .trim_start()
+            .starts_with("multipart/")
+        {
+            out.formats.push("mime-multipart".into());
+            let data = decode_part(&ph, pbody)?;
+            let inner = std::str::from_utf8(&data)
+                .map_err(|e| perr(format!("{}: multipart body is not UTF-8 ({e})", out.part)))?;
+            parse_multipart(&pct, inner, out, depth + 1)?;
+        } else {
+            let data = decode_part(&ph, pbody)?;
+            parse_part(&pct, &data, out, depth)?;
+        }
     }
+    out.part = outer;
     if parts == 0 {
         return Err(perr(format!(
             "MIME user-data: no part found with boundary {boundary:?}"
@@ -502,10 +717,56 @@ fn parse_part(
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
+    let at = if out.part.is_empty() {
+        "MIME user-data".to_string()
+    } else {
+        out.part.clone()
+    };
+    let refused = match ct.as_str() {
+        "text/x-include-url" | "text/x-include-once-url" => Some(format!(
+            "{at} is {ct}: cloud-init would download the URLs listed; aiw-agent does not fetch \
+             user-data from URLs. Put the content itself in the part"
+        )),
+        "text/jinja2" => Some(format!(
+            "{at} is {ct}: aiw-agent does not render jinja templates; write the values themselves"
+        )),
+        "text/cloud-boothook" => Some(format!(
+            "{at} is a {ct}: boot hooks are scripts, and scripts are not run on aiwimg images; \
+             use AIWARE_* settings and declarative #cloud-config keys"
+        )),
+        "text/part-handler" => Some(format!(
+            "{at} is a {ct}: part handlers are Python code; aiw-agent runs no code from user-data"
+        )),
+        _ => None,
+    };
+    if let Some(e) = refused {
+        return Err(perr(e));
+    }
+    if ct.starts_with("multipart/") {
+        let text = std::str::from_utf8(data)
+            .map_err(|e| perr(format!("{at}: multipart body is not UTF-8 ({e})")))?;
+        out.formats.push("mime-multipart".into());
+        return parse_multipart(ctype, text, out, depth + 1);
+    }
     match ct.as_str() {
-        "text/cloud-config" | "text/x-shellscript" | "text/plain" | "text/x-aiware-env"
-        | "application/toml" | "text/toml" | "application/gzip" | "application/x-gzip"
-        | "multipart/mixed" | "" => {
+        "text/cloud-config-archive" => {
+            let text = std::str::from_utf8(data)
+                .map_err(|e| perr(format!("{at}: cloud-config-archive is not UTF-8 ({e})")))?;
+            out.formats.push("cloud-config-archive".into());
+            parse_archive(text, out, depth + 1)
+        }
+        "text/cloud-config"
+        | "text/x-shellscript"
+        | "text/plain"
+        | "text/x-aiware-env"
+        | "application/toml"
+        | "text/toml"
+        | "application/gzip"
+        | "application/x-gzip"
+        | "text/x-shellscript-per-boot"
+        | "text/x-shellscript-per-instance"
+        | "text/x-shellscript-per-once"
+        | "" => {
             if ct == "text/cloud-config" && !data.starts_with(b"#cloud-config") {
                 let mut d = b"#cloud-config\n".to_vec();
                 d.extend_from_slice(data);
@@ -515,7 +776,7 @@ fn parse_part(
         }
         other => {
             out.warnings.push(format!(
-                "MIME part of type {other} is not used by aiwimg images (ignored)"
+                "{at}: type {other} is not used by aiwimg images (ignored)"
             ));
             Ok(())
         }
@@ -632,6 +893,118 @@ mod tests {
         let u = parse(mime.as_bytes()).unwrap();
         assert_eq!(u.hostname.as_deref(), Some("m"));
         assert_eq!(u.vars["AIWARE_MODE"], "nfs");
+    }
+
+    #[test]
+    fn include_and_templates_are_refused_clearly() {
+        for (text, want) in [
+            (
+                "#include\nhttp://example.invalid/ud\n",
+                "#include: cloud-init would download",
+            ),
+            (
+                "#include-once\nhttps://example.invalid/ud\n",
+                "#include-once",
+            ),
+            (
+                "## template: jinja\n#cloud-config\nhostname: {{ v1.local_hostname }}\n",
+                "does not render templates",
+            ),
+            (
+                "#cloud-boothook\n#!/bin/sh\necho hi\n",
+                "boot hooks are scripts",
+            ),
+            (
+                "#part-handler\ndef list_types():\n  return []\n",
+                "Python code",
+            ),
+        ] {
+            let e = parse(text.as_bytes()).unwrap_err().0;
+            assert!(e.contains(want), "{text:?}: {e}");
+            assert!(
+                !e.contains("AIWARE_MODE") && !e.contains("is a command"),
+                "{e}"
+            );
+        }
+        let mime = "Content-Type: multipart/mixed; boundary=\"B\"\n\n--B\nContent-Type: text/x-include-url\n\nhttp://x/\n--B--\n";
+        let e = parse(mime.as_bytes()).unwrap_err().0;
+        assert!(e.contains("MIME part 1 is text/x-include-url"), "{e}");
+    }
+
+    #[test]
+    fn nested_multipart_is_read_by_part_type() {
+        let mime = "Content-Type: multipart/mixed; boundary=\"OUT\"\nMIME-Version: 1.0\n\n--OUT\n\
+                    Content-Type: multipart/alternative; boundary=\"IN\"\n\n--IN\n\
+                    Content-Type: text/cloud-config\n\nhostname: inner\naiware:\n  mode: engine\n\n--IN\n\
+                    Content-Type: text/x-shellscript\n\nAIWARE_LICENSE=lic-nested\n--IN--\n\n--OUT\n\
+                    Content-Type: text/plain\n\nAIWARE_HOST_EXPIRE=false\n--OUT--\n";
+        let u = parse(mime.as_bytes()).unwrap();
+        assert_eq!(u.hostname.as_deref(), Some("inner"));
+        assert_eq!(u.vars["AIWARE_MODE"], "engine");
+        assert_eq!(u.vars["AIWARE_LICENSE"], "lic-nested");
+        assert_eq!(u.vars["AIWARE_HOST_EXPIRE"], "false");
+        // Nothing was read as a stray KEY=VALUE line of the inner boundary or headers.
+        assert!(u.warnings.is_empty(), "{:?}", u.warnings);
+        assert_eq!(u.origins["AIWARE_LICENSE"], "MIME part 1.2: line 1");
+        // Nesting is bounded.
+        let mut deep = String::from("AIWARE_MODE=db\n");
+        for i in 0..12 {
+            deep = format!(
+                "Content-Type: multipart/mixed; boundary=\"b{i}\"\n\n--b{i}\n{deep}\n--b{i}--\n"
+            );
+        }
+        let e = parse(deep.as_bytes()).unwrap_err().0;
+        assert!(e.contains("nested more than"), "{e}");
+    }
+
+    #[test]
+    fn cloud_config_archive_parts() {
+        let text = "#cloud-config-archive\n- type: text/cloud-config\n  content: |\n    hostname: arch\n\
+                    - content: \"AIWARE_MODE=registry\\n\"\n- \"#cloud-config\\naiware:\\n  host_expire: true\\n\"\n";
+        let u = parse(text.as_bytes()).unwrap();
+        assert_eq!(u.hostname.as_deref(), Some("arch"));
+        assert_eq!(u.vars["AIWARE_MODE"], "registry");
+        assert_eq!(u.vars["AIWARE_HOST_EXPIRE"], "true");
+        let e = parse(b"#cloud-config-archive\n- type: text/cloud-boothook\n  content: echo\n")
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("archive part 1") && e.contains("boot hooks"),
+            "{e}"
+        );
+        assert!(parse(b"#cloud-config-archive\nkey: value\n").is_err());
+    }
+
+    #[test]
+    fn a_setting_given_twice_warns_with_both_places() {
+        let u = parse(b"AIWARE_MODE=engine\nAIWARE_MODE=engine\nAIWARE_MODE=db\n").unwrap();
+        assert_eq!(u.vars["AIWARE_MODE"], "db");
+        assert_eq!(u.warnings.len(), 1, "{:?}", u.warnings);
+        let w = &u.warnings[0];
+        assert!(
+            w.contains("line 2 sets \"engine\"")
+                && w.contains("line 3 sets \"db\"")
+                && w.contains("(line 3) wins"),
+            "{w}"
+        );
+        let mime = "Content-Type: multipart/mixed; boundary=\"B\"\n\n--B\nContent-Type: text/plain\n\n\
+                    AIWARE_MODE=engine\nAIWARE_INIT_TOKEN=first-tok-1\n--B\nContent-Type: text/cloud-config\n\n\
+                    aiware:\n  mode: controller\n  init_token: second-tok-2\n--B--\n";
+        let u = parse(mime.as_bytes()).unwrap();
+        assert_eq!(u.vars["AIWARE_MODE"], "controller");
+        let all = u.warnings.join("\n");
+        assert!(
+            all.contains("MIME part 1: line 1 sets \"engine\"")
+                && all.contains("MIME part 2: cloud-config aiware.mode sets \"controller\"")
+                && all.contains("the later one (MIME part 2: cloud-config aiware.mode) wins"),
+            "{all}"
+        );
+        // Secret values are named by place only.
+        assert!(all.contains("AIWARE_INIT_TOKEN is given twice"), "{all}");
+        assert!(
+            !all.contains("first-tok-1") && !all.contains("second-tok-2"),
+            "{all}"
+        );
     }
 
     #[test]

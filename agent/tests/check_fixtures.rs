@@ -21,6 +21,14 @@ fn check(file: &str) -> (i32, String, String) {
     )
 }
 
+/// Values the fixtures use as secrets: none may be printed by `check`.
+const SECRETS: &[&str] = &[
+    "6f1c1f4e-5d1e-4a55-9a0c-3b8f2d7e9a11",
+    "lic-0123456789",
+    "s3cret-db-pass",
+    "pa55-in-the-url",
+];
+
 #[test]
 fn valid_files() {
     for (f, modes) in [
@@ -30,6 +38,10 @@ fn valid_files() {
         ("multipart.mime", "registry"),
         ("nfs-db.gz.b64", "nfs"),
         ("nocloud/user-data", "engine"),
+        ("nested.mime", "registry"),
+        ("archive.yaml", "registry"),
+        ("twice.mime", "registry"),
+        ("no-edge-path.env", "engine"),
     ] {
         let (code, out, err) = check(f);
         assert_eq!(code, 0, "{f}: {out}{err}");
@@ -43,11 +55,7 @@ fn valid_files() {
                 .any(|m| m == modes),
             "{f}: {out}"
         );
-        for secret in [
-            "6f1c1f4e-5d1e-4a55-9a0c-3b8f2d7e9a11",
-            "lic-0123456789",
-            "s3cret-db-pass",
-        ] {
+        for secret in SECRETS {
             assert!(
                 !out.contains(secret) && !err.contains(secret),
                 "{f} prints a secret"
@@ -65,9 +73,63 @@ fn invalid_files_say_why() {
         ("engine-no-controller.yaml", "needs AIWARE_CONTROLLER"),
         ("write-etc.yaml", "read-only"),
         ("bad-url.env", "must start with http://"),
+        ("controller-userinfo.env", "user name or password"),
+        (
+            "include.txt",
+            "starts with #include: cloud-init would download",
+        ),
+        ("include-once.txt", "starts with #include-once"),
+        ("jinja.yaml", "does not render templates"),
+        ("boothook.txt", "#cloud-boothook: boot hooks are scripts"),
+        (
+            "part-handler.py",
+            "#part-handler: part handlers are Python code",
+        ),
+        (
+            "archive-boothook.yaml",
+            "archive part 1 is a text/cloud-boothook",
+        ),
     ] {
         let (code, out, err) = check(f);
         assert_eq!(code, 1, "{f}: {out}{err}");
         assert!(err.contains(why), "{f}: {err}");
+        for secret in SECRETS {
+            assert!(
+                !out.contains(secret) && !err.contains(secret),
+                "{f} prints a secret: {out}{err}"
+            );
+        }
+        // Not mistaken for KEY=VALUE text.
+        assert!(!err.contains("AIWARE_MODE is not set"), "{f}: {err}");
     }
+}
+
+#[test]
+fn odd_input_gets_warnings_that_say_what_happens() {
+    let warnings = |f: &str| -> String {
+        let (code, out, err) = check(f);
+        assert_eq!(code, 0, "{f}: {out}{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["settings"]["warnings"].to_string()
+    };
+    let w = warnings("twice.mime");
+    assert!(
+        w.contains("AIWARE_MODE is given twice")
+            && w.contains("MIME part 1: line 1 sets")
+            && w.contains("the later one (MIME part 2: cloud-config aiware.mode) wins"),
+        "{w}"
+    );
+    let w = warnings("no-edge-path.env");
+    assert!(
+        w.contains("http://10.0.2.100:9000/host/register")
+            && w.contains("AIWARE_CONTROLLER=http://10.0.2.100:9000/edge/v1"),
+        "{w}"
+    );
+    let w = warnings("nested.mime");
+    assert_eq!(w, "[]", "nested parts read as text: {w}");
+    let (_, out, _) = check("controller-userinfo.env");
+    assert!(
+        out.contains("https://<redacted>@controller.example"),
+        "{out}"
+    );
 }

@@ -222,3 +222,34 @@ fn invalid_settings_still_install_ssh_keys() {
     let keys = std::fs::read_to_string(p.ssh_root_dir().join("authorized_keys")).unwrap();
     assert!(keys.contains("FakeKeyForTheTest"), "{keys}");
 }
+
+#[test]
+fn controller_url_with_credentials_is_refused_and_never_printed() {
+    const URL_PASSWORD: &str = "url-pa55word-9876";
+    let (_t, p) = node(
+        &engine_user_data(&format!(
+            "https://aiw-admin:{URL_PASSWORD}@127.0.0.1:9/edge/v1"
+        )),
+        false,
+    );
+    let units = RecordingUnits::default();
+    let agent = Agent::new(cfg(&p), &units);
+    let outcome = agent.run();
+    let Outcome::Invalid(first) = &outcome else {
+        panic!("{outcome:?}");
+    };
+    let status = std::fs::read_to_string(p.status_file()).unwrap();
+    assert!(
+        status.contains("user name or password"),
+        "the refusal says why: {status}"
+    );
+    for text in [first.as_str(), status.as_str()] {
+        for secret in [URL_PASSWORD, INIT, LICENSE, "aiw-admin:"] {
+            assert!(!text.contains(secret), "leaks {secret}: {text}");
+        }
+    }
+    assert!(
+        !aiw_agent::log::scrub(&format!("x https://u:{URL_PASSWORD}@h/ y")).contains(URL_PASSWORD),
+        "logs would show the URL's password"
+    );
+}
