@@ -104,8 +104,13 @@ pub fn run(image: &Path, verify: bool, json: bool) -> Result<()> {
     }
     match (&raw, &parts) {
         (Some(raw), Some(parts)) => {
-            let data = parts.iter().find(|p| p.label == "root-a");
-            let hash = parts.iter().find(|p| p.label == "root-a-verity");
+            // Root A's partitions carry the roothash's halves as UUIDs (what
+            // the veritysetup generator opens), whatever their labels.
+            let by_uuid = |first: bool| {
+                let want = crate::update::uuid_from_roothash(&m.roothash, first).ok()?;
+                parts.iter().find(|p| p.uuid.eq_ignore_ascii_case(&want))
+            };
+            let (data, hash) = (by_uuid(true), by_uuid(false));
             match (data, hash) {
                 (Some(d), Some(h)) => {
                     let mut f = std::fs::File::open(raw)?;
@@ -120,7 +125,7 @@ pub fn run(image: &Path, verify: bool, json: bool) -> Result<()> {
                         Err(e) => problems.push(format!("dm-verity of root-a: {e}")),
                     }
                 }
-                _ => problems.push("the raw image has no root-a / root-a-verity partitions".into()),
+                _ => problems.push("the raw image has no partitions with the roothash's UUIDs (root A and its verity)".into()),
             }
         }
         _ => problems.push(

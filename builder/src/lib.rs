@@ -13,4 +13,5 @@ pub mod publish;
 pub mod run;
 pub mod stages;
 pub mod tools;
+pub mod update;
 pub mod verity;

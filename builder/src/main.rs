@@ -91,7 +91,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Publish a built image to a cloud.
+    /// Publish a built image to a cloud, or its update files to an update server.
     #[command(subcommand)]
     Publish(Publish),
     /// List or prune the stage cache.
@@ -175,6 +175,29 @@ enum Publish {
         #[arg(long, default_value_t = 16)]
         jobs: usize,
     },
+    /// Add a build's update files (root, verity, UKI; see the build's
+    /// update/ folder) to an update folder a plain HTTP server serves, and
+    /// sign its SHA256SUMS as SHA256SUMS.gpg.
+    ///
+    /// Files go to REPO/IMAGE_ID/, beside earlier versions'. Serve REPO at
+    /// the profile's `update_url`. The key must be the one the image bakes
+    /// (`update_keyring`); without --sign-key nodes refuse the update.
+    ///
+    /// Example: aiwimg publish update --image out/engine --repo /srv/aiware --sign-key release.key
+    Update {
+        /// The folder `aiwimg build` wrote.
+        #[arg(long)]
+        image: PathBuf,
+        /// The update server's folder.
+        #[arg(long)]
+        repo: PathBuf,
+        /// Secret OpenPGP key (gpg --export-secret-keys) to sign with.
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
+        /// File with the signing key's passphrase.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
 }
 
 fn find_project(given: Option<PathBuf>) -> Result<PathBuf> {
@@ -233,7 +256,8 @@ fn real_main() -> Result<()> {
                     .with_context(|| format!("--repo-mirror {rm:?}: expected NAME=URL"))?;
                 mirrors.insert(n.to_string(), u.to_string());
             }
-            if image_version.is_empty() || image_version.contains(['/', ' ', '_']) {
+            // No '_' or '+': systemd-sysupdate splits names on them.
+            if image_version.is_empty() || image_version.contains(['/', ' ', '_', '+']) {
                 bail!("--image-version {image_version:?}: use letters, digits, dots and dashes");
             }
             let opts = BuildOptions {
@@ -371,6 +395,30 @@ fn real_main() -> Result<()> {
                 jobs,
             })?;
             println!("{ami}");
+            Ok(())
+        }
+        Command::Publish(Publish::Update {
+            image,
+            repo,
+            sign_key,
+            passphrase_file,
+        }) => {
+            let p = aiwimg::publish::update::publish(&aiwimg::publish::update::PublishOptions {
+                image,
+                repo,
+                sign_key,
+                passphrase_file,
+            })?;
+            eprintln!(
+                "published {} to {} ({} new files, {})",
+                p.version,
+                p.dir.display(),
+                p.added.len(),
+                match &p.signed_by {
+                    Some(f) => format!("SHA256SUMS signed by {f}"),
+                    None => "SHA256SUMS unsigned".into(),
+                }
+            );
             Ok(())
         }
     }

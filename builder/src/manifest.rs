@@ -1,7 +1,7 @@
 //! `manifest.json`, written beside the outputs: what the image is and how to
 //! check it.
 
-use crate::stages::disk::PartitionInfo;
+use crate::stages::disk::{Layout, PartitionInfo};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -19,6 +19,13 @@ pub struct Manifest {
     pub cmdline: String,
     pub root_erofs_size: u64,
     pub partitions: Vec<PartitionInfo>,
+    /// The A/B layout: slot sizes (fixed for the life of a disk), root A's
+    /// labels and UUIDs. Absent in manifests from before A/B updates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<Layout>,
+    /// What the image's systemd-sysupdate is set to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateInfo>,
     pub files: Vec<ManifestFile>,
     pub packages: Vec<Package>,
     /// The disk stage's cache key: the hash of every input of the image.
@@ -30,6 +37,18 @@ pub struct Manifest {
     /// sha256 of the vendor's aiware-agent baked in (`vendor_agent`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vendor_agent: Option<String>,
+}
+
+/// The node's update settings baked in by the build.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpdateInfo {
+    /// The transfer files' source is `<url>/<IMAGE_ID>/`.
+    pub url: String,
+    /// Boot tries of a newly installed version.
+    pub tries: u32,
+    /// The key SHA256SUMS.gpg must be signed with; None: the image refuses
+    /// every update (an empty keyring).
+    pub keyring_fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -29,7 +29,7 @@ pub fn primary_fingerprint(data: &[u8]) -> Result<String> {
     Ok(hex::encode_upper(h.finalize()))
 }
 
-fn dearmor(text: &str) -> Result<Vec<u8>> {
+pub fn dearmor(text: &str) -> Result<Vec<u8>> {
     let mut lines = text
         .lines()
         .skip_while(|l| !l.starts_with("-----BEGIN PGP"));

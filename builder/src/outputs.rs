@@ -3,7 +3,7 @@
 //! pipeline moves into place only when everything succeeded.
 
 use crate::cache::{sha256_file, Slot};
-use crate::manifest::{Manifest, ManifestFile, Package};
+use crate::manifest::{Manifest, ManifestFile, Package, UpdateInfo};
 use crate::pipeline::BuildContext;
 use crate::run::{run_cmd, Cmd};
 use crate::stages;
@@ -101,6 +101,7 @@ pub fn write_all(ctx: &BuildContext, disk: &Slot, out: &Path) -> Result<Manifest
             });
         }
     }
+    files.extend(write_update(ctx, disk, &info, out)?);
     let packages = stages::rootfs::installed(disk)?
         .into_iter()
         .map(|(name, version)| Package { name, version })
@@ -118,6 +119,12 @@ pub fn write_all(ctx: &BuildContext, disk: &Slot, out: &Path) -> Result<Manifest
         cmdline: info.cmdline.clone(),
         root_erofs_size: info.root_size,
         partitions: info.partitions.clone(),
+        layout: Some(info.layout.clone()),
+        update: Some(UpdateInfo {
+            url: ctx.profile.update_url.clone(),
+            tries: ctx.profile.update_tries,
+            keyring_fingerprint: crate::update::keyring(&ctx.profile)?.map(|(_, f)| f),
+        }),
         files,
         packages,
         input_hash: disk.key.clone(),
@@ -129,6 +136,71 @@ pub fn write_all(ctx: &BuildContext, disk: &Slot, out: &Path) -> Result<Manifest
         serde_json::to_string_pretty(&manifest)? + "\n",
     )?;
     Ok(manifest)
+}
+
+/// The folder of update files in the output, what `aiwimg publish update`
+/// adds to an update server.
+pub const UPDATE_DIR: &str = "update";
+
+/// Writes `update/`: root A's erofs and hash tree as the disk holds them (the
+/// bytes the roothash covers), the UKI, and their SHA256SUMS, named as the
+/// node's transfer files match them.
+fn write_update(
+    ctx: &BuildContext,
+    disk: &Slot,
+    info: &stages::disk::DiskInfo,
+    out: &Path,
+) -> Result<Vec<ManifestFile>> {
+    let l = &info.layout;
+    let dir = out.join(UPDATE_DIR);
+    std::fs::create_dir_all(&dir)?;
+    let names = crate::update::artifact_names(&ctx.image_name(), &l.root_uuid, &l.verity_uuid);
+    let part = |label: &str| {
+        info.partitions
+            .iter()
+            .find(|p| p.label == label)
+            .ok_or_else(|| anyhow::anyhow!("the disk has no partition labelled {label:?}"))
+    };
+    let raw = disk.dir.join("disk.raw");
+    stages::disk::copy_range(
+        &raw,
+        part(&l.root_label)?.offset,
+        l.root_data_size,
+        &dir.join(&names.root),
+    )?;
+    stages::disk::copy_range(
+        &raw,
+        part(&l.verity_label)?.offset,
+        l.verity_data_size,
+        &dir.join(&names.verity),
+    )?;
+    std::fs::copy(disk.dir.join(&info.uki), dir.join(&names.uki))?;
+    let mut sums = std::collections::BTreeMap::new();
+    let mut files = Vec::new();
+    for (name, format) in [
+        (&names.root, "update-root"),
+        (&names.verity, "update-root-verity"),
+        (&names.uki, "update-uki"),
+    ] {
+        let path = dir.join(name);
+        let sha256 = sha256_file(&path)?;
+        sums.insert(name.clone(), sha256.clone());
+        files.push(ManifestFile {
+            name: format!("{UPDATE_DIR}/{name}"),
+            format: format.into(),
+            sha256,
+            size: std::fs::metadata(&path)?.len(),
+        });
+    }
+    let sums_path = dir.join("SHA256SUMS");
+    std::fs::write(&sums_path, crate::update::sha256sums(&sums))?;
+    files.push(ManifestFile {
+        name: format!("{UPDATE_DIR}/SHA256SUMS"),
+        format: "update-sums".into(),
+        sha256: sha256_file(&sums_path)?,
+        size: std::fs::metadata(&sums_path)?.len(),
+    });
+    Ok(files)
 }
 
 /// Writes one format; returns the (file name, format name) pairs it made.

@@ -42,8 +42,18 @@ pub struct ProfileFile {
     pub source_date_epoch: Option<u64>,
     /// mkfs.erofs compression of the root, e.g. "lz4hc,12", "lz4", "zstd,3".
     pub root_compression: Option<String>,
-    /// Size of the EFI system partition in MiB.
+    /// Size of the EFI system partition in MiB (it must hold two UKIs).
     pub esp_size_mib: Option<u64>,
+    /// Size in MiB of each root slot (A and B are equal): fixed for the life
+    /// of a disk, so every later version's root must fit it.
+    pub root_slot_mib: Option<u64>,
+    /// Base URL of the update server; the node fetches `<url>/<IMAGE_ID>/`.
+    pub update_url: Option<String>,
+    /// OpenPGP public key (armored or binary, relative to `images/`) that
+    /// signs the update server's SHA256SUMS; baked in as the node's keyring.
+    pub update_keyring: Option<String>,
+    /// Boot tries of a newly installed version before systemd-boot falls back.
+    pub update_tries: Option<u32>,
     /// Image carries the NVIDIA driver and container runtime.
     pub gpu: Option<bool>,
     /// Third-party apt repositories, each with a key pinned by fingerprint.
@@ -116,6 +126,13 @@ pub struct Repository {
     pub fingerprint: String,
 }
 
+/// Each root slot unless a profile says otherwise: room for a root several
+/// times today's (300-600 MiB), since the slots cannot grow later.
+pub const DEFAULT_ROOT_SLOT_MIB: u64 = 2048;
+/// Placeholder (the `.invalid` domain never resolves): a profile or the
+/// node's launch data names the real server.
+pub const DEFAULT_UPDATE_URL: &str = "http://update.invalid/aiware";
+
 /// A resolved profile: the chain flattened, modes' packages added.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Profile {
@@ -134,6 +151,12 @@ pub struct Profile {
     pub source_date_epoch: u64,
     pub root_compression: String,
     pub esp_size_mib: u64,
+    pub root_slot_mib: u64,
+    pub update_url: String,
+    /// Resolved against `images/`; unset bakes an empty keyring (every
+    /// update is refused).
+    pub update_keyring: Option<PathBuf>,
+    pub update_tries: u32,
     pub gpu: bool,
     pub repositories: Vec<Repository>,
     pub build_only: Vec<String>,
@@ -182,6 +205,10 @@ impl Profile {
             source_date_epoch: 0,
             root_compression: "lz4hc,12".into(),
             esp_size_mib: 128,
+            root_slot_mib: DEFAULT_ROOT_SLOT_MIB,
+            update_url: DEFAULT_UPDATE_URL.into(),
+            update_keyring: None,
+            update_tries: 3,
             gpu: false,
             repositories: Vec::new(),
             build_only: Vec::new(),
@@ -205,6 +232,12 @@ impl Profile {
             p.source_date_epoch = f.source_date_epoch.unwrap_or(p.source_date_epoch);
             p.root_compression = f.root_compression.unwrap_or(p.root_compression);
             p.esp_size_mib = f.esp_size_mib.unwrap_or(p.esp_size_mib);
+            p.root_slot_mib = f.root_slot_mib.unwrap_or(p.root_slot_mib);
+            p.update_url = f.update_url.unwrap_or(p.update_url);
+            p.update_tries = f.update_tries.unwrap_or(p.update_tries);
+            if let Some(k) = f.update_keyring {
+                p.update_keyring = Some(images_dir.join(k));
+            }
             p.gpu = f.gpu.unwrap_or(p.gpu);
             append_unique(&mut p.build_only, f.build_only);
             append_unique(&mut p.required_modules, f.required_modules);
@@ -271,6 +304,26 @@ impl Profile {
                     });
                 }
             }
+        }
+        if !(p.update_url.starts_with("http://") || p.update_url.starts_with("https://"))
+            || p.update_url.contains(char::is_whitespace)
+        {
+            return Err(ProfileError::Invalid {
+                path: own,
+                message: format!("key `update_url`: {:?} is not an http(s) URL", p.update_url),
+            });
+        }
+        if !(1..=9).contains(&p.update_tries) {
+            return Err(ProfileError::Invalid {
+                path: own,
+                message: format!("key `update_tries`: {} is not 1..9", p.update_tries),
+            });
+        }
+        if p.root_slot_mib < 64 {
+            return Err(ProfileError::Invalid {
+                path: own,
+                message: format!("key `root_slot_mib`: {} MiB is too small", p.root_slot_mib),
+            });
         }
         if p.components.is_empty() {
             p.components.push("main".into());

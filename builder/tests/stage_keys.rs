@@ -122,6 +122,41 @@ fn each_input_changes_exactly_the_stages_it_feeds() {
     let k = keys(o());
     assert_eq!(changed(&base, &k), ["disk"]);
 
+    // The A/B slot size: only the disk.
+    let base = k;
+    append(
+        &p.path().join("images/engine.toml"),
+        "root_slot_mib = 3072\n",
+    );
+    let k = keys(o());
+    assert_eq!(changed(&base, &k), ["disk"]);
+
+    // The update URL, tries and keyring are files in the root: customize on.
+    let base = k;
+    append(
+        &p.path().join("images/engine.toml"),
+        "update_url = \"http://10.0.2.100:8080/aiware\"\n",
+    );
+    let k = keys(o());
+    assert_eq!(changed(&base, &k), ["customize", "disk"]);
+    let base = k;
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/test-repo-key.asc"),
+        p.path().join("images/update.asc"),
+    )
+    .unwrap();
+    append(
+        &p.path().join("images/engine.toml"),
+        "update_keyring = \"update.asc\"\n",
+    );
+    let k = keys(o());
+    assert_eq!(changed(&base, &k), ["customize", "disk"]);
+    // The key's content, not its name, is in the key.
+    let base = k;
+    append(&p.path().join("images/update.asc"), "\n");
+    let k = keys(o());
+    assert_eq!(changed(&base, &k), ["customize", "disk"]);
+
     // Kernel command line: only the UKI, so only the disk.
     let base = k;
     append(

@@ -107,7 +107,12 @@ pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slo
         .list("overlays", &p.overlays)
         .field("image-version", &ctx.opts.image_version)
         .field("image-info", &serde_json::to_string(&image_info(ctx)?)?)
-        .path("modes.toml", &ctx.images_dir().join("modes.toml"))?;
+        .path("modes.toml", &ctx.images_dir().join("modes.toml"))?
+        .field("update-url", &p.update_url)
+        .field("update-tries", &p.update_tries.to_string());
+    if let Some(key) = &p.update_keyring {
+        k.path("update-keyring", key)?;
+    }
     for o in &p.overlays {
         k.path(
             &format!("overlay:{o}"),
@@ -183,6 +188,8 @@ pub fn make(
         apply_overlay(&dir, &tree, &overlay_context(ctx))?;
     }
     install_agent(ctx, &agent_bin, &tree)?;
+    // sysupdate.d transfer files and the update keyring (A/B updates).
+    crate::update::install(&ctx.profile, &tree)?;
     write_os_release(ctx, &tree)?;
     clear_per_machine_state(&tree)?;
     // apt's record of which packages came in as dependencies reflects how they

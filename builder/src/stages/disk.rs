@@ -1,12 +1,18 @@
 //! Stage 5: the GPT disk, made by systemd-repart offline in two runs.
 //!
-//! Layout: ESP (systemd-boot + the UKI), root-A (erofs) + its dm-verity hash
-//! partition, root-B + hash reserved empty for A/B updates. `/var` is not in
+//! Layout (A/B, see [`crate::update`]): ESP (systemd-boot + the UKI, room for
+//! two), root A (erofs) + its dm-verity hash partition labelled
+//! `<IMAGE_ID>_<version>` and `…_verity`, and the spare B pair labelled
+//! `_empty`; all four root partitions at the profile's fixed slot sizes
+//! (`root_slot_mib`), so any later version fits either slot. `/var` is not in
 //! the image: repart in the booted system creates it and fills the disk.
 //!
 //! The roothash must be on the UKI's command line, and the UKI lives on the
-//! ESP, so repart runs twice: root partitions first (`--defer-partitions=esp`,
-//! which reports the roothash), then the ESP once the UKI exists.
+//! ESP, so repart runs twice: first root A and its hash tree alone, at their
+//! own sizes (which reports the roothash and gives the bytes the update
+//! server serves), then the whole disk with those bytes copied into the
+//! fixed slots. dm-verity reads the data size from the hash superblock, so
+//! the zeros after the root in its slot are never hashed.
 //! `--sector-size=512`: without it the ESP gets 4096-byte FAT sectors, which
 //! OVMF will not boot.
 
@@ -14,7 +20,8 @@ use crate::cache::{KeyBuilder, Slot};
 use crate::pipeline::BuildContext;
 use crate::stages::customize::uuid_from_key;
 use crate::tools::{Bind, ToolsTree};
-use anyhow::{Context, Result};
+use crate::update;
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -23,13 +30,14 @@ const MIB: u64 = 1 << 20;
 pub fn slot(ctx: &BuildContext, tools: &Slot, custom: &Slot, initrd: &Slot) -> Slot {
     let key = KeyBuilder::new("disk")
         // Bump when make() changes what it produces from the same inputs.
-        .field("recipe", "3")
+        .field("recipe", "4")
         .key("tools", &tools.key)
         .key("customize", &custom.key)
         .key("initrd", &initrd.key)
         .list("cmdline", &ctx.profile.kernel_cmdline)
         .field("esp-size", &ctx.profile.esp_size_mib.to_string())
         .field("esp-file-times", &ctx.profile.source_date_epoch.to_string())
+        .field("root-slot-mib", &ctx.profile.root_slot_mib.to_string())
         .field("name", &ctx.image_name())
         .finish();
     ctx.cache.slot("disk", &key)
@@ -67,6 +75,24 @@ pub struct DiskInfo {
     pub kernel_version: String,
     pub root_size: u64,
     pub partitions: Vec<PartitionInfo>,
+    pub layout: Layout,
+}
+
+/// The A/B layout: equal slots, fixed per profile, and where root A's data
+/// and hash tree end inside theirs (the rest is zeros).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Layout {
+    pub root_slot_size: u64,
+    pub verity_slot_size: u64,
+    pub esp_size: u64,
+    /// Bytes of root A that are the erofs image (what the update server serves).
+    pub root_data_size: u64,
+    /// Bytes of the hash partition that are the verity superblock and tree.
+    pub verity_data_size: u64,
+    pub root_uuid: String,
+    pub verity_uuid: String,
+    pub root_label: String,
+    pub verity_label: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,8 +122,79 @@ pub fn info(slot: &Slot) -> Result<DiskInfo> {
     Ok(serde_json::from_str(&text)?)
 }
 
-fn round_up(n: u64, to: u64) -> u64 {
-    n.div_ceil(to) * to
+/// Copies `len` bytes at `offset` of `src` into a new file `dest`.
+pub fn copy_range(src: &Path, offset: u64, len: u64, dest: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut out =
+        std::fs::File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let n = std::io::copy(&mut f.take(len), &mut out)?;
+    anyhow::ensure!(
+        n == len,
+        "{} ends before byte {}",
+        src.display(),
+        offset + len
+    );
+    Ok(())
+}
+
+/// The repart definitions of the final disk: the ESP, root A and its verity
+/// partition copied from the first run's output with the UUIDs it derived
+/// from the roothash, and the spare B pair labelled `_empty`; all four root
+/// partitions at the profile's fixed slot sizes.
+fn final_definitions(
+    esp: u64,
+    slots: &update::Slots,
+    labels: &(String, String),
+    uuids: &(String, String),
+) -> Vec<(&'static str, String)> {
+    let (root, verity) = (slots.root, slots.verity);
+    let empty = update::EMPTY_LABEL;
+    vec![
+        (
+            "00-esp.conf",
+            format!("[Partition]\nType=esp\nLabel=ESP\nFormat=vfat\nCopyFiles=/work/esp:/\nSizeMinBytes={esp}\nSizeMaxBytes={esp}\n"),
+        ),
+        (
+            "10-root-a.conf",
+            format!(
+                "[Partition]\nType=root\nLabel={}\nUUID={}\nCopyBlocks=/work/root.raw\nSizeMinBytes={root}\nSizeMaxBytes={root}\n",
+                labels.0, uuids.0
+            ),
+        ),
+        (
+            "11-root-a-verity.conf",
+            format!(
+                "[Partition]\nType=root-verity\nLabel={}\nUUID={}\nCopyBlocks=/work/root-verity.raw\nSizeMinBytes={verity}\nSizeMaxBytes={verity}\n",
+                labels.1, uuids.1
+            ),
+        ),
+        (
+            "20-root-b.conf",
+            format!("[Partition]\nType=root\nLabel={empty}\nSizeMinBytes={root}\nSizeMaxBytes={root}\n"),
+        ),
+        (
+            "21-root-b-verity.conf",
+            format!("[Partition]\nType=root-verity\nLabel={empty}\nSizeMinBytes={verity}\nSizeMaxBytes={verity}\n"),
+        ),
+    ]
+}
+
+/// The ESP must take a second UKI (the update) beside the booted one, with a
+/// fifth to spare: a full ESP makes sysupdate fail with a bare I/O error.
+pub fn check_esp_room(esp: u64, uki: u64) -> Result<()> {
+    let need = (2 * uki + 2 * uki / 5).div_ceil(MIB) * MIB + 2 * MIB;
+    if esp < need {
+        bail!(
+            "the ESP ({} MiB) cannot hold two {} MiB UKIs for A/B updates: \
+             set `esp_size_mib` to at least {}",
+            esp / MIB,
+            uki.div_ceil(MIB),
+            need / MIB
+        );
+    }
+    Ok(())
 }
 
 pub fn make(
@@ -109,20 +206,21 @@ pub fn make(
     tmp: &Path,
 ) -> Result<()> {
     let root_size = std::fs::metadata(custom.dir.join("root.erofs"))?.len();
-    // Room for the next version's root to grow by a quarter.
-    let b_size = round_up(root_size + root_size / 4, MIB);
-    let b_verity = round_up((b_size / 4096) * 32 * 130 / 128 + 2 * MIB, MIB).max(10 * MIB);
+    let slots = update::Slots::for_root_mib(ctx.profile.root_slot_mib);
+    let image_id = format!("aiware-{}", ctx.profile.name);
+    let labels = update::labels(&image_id, &ctx.opts.image_version)?;
+    // Fail before any work when the root cannot fit (the hash tree is checked
+    // once it exists).
+    slots.check_fits(&ctx.profile.name, root_size, 0)?;
     let defs = tmp.join("repart.d");
     std::fs::create_dir_all(&defs)?;
     let esp = ctx.profile.esp_size_mib * MIB;
-    let files = [
-        (
-            "00-esp.conf",
-            format!("[Partition]\nType=esp\nLabel=ESP\nFormat=vfat\nCopyFiles=/work/esp:/\nSizeMinBytes={esp}\nSizeMaxBytes={esp}\n"),
-        ),
+    // Run 1 makes root A and its hash tree at their own sizes: dm-verity
+    // covers exactly the root's blocks, as on the update server.
+    let first = [
         (
             "10-root-a.conf",
-            "[Partition]\nType=root\nLabel=root-a\nCopyBlocks=/custom/root.erofs\nVerity=data\nVerityMatchKey=root\n".to_string(),
+            "[Partition]\nType=root\nCopyBlocks=/custom/root.erofs\nVerity=data\nVerityMatchKey=root\n".to_string(),
         ),
         (
             "11-root-a-verity.conf",
@@ -130,19 +228,11 @@ pub fn make(
             // to repart, they follow --sector-size (512): eight hashes per page
             // read, which made every cold read of the root ~3x slower than
             // the disk (64 MiB in 1.9 s against 0.6 s under TCG).
-            "[Partition]\nType=root-verity\nLabel=root-a-verity\nVerity=hash\nVerityMatchKey=root\nMinimize=best\n\
+            "[Partition]\nType=root-verity\nVerity=hash\nVerityMatchKey=root\nMinimize=best\n\
              VerityDataBlockSizeBytes=4096\nVerityHashBlockSizeBytes=4096\n".to_string(),
         ),
-        (
-            "20-root-b.conf",
-            format!("[Partition]\nType=root\nLabel=root-b\nSizeMinBytes={b_size}\nSizeMaxBytes={b_size}\n"),
-        ),
-        (
-            "21-root-b-verity.conf",
-            format!("[Partition]\nType=root-verity\nLabel=root-b-verity\nSizeMinBytes={b_verity}\nSizeMaxBytes={b_verity}\n"),
-        ),
     ];
-    for (name, text) in &files {
+    for (name, text) in &first {
         std::fs::write(defs.join(name), text)?;
     }
     // The seed makes the GPT's and partitions' UUIDs and the verity salt. It
@@ -156,6 +246,7 @@ pub fn make(
             .path("initrd", &initrd.dir.join("initrd.img"))?
             .list("cmdline", &ctx.profile.kernel_cmdline)
             .field("esp-size", &ctx.profile.esp_size_mib.to_string())
+            .field("root-slot-mib", &ctx.profile.root_slot_mib.to_string())
             .field("name", &ctx.image_name())
             .finish(),
     );
@@ -177,7 +268,7 @@ pub fn make(
             inside: "/image",
         },
     ];
-    let repart = |what: &str, extra: &[&str]| -> Result<Vec<RepartRow>> {
+    let repart = |what: &str, image: &str, extra: &[&str]| -> Result<Vec<RepartRow>> {
         let mut args = vec![
             "systemd-repart",
             "--offline=yes",
@@ -190,20 +281,53 @@ pub fn make(
         let seed_arg = format!("--seed={seed}");
         args.push(&seed_arg);
         args.extend_from_slice(extra);
-        args.push("/work/disk.raw");
+        args.push(image);
         let out = tools.run(what, &args, &binds)?;
         serde_json::from_str(&out).with_context(|| format!("reading systemd-repart's JSON: {out}"))
     };
 
-    // Run 1: root partitions (and the reserved B pair); the ESP's space is kept.
+    // Run 1: root A and its hash tree, which give the roothash.
     let rows = repart(
-        "writing the root partitions (systemd-repart)",
-        &["--empty=create", "--size=auto", "--defer-partitions=esp"],
+        "computing the dm-verity tree (systemd-repart)",
+        "/work/first.raw",
+        &["--empty=create", "--size=auto"],
     )?;
     let roothash = rows
         .iter()
         .find_map(|r| r.roothash.clone().filter(|h| !h.is_empty()))
         .context("systemd-repart reported no roothash")?;
+    let row = |ptype: &str| {
+        rows.iter()
+            .find(|r| r.ptype.ends_with(ptype) && r.raw_size > 0)
+            .with_context(|| format!("systemd-repart wrote no {ptype} partition"))
+    };
+    let (data_row, hash_row) = (row("x86-64")?, row("x86-64-verity")?);
+    let uuids = (
+        update::uuid_from_roothash(&roothash, true)?,
+        update::uuid_from_roothash(&roothash, false)?,
+    );
+    // The veritysetup generator finds the partitions by these UUIDs alone.
+    anyhow::ensure!(
+        data_row.uuid == uuids.0 && hash_row.uuid == uuids.1,
+        "systemd-repart's verity partition UUIDs {} / {} are not the roothash's halves",
+        data_row.uuid,
+        hash_row.uuid
+    );
+    slots.check_fits(&ctx.profile.name, data_row.raw_size, hash_row.raw_size)?;
+    let first_raw = tmp.join("first.raw");
+    copy_range(
+        &first_raw,
+        data_row.offset,
+        data_row.raw_size,
+        &tmp.join("root.raw"),
+    )?;
+    copy_range(
+        &first_raw,
+        hash_row.offset,
+        hash_row.raw_size,
+        &tmp.join("root-verity.raw"),
+    )?;
+    std::fs::remove_file(&first_raw)?;
 
     // The UKI: kernel + initrd + command line naming the verity root.
     let kver = std::fs::read_to_string(initrd.dir.join("kernel-version"))?;
@@ -216,12 +340,15 @@ pub fn make(
     for d in ["EFI/BOOT", "EFI/systemd", "EFI/Linux", "loader", "aiware"] {
         std::fs::create_dir_all(espdir.join(d))?;
     }
+    // No `default`: systemd-boot must pick the newest good UKI by itself, so
+    // that a version whose tries ran out falls back to the previous one.
     std::fs::write(espdir.join("loader/loader.conf"), "timeout 0\neditor no\n")?;
     std::fs::write(
         espdir.join("aiware/README.txt"),
         "Bare metal: put the node's launch data in this folder as `user-data`\r\n\
          (#cloud-config, KEY=VALUE lines or TOML); aiw-agent reads it at boot.\r\n",
     )?;
+    // The first version is not counted: it is the one to come back to.
     let uki = format!("{}.efi", ctx.image_name());
     tools.run(
         "installing systemd-boot",
@@ -250,13 +377,27 @@ pub fn make(
         ],
         &binds,
     )?;
+    let uki_path = espdir.join("EFI/Linux").join(&uki);
+    check_esp_room(esp, std::fs::metadata(&uki_path)?.len())?;
+    // Kept beside disk.raw: the outputs stage serves it as the update's UKI.
+    std::fs::copy(&uki_path, tmp.join(&uki))?;
 
     // FAT directory entries carry each file's times, which mcopy takes from the
     // staged files: pin them, or every build's ESP (and image sha256) differs.
     set_times_under(&espdir, ctx.profile.source_date_epoch)?;
 
-    // Run 2: the ESP, now that the UKI exists.
-    let rows = repart("writing the ESP (systemd-repart)", &[])?;
+    // Run 2: the whole disk at its fixed layout.
+    for (name, _) in &first {
+        std::fs::remove_file(defs.join(name))?;
+    }
+    for (name, text) in final_definitions(esp, &slots, &labels, &uuids) {
+        std::fs::write(defs.join(name), text)?;
+    }
+    let rows = repart(
+        "writing the disk (systemd-repart)",
+        "/work/disk.raw",
+        &["--empty=create", "--size=auto"],
+    )?;
     let partitions = rows
         .iter()
         .filter(|r| r.raw_size > 0)
@@ -270,6 +411,8 @@ pub fn make(
         .collect();
     std::fs::remove_dir_all(&espdir)?;
     std::fs::remove_dir_all(&defs)?;
+    std::fs::remove_file(tmp.join("root.raw"))?;
+    std::fs::remove_file(tmp.join("root-verity.raw"))?;
     let info = DiskInfo {
         roothash,
         cmdline,
@@ -277,6 +420,17 @@ pub fn make(
         kernel_version: kver,
         root_size,
         partitions,
+        layout: Layout {
+            root_slot_size: slots.root,
+            verity_slot_size: slots.verity,
+            esp_size: esp,
+            root_data_size: data_row.raw_size,
+            verity_data_size: hash_row.raw_size,
+            root_uuid: uuids.0,
+            verity_uuid: uuids.1,
+            root_label: labels.0,
+            verity_label: labels.1,
+        },
     };
     std::fs::write(tmp.join("disk.json"), serde_json::to_string_pretty(&info)?)?;
     // The package list travels with the disk, so a cached disk needs nothing
@@ -288,6 +442,67 @@ pub fn make(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn value<'a>(text: &'a str, key: &str) -> &'a str {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= in {text}"))
+    }
+
+    #[test]
+    fn both_slots_are_the_same_fixed_size_and_b_is_empty() {
+        let slots = update::Slots::for_root_mib(2048);
+        let labels = update::labels("aiware-engine", "1.0.0").unwrap();
+        let uuids = ("u-data".to_string(), "u-hash".to_string());
+        let defs = final_definitions(128 * MIB, &slots, &labels, &uuids);
+        let get = |n: &str| &defs.iter().find(|(name, _)| *name == n).unwrap().1;
+        let (a, av) = (get("10-root-a.conf"), get("11-root-a-verity.conf"));
+        let (b, bv) = (get("20-root-b.conf"), get("21-root-b-verity.conf"));
+        for (t, size) in [
+            (a, slots.root),
+            (b, slots.root),
+            (av, slots.verity),
+            (bv, slots.verity),
+        ] {
+            assert_eq!(value(t, "SizeMinBytes"), size.to_string(), "{t}");
+            assert_eq!(value(t, "SizeMaxBytes"), size.to_string(), "{t}");
+        }
+        assert_eq!(value(a, "Label"), "aiware-engine_1.0.0");
+        assert_eq!(value(av, "Label"), "aiware-engine_1.0.0_verity");
+        assert_eq!(value(b, "Label"), "_empty");
+        assert_eq!(value(bv, "Label"), "_empty");
+        assert_eq!(value(a, "UUID"), "u-data");
+        assert_eq!(value(av, "UUID"), "u-hash");
+        assert_eq!(value(a, "Type"), "root");
+        assert_eq!(value(bv, "Type"), "root-verity");
+        // No Verity= here: a tree over the slot's zeros would change the roothash.
+        assert!(defs.iter().all(|(_, t)| !t.contains("Verity=")));
+        assert_eq!(
+            value(get("00-esp.conf"), "SizeMinBytes"),
+            (128 * MIB).to_string()
+        );
+    }
+
+    #[test]
+    fn the_esp_must_hold_two_ukis() {
+        check_esp_room(128 * MIB, 26 * MIB).unwrap();
+        let e = check_esp_room(64 * MIB, 26 * MIB).unwrap_err().to_string();
+        assert!(e.contains("esp_size_mib") && e.contains("two"), "{e}");
+    }
+
+    #[test]
+    fn copy_range_takes_exactly_the_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, (0u8..=255).collect::<Vec<_>>()).unwrap();
+        let dest = dir.path().join("dest");
+        copy_range(&src, 16, 32, &dest).unwrap();
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            (16u8..48).collect::<Vec<_>>()
+        );
+        assert!(copy_range(&src, 250, 10, &dest).is_err());
+    }
 
     #[test]
     fn every_file_and_folder_under_the_esp_gets_the_epoch() {
