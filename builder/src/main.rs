@@ -73,6 +73,14 @@ enum Command {
         /// Print stage reports and the result as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// The update server the image's systemd-sysupdate reads (overrides
+        /// the profile's `update_url`).
+        #[arg(long)]
+        update_url: Option<String>,
+        /// The public key that must sign the server's SHA256SUMS (overrides
+        /// the profile's `update_keyring`).
+        #[arg(long)]
+        update_keyring: Option<PathBuf>,
     },
     /// List the node profiles with their run modes.
     Profiles {
@@ -247,6 +255,8 @@ fn real_main() -> Result<()> {
             rebuild,
             agent_bin,
             json,
+            update_url,
+            update_keyring,
         } => {
             let project = find_project(cli.project)?;
             let mut mirrors = BTreeMap::new();
@@ -273,6 +283,8 @@ fn real_main() -> Result<()> {
                 agent_bin,
                 repo_mirrors: mirrors,
                 json,
+                update_url,
+                update_keyring,
             };
             let started = std::time::Instant::now();
             let r = pipeline::build(opts)?;

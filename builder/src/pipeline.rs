@@ -42,6 +42,10 @@ pub struct BuildOptions {
     pub repo_mirrors: BTreeMap<String, String>,
     /// Print progress as JSON lines instead of text.
     pub json: bool,
+    /// `--update-url`: overrides the profile's `update_url`.
+    pub update_url: Option<String>,
+    /// `--update-keyring`: overrides the profile's `update_keyring`.
+    pub update_keyring: Option<PathBuf>,
 }
 
 /// What a stage did, for progress and for `--json`.
@@ -271,7 +275,16 @@ impl BuildContext {
     pub fn new(opts: BuildOptions) -> Result<BuildContext> {
         let images = opts.project.join("images");
         let modes = ModeTable::load(&images.join("modes.toml"))?;
-        let profile = Profile::load(&images, &opts.profile, &modes)?;
+        let mut profile = Profile::load(&images, &opts.profile, &modes)?;
+        if let Some(u) = &opts.update_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                anyhow::bail!("--update-url {u:?} is not an http(s) URL");
+            }
+            profile.update_url = u.clone();
+        }
+        if let Some(k) = &opts.update_keyring {
+            profile.update_keyring = Some(k.clone());
+        }
         let mut all_profiles = BTreeMap::new();
         for name in crate::profile::list_profiles(&images)? {
             if let Ok(p) = Profile::load(&images, &name, &modes) {

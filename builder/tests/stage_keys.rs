@@ -57,6 +57,8 @@ fn opts(project: &Path, cache: &Path) -> BuildOptions {
         agent_bin: None,
         repo_mirrors: BTreeMap::new(),
         json: false,
+        update_url: None,
+        update_keyring: None,
     }
 }
 
@@ -156,6 +158,16 @@ fn each_input_changes_exactly_the_stages_it_feeds() {
     append(&p.path().join("images/update.asc"), "\n");
     let k = keys(o());
     assert_eq!(changed(&base, &k), ["customize", "disk"]);
+    // --update-url and --update-keyring override the profile's.
+    let mut ou = o();
+    ou.update_url = Some("http://10.0.2.100:8080/other".into());
+    assert_eq!(changed(&k, &keys(ou)), ["customize", "disk"]);
+    let other = p.path().join("other.asc");
+    std::fs::copy(p.path().join("images/update.asc"), &other).unwrap();
+    append(&other, "\n");
+    let mut ok = o();
+    ok.update_keyring = Some(other);
+    assert_eq!(changed(&k, &keys(ok)), ["customize", "disk"]);
 
     // Kernel command line: only the UKI, so only the disk.
     let base = k;
