@@ -156,16 +156,32 @@ fn engine_build_verify_cache_and_overlay_edit() {
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(bad.join("manifest.json")).unwrap()).unwrap();
     let raw = bad.join(manifest["files"][0]["name"].as_str().unwrap());
+    // Root A is the partition labelled as the layout says (the label carries
+    // the version, as sysupdate wants). Flip a byte inside the erofs data, not
+    // in the slot's unused tail, so the verity tree must catch it.
+    let layout = &manifest["layout"];
     let root_a = manifest["partitions"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|p| p["label"] == "root-a")
-        .unwrap();
-    let at = root_a["offset"].as_u64().unwrap() + root_a["size"].as_u64().unwrap() / 2;
-    let mut data = std::fs::read(&raw).unwrap();
-    data[at as usize] ^= 0x5a;
-    std::fs::write(&raw, data).unwrap();
+        .find(|p| p["label"] == layout["root_label"])
+        .unwrap_or_else(|| panic!("no partition has root A's label: {manifest:#}"));
+    let at = root_a["offset"].as_u64().unwrap() + layout["root_data_size"].as_u64().unwrap() / 2;
+    // One byte in place: the raw disk is sparse and gigabytes long.
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&raw)
+            .unwrap();
+        let mut byte = [0u8];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut byte).unwrap();
+        byte[0] ^= 0x5a;
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&byte).unwrap();
+    }
     let (ok, text) = inspect_verify(&bad);
     assert!(!ok, "a corrupted image passed verification:\n{text}");
     assert!(text.contains("sha256") && text.contains("verity"), "{text}");
