@@ -744,6 +744,17 @@ impl<'a> Agent<'a> {
                 Err(e) => self.error(&e),
             }
         }
+        if modes.iter().any(|m| m == "engine") {
+            let cache = s.get("AIWARE_CACHE_DIR").unwrap_or("/cache");
+            match join::local_cache_fallback(paths, cache, self.cfg.real_system) {
+                Ok(Some(line)) => {
+                    log::info(&format!("engine cache: {line}"));
+                    mount_lines.push(line);
+                }
+                Ok(None) => {}
+                Err(e) => self.error(&e),
+            }
+        }
         let mut tasks = self.host_tasks(&host_id, url, s, gpus);
         let mut applied_mounts = mounts.clone();
         self.mount_from_action(&reply["status"], &mut applied_mounts);

@@ -245,6 +245,11 @@ impl FakeRuntime {
         );
     }
 
+    /// An image in the store (baked or preloaded) without a pull.
+    pub fn add_image(&self, reference: &str) {
+        self.lock().images.push(reference.to_string());
+    }
+
     /// Forgets every image (Docker's data wiped).
     pub fn forget_images(&self) {
         let mut i = self.lock();

@@ -366,7 +366,8 @@ pub fn mount_all(
             if !real_system {
                 return Ok(format!("{line} [not mounted: test root {}]", paths.root.display()));
             }
-            if is_mounted(local) {
+            // A local bind (the fallback below) is not the share: mount over it.
+            if is_mounted_as(local, |fstype| fstype.starts_with("nfs")) {
                 return Ok(line);
             }
             if let Err(e) = std::fs::create_dir_all(local) {
@@ -381,13 +382,63 @@ pub fn mount_all(
         .collect()
 }
 
-fn is_mounted(local: &str) -> bool {
+/// Whether `local` is a mount point whose filesystem type passes `fstype`.
+fn is_mounted_as(local: &str, fstype: impl Fn(&str) -> bool) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| {
-            t.lines()
-                .any(|l| l.split_whitespace().nth(4) == Some(local))
-        })
+        .map(|t| t.lines().any(|l| mountinfo_has(l, local, &fstype)))
         .unwrap_or(false)
+}
+
+/// One `/proc/self/mountinfo` line: field 5 is the mount point, and the type
+/// is the first field after the ` - ` separator (optional fields come before).
+fn mountinfo_has(line: &str, local: &str, fstype: &impl Fn(&str) -> bool) -> bool {
+    let Some((head, tail)) = line.split_once(" - ") else {
+        return false;
+    };
+    head.split_whitespace().nth(4) == Some(local)
+        && tail.split_whitespace().next().is_some_and(fstype)
+}
+
+/// Where an engine's `/cache` lives when the controller names no share: on
+/// `/var`, so it is writable (the root is read-only) and survives reboots.
+pub const LOCAL_CACHE: &str = "/var/opt/aiware/engine/cache";
+
+/// An engine writes each launch's scratch and results under `/cache`. The
+/// guide mounts the cluster's NFS share there; a controller that gives no
+/// `mount[]` (a single-node setup, or one whose engines keep their cache
+/// local) would leave `/cache` as the image's empty read-only folder, and
+/// every launch would fail with "Read-only file system". So `/cache` becomes a
+/// bind of [`LOCAL_CACHE`] unless something is mounted there already; a later
+/// NFS mount from the controller stacks on top of it.
+pub fn local_cache_fallback(
+    paths: &Paths,
+    cache: &str,
+    real_system: bool,
+) -> Result<Option<String>, String> {
+    let local = paths.at(LOCAL_CACHE);
+    std::fs::create_dir_all(&local)
+        .map_err(|e| format!("cannot create {}: {e}", local.display()))?;
+    if !real_system {
+        return Ok(None);
+    }
+    if is_mounted_as(cache, |_| true) {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(cache)
+        .map_err(|e| format!("cannot create mount point {cache}: {e}"))?;
+    match std::process::Command::new("mount")
+        .args(["--bind", LOCAL_CACHE, cache])
+        .output()
+    {
+        Ok(o) if o.status.success() => Ok(Some(format!(
+            "{LOCAL_CACHE} on {cache} (local: the controller named no share)"
+        ))),
+        Ok(o) => Err(format!(
+            "bind {LOCAL_CACHE} on {cache} failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("cannot run mount: {e}")),
+    }
 }
 
 /// Prometheus file-based discovery from `GET /hosts`: every host's agent (8000)
@@ -421,4 +472,35 @@ pub fn prometheus_targets(hosts: &Value) -> Value {
         }));
     }
     Value::Array(groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NFS: &str =
+        "36 25 0:33 / /cache rw,relatime shared:12 - nfs4 10.0.0.5:/opt/aiware/nfs rw,vers=4.2";
+    const BIND: &str =
+        "37 25 254:3 /var/opt/aiware/engine/cache /cache rw,relatime - ext4 /dev/vda3 rw";
+
+    #[test]
+    fn mountinfo_reads_the_type_after_the_optional_fields() {
+        let nfs = |t: &str| t.starts_with("nfs");
+        assert!(mountinfo_has(NFS, "/cache", &nfs));
+        assert!(
+            !mountinfo_has(BIND, "/cache", &nfs),
+            "a local bind is not the share"
+        );
+        assert!(mountinfo_has(BIND, "/cache", &|_: &str| true));
+        assert!(!mountinfo_has(NFS, "/cache/engine", &nfs));
+        assert!(!mountinfo_has("garbage", "/cache", &nfs));
+    }
+
+    #[test]
+    fn the_local_cache_is_made_under_a_test_root_and_nothing_is_mounted() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = Paths::new(d.path());
+        assert_eq!(local_cache_fallback(&paths, "/cache", false), Ok(None));
+        assert!(d.path().join("var/opt/aiware/engine/cache").is_dir());
+    }
 }

@@ -430,8 +430,7 @@ impl HostTasks {
         self.bg().launches.insert(launch_id.clone());
         // Pull and start in a thread: a pull may take minutes, reports go on.
         std::thread::spawn(move || {
-            let r = rt
-                .pull(&spec.image, auth.as_ref())
+            let r = ensure_image(rt.as_ref(), &spec.image, auth.as_ref())
                 .map_err(|e| format!("pulling {}: {e}", spec.image))
                 .and_then(|()| {
                     rt.create_and_start(&spec)
@@ -463,6 +462,11 @@ impl HostTasks {
         for d in [&scratch, &instance] {
             std::fs::create_dir_all(d)
                 .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+            // Engines run as whatever user their image names: the folders they
+            // write must be writable by any (sticky, as /tmp).
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o1777))
+                .map_err(|e| format!("cannot open {} to the engine: {e}", d.display()))?;
         }
         let expires = now + l.runtime_ttl_s.unwrap_or(DEFAULT_EXPIRATION_S);
         let c = &self.ctx;
@@ -672,6 +676,44 @@ pub fn rfc3339(unix: u64) -> String {
     )
 }
 
+/// Whether a reference names one fixed image: a digest, or a tag that is not
+/// `latest` (`registry:5000/name` has a port, not a tag).
+pub fn is_pinned(image: &str) -> bool {
+    if image.contains('@') {
+        return true;
+    }
+    let last = image.rsplit('/').next().unwrap_or(image);
+    matches!(last.split_once(':'), Some((_, tag)) if tag != "latest")
+}
+
+/// The image of a launch, in the store before it is started. A pinned image
+/// already here (baked into the node, preloaded by `pullDockerImages`, or
+/// pulled by an earlier launch) is used as is, so a node cut off from its
+/// registry still runs what it has; a moving tag (`:latest`, none) is pulled
+/// every time, and only when that pull fails is the local copy used, with a
+/// line in the journal. This is Kubernetes' `IfNotPresent`/`Always` split by
+/// the same rule it defaults with.
+pub fn ensure_image(
+    rt: &dyn ContainerRuntime,
+    image: &str,
+    auth: Option<&RegistryAuth>,
+) -> Result<(), String> {
+    let local = rt.has_image(image).unwrap_or(false);
+    if local && is_pinned(image) {
+        return Ok(());
+    }
+    match rt.pull(image, auth) {
+        Ok(()) => Ok(()),
+        Err(e) if local => {
+            log::info(&log::scrub(&format!(
+                "pulling {image} failed ({e}): starting the copy this node has"
+            )));
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -805,5 +847,33 @@ mod tests {
             .unwrap()
             .contains("no Docker"));
         assert!(st["containerRuntimeError"].is_string());
+    }
+
+    #[test]
+    fn pinned_references() {
+        for p in ["a/b:1", "reg:5000/a/b:2.1", "a/b@sha256:00", "busybox:musl"] {
+            assert!(is_pinned(p), "{p}");
+        }
+        for m in ["a/b", "a/b:latest", "reg:5000/a/b", "reg:5000/a/b:latest"] {
+            assert!(!is_pinned(m), "{m}");
+        }
+    }
+
+    #[test]
+    fn a_pinned_image_on_the_node_is_not_pulled_and_a_moving_one_falls_back() {
+        let f = FakeRuntime::new();
+        f.add_image("a/b:1");
+        f.add_image("a/b:latest");
+        f.fail_pulls_of("a/b:latest");
+        f.fail_pulls_of("c/d:2");
+        ensure_image(&f, "a/b:1", None).unwrap();
+        assert!(f.pulled().is_empty(), "pinned and here: no pull");
+        ensure_image(&f, "a/b:latest", None).unwrap();
+        assert!(
+            f.calls().contains(&"pull a/b:latest".to_string()),
+            "moving: pulled"
+        );
+        let e = ensure_image(&f, "c/d:2", None).unwrap_err();
+        assert!(e.contains("pull access denied"), "{e}");
     }
 }
