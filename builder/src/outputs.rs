@@ -138,6 +138,51 @@ pub fn write_all(ctx: &BuildContext, disk: &Slot, out: &Path) -> Result<Manifest
     Ok(manifest)
 }
 
+/// The manifest of `dir` when it was written from `disk` with the same
+/// profile, version and formats, and every file it lists is still there at
+/// its recorded size; `None` means the outputs must be written again.
+pub fn up_to_date(ctx: &BuildContext, disk: &Slot, dir: &Path) -> Option<Manifest> {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).ok()?;
+    let manifest: Manifest = serde_json::from_str(&text).ok()?;
+    if manifest.input_hash != disk.key
+        || manifest.profile != ctx.profile.name
+        || manifest.version != ctx.opts.image_version
+    {
+        return None;
+    }
+    let mut had: Vec<&str> = manifest
+        .files
+        .iter()
+        .map(|f| f.format.as_str())
+        .filter(|f| !f.starts_with("update"))
+        .collect();
+    had.sort_unstable();
+    had.dedup();
+    let mut want: Vec<&str> = ctx
+        .opts
+        .formats
+        .iter()
+        .flat_map(|f| format_names(*f))
+        .collect();
+    want.sort_unstable();
+    want.dedup();
+    if had != want {
+        return None;
+    }
+    let intact = manifest.files.iter().all(|f| {
+        std::fs::metadata(dir.join(&f.name)).is_ok_and(|m| m.is_file() && m.len() == f.size)
+    });
+    intact.then_some(manifest)
+}
+
+/// The format names a format's files carry in the manifest.
+fn format_names(f: Format) -> Vec<&'static str> {
+    match f {
+        Format::RawZst => vec!["raw.zst", "bmap"],
+        other => vec![other.name()],
+    }
+}
+
 /// The folder of update files in the output, what `aiwimg publish update`
 /// adds to an update server.
 pub const UPDATE_DIR: &str = "update";

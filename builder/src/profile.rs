@@ -40,7 +40,7 @@ pub struct ProfileFile {
     pub kernel_cmdline: Vec<String>,
     /// Timestamp for reproducible package installs and file times.
     pub source_date_epoch: Option<u64>,
-    /// mkfs.erofs compression of the root, e.g. "lz4hc,12", "lz4", "zstd,3".
+    /// mkfs.erofs compression of the root, e.g. "lz4", "zstd,3".
     pub root_compression: Option<String>,
     /// Size of the EFI system partition in MiB (it must hold two UKIs).
     pub esp_size_mib: Option<u64>,
@@ -203,7 +203,7 @@ impl Profile {
             overlays: Vec::new(),
             kernel_cmdline: Vec::new(),
             source_date_epoch: 0,
-            root_compression: "lz4hc,12".into(),
+            root_compression: "lz4hc,9".into(),
             esp_size_mib: 128,
             root_slot_mib: DEFAULT_ROOT_SLOT_MIB,
             update_url: DEFAULT_UPDATE_URL.into(),

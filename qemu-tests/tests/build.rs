@@ -123,6 +123,13 @@ fn engine_build_verify_cache_and_overlay_edit() {
         Vec::<String>::new(),
         "a second build redid stages: {stages:?}"
     );
+    // ... and left the output folder, already written from this disk, as it was.
+    assert!(
+        stages
+            .iter()
+            .any(|s| s["stage"] == "outputs" && s["cached"] == true),
+        "a second build rewrote its outputs: {stages:?}"
+    );
 
     // 3. One overlay file edited (in a copy of the project): only customize and disk.
     let proj = work.join("project");
