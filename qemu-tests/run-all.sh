@@ -62,16 +62,22 @@ cargo test --release -p qemu-tests --test publish_aws -- --test-threads=1 --noca
 rm -rf target/qemu-tests/publish-aws   # passed: its image copies are not needed
 disk
 
-section "slow: QEMU harness and image boot tests (one VM at a time)"
+section "slow: QEMU harness and image boot tests"
 cargo test --release -p qemu-tests --test harness -- --test-threads=1
-cargo test --release -p qemu-tests --test boot -- --test-threads=1 --nocapture
+# Two VM tests at a time, one vCPU each: a TCG boot is mostly one chain of
+# work, so two side by side finish sooner than one after the other with two
+# vCPUs each (qemu-tests/src/case.rs, vm_slots). Every test still runs.
+AIWIMG_VM_SLOTS=2
+export AIWIMG_VM_SLOTS
+cargo test --release -p qemu-tests --test boot -- --test-threads=2 --nocapture
 disk
 section "slow: run modes"
-cargo test --release -p qemu-tests --test modes -- --test-threads=1 --nocapture
+cargo test --release -p qemu-tests --test modes -- --test-threads=2 --nocapture
 disk
 section "slow: launch data from every datasource"
-cargo test --release -p qemu-tests --test clouds -- --test-threads=1 --nocapture
+cargo test --release -p qemu-tests --test clouds -- --test-threads=2 --nocapture
 disk
+unset AIWIMG_VM_SLOTS
 
 section "slow: a three-node cluster (controller + two engines on one private LAN)"
 cargo test --release -p qemu-tests --test cluster -- --nocapture

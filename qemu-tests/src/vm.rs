@@ -475,7 +475,7 @@ impl Vm {
                 image_format: DiskFormat::Raw,
                 disk_size_gib: 16,
                 memory_mib: 2048,
-                cpus: 2,
+                cpus: crate::case::vcpus_per_vm(),
                 smbios: Vec::new(),
                 user_data: None,
                 instance_id: format!("iid-aiwimg-{name}"),
