@@ -133,6 +133,15 @@ fn each_input_changes_exactly_the_stages_it_feeds() {
     let k = keys(o());
     assert_eq!(changed(&base, &k), ["disk"]);
 
+    // The root's compression is how customize packs the erofs: customize on.
+    let base = k;
+    append(
+        &p.path().join("images/engine.toml"),
+        "root_compression = \"lz4\"\n",
+    );
+    let k = keys(o());
+    assert_eq!(changed(&base, &k), ["customize", "disk"]);
+
     // The update URL, tries and keyring are files in the root: customize on.
     let base = k;
     append(

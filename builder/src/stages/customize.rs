@@ -109,7 +109,9 @@ pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slo
         .field("image-info", &serde_json::to_string(&image_info(ctx)?)?)
         .path("modes.toml", &ctx.images_dir().join("modes.toml"))?
         .field("update-url", &p.update_url)
-        .field("update-tries", &p.update_tries.to_string());
+        .field("update-tries", &p.update_tries.to_string())
+        // How the erofs is packed: other bytes, same files.
+        .field("root-compression", &p.root_compression);
     if let Some(key) = &p.update_keyring {
         k.path("update-keyring", key)?;
     }
