@@ -77,10 +77,12 @@ impl VmSlot {
                 };
                 let file = std::fs::File::create(root.join(file_name))
                     .expect("creating a VM test lock file");
-                let locked = if slots == 1 {
-                    file.lock().map(|()| true).unwrap_or(false)
-                } else {
-                    file.try_lock().is_ok()
+                let locked = match file.try_lock() {
+                    Ok(()) => true,
+                    Err(std::fs::TryLockError::WouldBlock) => false,
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        panic!("locking a VM test lock file: {e}")
+                    }
                 };
                 if locked {
                     taken[index] = true;
@@ -112,7 +114,7 @@ impl Drop for VmSlot {
 }
 
 impl TestCase {
-    /// Runs `body` as test `name`: waits for any other VM test to finish,
+    /// Runs `body` as test `name`: waits for a free VM slot,
     /// makes a fresh work dir, starts the deadline, and turns an error or a
     /// panic into a failure that names the artifacts dir.
     pub fn run(name: &str, budget: Duration, body: impl FnOnce(&TestCase) -> Result<()>) {
