@@ -358,6 +358,29 @@ impl ModeTable {
         out
     }
 
+    /// The units that every one of `modes` runs (docker.service for an image
+    /// whose modes are all containerized or engines). Whatever a launch picks
+    /// among those modes, these units run, so an image may start them at boot
+    /// beside the agent instead of after it.
+    pub fn services_of_every<'a>(&self, modes: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        let mut common: Option<Vec<String>> = None;
+        for m in modes {
+            let units = self
+                .modes
+                .get(m)
+                .map(|s| s.services.clone())
+                .unwrap_or_default();
+            common = Some(match common {
+                None => units,
+                Some(c) => c.into_iter().filter(|u| units.contains(u)).collect(),
+            });
+        }
+        let mut out = common.unwrap_or_default();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Every unit any mode may start: the agent keeps those of unchosen modes stopped.
     pub fn all_mode_services(&self) -> Vec<String> {
         let mut out: Vec<String> = self
@@ -561,5 +584,19 @@ mod tests {
         let p = t.packages_for(["engine", "controller"]);
         assert_eq!(p.iter().filter(|x| *x == "docker.io").count(), 1);
         assert!(p.contains(&"openssh-server".to_string()));
+    }
+
+    #[test]
+    fn services_of_every_mode_is_the_intersection() {
+        let t = repo_table();
+        let docker = vec!["docker.service".to_string()];
+        assert_eq!(t.services_of_every(["engine"]), docker);
+        assert_eq!(t.services_of_every(["engine", "controller", "api"]), docker);
+        // db runs PostgreSQL, not Docker: no unit is common.
+        assert!(t.services_of_every(["engine", "db"]).is_empty());
+        assert!(t
+            .services_of_every(["db"])
+            .contains(&"postgresql.service".to_string()));
+        assert!(t.services_of_every([]).is_empty());
     }
 }

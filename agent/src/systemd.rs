@@ -28,6 +28,14 @@ impl DbusSystemd {
             .map_err(|e| format!("cannot reach systemd on the system bus: {e}"))
     }
 
+    /// `enabled` (linked in /etc or /usr), `enabled-runtime`, `disabled`,
+    /// `static`, ... or `unknown`.
+    fn unit_file_state(&self, unit: &str) -> String {
+        self.call("GetUnitFileState", &(unit,))
+            .and_then(|m| m.body().deserialize::<String>().map_err(|e| e.to_string()))
+            .unwrap_or_else(|_| "unknown".into())
+    }
+
     fn call<B>(&self, method: &str, body: &B) -> Result<zbus::message::Message, String>
     where
         B: serde::Serialize + zbus::zvariant::DynamicType,
@@ -43,9 +51,21 @@ impl UnitControl for DbusSystemd {
         if units.is_empty() {
             return Ok(());
         }
-        // runtime=true: the symlinks go to /run/systemd/system, /etc stays untouched.
-        self.call("EnableUnitFiles", &(units.to_vec(), true, true))?;
-        self.call("Reload", &())?;
+        // Units the image enables itself (what every mode of the image runs,
+        // e.g. Docker on an engine image) are already starting: enabling them
+        // again and reloading systemd would only cost time (3 s under TCG).
+        let to_enable: Vec<String> = units
+            .iter()
+            .filter(|u| self.unit_file_state(u) != "enabled")
+            .cloned()
+            .collect();
+        if !to_enable.is_empty() {
+            // runtime=true: the symlinks go to /run/systemd/system, /etc stays
+            // untouched. The reload also picks up unit files written under /run
+            // since the last one (the mode containers' units).
+            self.call("EnableUnitFiles", &(to_enable, true, true))?;
+            self.call("Reload", &())?;
+        }
         let mut errs = Vec::new();
         for u in units {
             if let Err(e) = self.call("StartUnit", &(u.as_str(), "replace")) {
@@ -61,7 +81,14 @@ impl UnitControl for DbusSystemd {
 
     fn stop_and_disable(&self, units: &[String]) -> Result<(), String> {
         let mut errs = Vec::new();
+        // What would start a unit again (docker.socket for docker.service, at
+        // boot on an image that starts Docker beside the agent) stops first.
+        let mut all: Vec<String> = Vec::new();
         for u in units {
+            all.extend(self.unit_property_strings(u, "TriggeredBy"));
+            all.push(u.clone());
+        }
+        for u in &all {
             if let Err(e) = self.call("StopUnit", &(u.as_str(), "replace")) {
                 if !e.contains("NoSuchUnit") && !e.contains("not loaded") {
                     errs.push(format!("{u}: {e}"));
@@ -77,23 +104,41 @@ impl UnitControl for DbusSystemd {
     }
 
     fn active_state(&self, unit: &str) -> String {
-        let path: Result<zbus::zvariant::OwnedObjectPath, String> = self
-            .call("LoadUnit", &(unit,))
-            .and_then(|m| m.body().deserialize().map_err(|e| e.to_string()));
-        let Ok(path) = path else {
-            return "unknown".into();
-        };
-        let r = self.conn.call_method(
-            Some(DEST),
-            path.as_str(),
-            Some("org.freedesktop.DBus.Properties"),
-            "Get",
-            &("org.freedesktop.systemd1.Unit", "ActiveState"),
-        );
-        r.ok()
-            .and_then(|m| m.body().deserialize::<zbus::zvariant::OwnedValue>().ok())
+        self.unit_property(unit, "ActiveState")
             .and_then(|v| String::try_from(v).ok())
             .unwrap_or_else(|| "unknown".into())
+    }
+}
+
+impl DbusSystemd {
+    /// A property of `org.freedesktop.systemd1.Unit`; None when the unit or
+    /// the property cannot be read.
+    fn unit_property(&self, unit: &str, name: &str) -> Option<zbus::zvariant::OwnedValue> {
+        let path: zbus::zvariant::OwnedObjectPath = self
+            .call("LoadUnit", &(unit,))
+            .ok()?
+            .body()
+            .deserialize()
+            .ok()?;
+        self.conn
+            .call_method(
+                Some(DEST),
+                path.as_str(),
+                Some("org.freedesktop.DBus.Properties"),
+                "Get",
+                &("org.freedesktop.systemd1.Unit", name),
+            )
+            .ok()?
+            .body()
+            .deserialize::<zbus::zvariant::OwnedValue>()
+            .ok()
+    }
+
+    /// A property holding unit names (`TriggeredBy`, `Wants`, ...).
+    fn unit_property_strings(&self, unit: &str, name: &str) -> Vec<String> {
+        self.unit_property(unit, name)
+            .and_then(|v| Vec::<String>::try_from(v).ok())
+            .unwrap_or_default()
     }
 }
 

@@ -25,8 +25,15 @@ const MODE_HELPER_UNITS: &[&str] = &["docker.socket", "containerd.service"];
 const ALWAYS_ENABLED: &[&str] = &["systemd-networkd.service", "systemd-resolved.service"];
 /// Units no node runs: systemd loads the DRM core early for a graphical
 /// console a headless node does not have (a GPU image's nvidia-drm still
-/// pulls it in as a dependency).
-const MASKED: &[&str] = &["modprobe@drm.service"];
+/// pulls it in as a dependency); e2scrub checks ext4 on LVM snapshots and a
+/// node has no LVM (its reaper took 3-12 s of a TCG boot); the dpkg database
+/// is part of the read-only root, a daily backup of it to /var is noise.
+const MASKED: &[&str] = &[
+    "modprobe@drm.service",
+    "e2scrub_reap.service",
+    "e2scrub_all.timer",
+    "dpkg-db-backup.timer",
+];
 
 /// Where the agent binary comes from: built from `agent/`, or given.
 pub enum AgentInput {
@@ -472,11 +479,21 @@ fn unit_exists(tree: &Path, unit: &str) -> bool {
 fn set_unit_states(ctx: &BuildContext, tools: &ToolsTree, tree: &Path) -> Result<()> {
     let mut disable: Vec<String> = ctx.modes.all_mode_services();
     disable.extend(MODE_HELPER_UNITS.iter().map(|s| s.to_string()));
-    disable.retain(|u| !ctx.modes.common.services.contains(u) && unit_exists(tree, u));
+    // What every mode of this image runs (Docker on an engine image) starts at
+    // boot beside the agent: whatever mode a launch picks, it needs them, and
+    // started by the agent they would only begin once it had read the launch
+    // data (15 s later under TCG). A launch refused as invalid stops them.
+    let every_mode = ctx
+        .modes
+        .services_of_every(ctx.profile.modes.iter().map(String::as_str));
+    disable.retain(|u| {
+        !ctx.modes.common.services.contains(u) && !every_mode.contains(u) && unit_exists(tree, u)
+    });
     disable.sort();
     disable.dedup();
     let mut enable: Vec<String> = ALWAYS_ENABLED.iter().map(|s| s.to_string()).collect();
     enable.extend(ctx.modes.common.services.iter().cloned());
+    enable.extend(every_mode);
     let units = ctx.opts.project.join("agent/units");
     if let Ok(rd) = std::fs::read_dir(&units) {
         for e in rd.flatten() {
