@@ -406,17 +406,55 @@ pub fn remove_tree(path: &Path) -> Result<()> {
 }
 
 /// sha256 of a file, streamed.
+/// The sha256 of a file. Holes are hashed as the zeros they read as, without
+/// reading them: a raw disk image is gigabytes of holes around a few hundred
+/// MiB of data, and reading the holes made the kernel zero-fill every page
+/// (60 s for the engine image's 4.2 GiB raw, against a few now).
 pub fn sha256_file(path: &Path) -> Result<String> {
-    use std::io::Read;
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = f.metadata()?.len();
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
+    let zeros = vec![0u8; 1 << 20];
+    let mut pos: u64 = 0;
+    while pos < len {
+        // Where the next data starts and where it ends; a file system without
+        // SEEK_DATA (or a file that changed under us) is read as all data.
+        let seek = |from: u64, whence: libc::c_int| -> Option<u64> {
+            let r = unsafe { libc::lseek(f.as_raw_fd(), from as libc::off_t, whence) };
+            (r >= 0).then_some(r as u64)
+        };
+        let data = match seek(pos, libc::SEEK_DATA) {
+            Some(d) => d.min(len),
+            None if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => len,
+            None => pos,
+        };
+        let mut zero_run = data - pos;
+        while zero_run > 0 {
+            let n = zero_run.min(zeros.len() as u64) as usize;
+            h.update(&zeros[..n]);
+            zero_run -= n as u64;
+        }
+        if data >= len {
             break;
         }
-        h.update(&buf[..n]);
+        let hole = seek(data, libc::SEEK_HOLE)
+            .unwrap_or(len)
+            .clamp(data + 1, len);
+        f.seek(SeekFrom::Start(data))?;
+        let mut left = hole - data;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = f.read(&mut buf[..want])?;
+            if n == 0 {
+                bail!("{} shrank while being hashed", path.display());
+            }
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        pos = hole;
     }
     Ok(hex::encode(h.finalize()))
 }
@@ -424,6 +462,36 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sha256_of_a_sparse_file_is_that_of_its_bytes() {
+        use std::io::{Seek, SeekFrom, Write};
+        let d = tempfile::tempdir().unwrap();
+        let sparse = d.path().join("sparse.raw");
+        let mut f = std::fs::File::create(&sparse).unwrap();
+        // Hole, data, hole, data, trailing hole: every boundary of the walk.
+        let mib = 1u64 << 20;
+        f.seek(SeekFrom::Start(3 * mib + 17)).unwrap();
+        f.write_all(&[0xa5; 5000]).unwrap();
+        f.seek(SeekFrom::Start(9 * mib)).unwrap();
+        f.write_all(b"aiwimg").unwrap();
+        f.set_len(16 * mib + 3).unwrap();
+        drop(f);
+        let bytes = std::fs::read(&sparse).unwrap();
+        assert_eq!(bytes.len() as u64, 16 * mib + 3);
+        let want = hex::encode(Sha256::digest(&bytes));
+        assert_eq!(sha256_file(&sparse).unwrap(), want);
+        // The same bytes written out in full (no holes) hash the same.
+        let dense = d.path().join("dense.raw");
+        std::fs::write(&dense, &bytes).unwrap();
+        assert_eq!(sha256_file(&dense).unwrap(), want);
+        let empty = d.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert_eq!(
+            sha256_file(&empty).unwrap(),
+            hex::encode(Sha256::digest(b""))
+        );
+    }
 
     #[test]
     fn field_names_and_boundaries_matter() {

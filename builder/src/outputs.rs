@@ -88,17 +88,18 @@ pub fn write_all(ctx: &BuildContext, disk: &Slot, out: &Path) -> Result<Manifest
     let raw_src = disk.dir.join("disk.raw");
     let base = ctx.image_name();
     let info = stages::disk::info(disk)?;
+    // Each format is its own conversion of the same raw disk into files of its
+    // own, so they run side by side (the compressing ones are CPU-bound); the
+    // OVA goes after, since it reuses the vmdk of the same build. The manifest
+    // lists them in the order asked.
+    let asked = &ctx.opts.formats;
+    let (ova, others): (Vec<Format>, Vec<Format>) = asked.iter().partition(|f| **f == Format::Ova);
+    let mut written = write_side_by_side(&others, &raw_src, &base, out)?;
+    written.extend(write_side_by_side(&ova, &raw_src, &base, out)?);
     let mut files = Vec::new();
-    for f in &ctx.opts.formats {
-        let written = write_one(*f, &raw_src, &base, out)?;
-        for (name, format) in written {
-            let path = out.join(&name);
-            files.push(ManifestFile {
-                size: std::fs::metadata(&path)?.len(),
-                sha256: sha256_file(&path)?,
-                name,
-                format,
-            });
+    for f in asked {
+        if let Some(i) = written.iter().position(|(w, _)| w == f) {
+            files.extend(written.remove(i).1);
         }
     }
     files.extend(write_update(ctx, disk, &info, out)?);
@@ -136,6 +137,41 @@ pub fn write_all(ctx: &BuildContext, disk: &Slot, out: &Path) -> Result<Manifest
         serde_json::to_string_pretty(&manifest)? + "\n",
     )?;
     Ok(manifest)
+}
+
+/// Writes `formats` at once, a thread each; the first error wins.
+fn write_side_by_side(
+    formats: &[Format],
+    raw: &Path,
+    base: &str,
+    out: &Path,
+) -> Result<Vec<(Format, Vec<ManifestFile>)>> {
+    std::thread::scope(|scope| {
+        let jobs: Vec<_> = formats
+            .iter()
+            .map(|&f| {
+                scope.spawn(move || -> Result<(Format, Vec<ManifestFile>)> {
+                    let mut files = Vec::new();
+                    for (name, format) in write_one(f, raw, base, out)? {
+                        let path = out.join(&name);
+                        files.push(ManifestFile {
+                            size: std::fs::metadata(&path)?.len(),
+                            sha256: sha256_file(&path)?,
+                            name,
+                            format,
+                        });
+                    }
+                    Ok((f, files))
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| {
+                j.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a format writer panicked")))
+            })
+            .collect()
+    })
 }
 
 /// The manifest of `dir` when it was written from `disk` with the same
@@ -393,8 +429,8 @@ fn write_ova(raw: &Path, base: &str, out: &Path, file: &str) -> Result<()> {
     let ovf = format!("{base}.ovf");
     let vmdk = format!("{base}-disk1.vmdk");
     let mf = format!("{base}.mf");
-    // Formats are written in order, so a vmdk output of this build is already
-    // there: reuse it rather than compress the disk twice.
+    // The OVA is written after the other formats (write_all), so a vmdk output
+    // of this build is complete by now: reuse it rather than compress twice.
     let made_vmdk = out.join(format!("{base}.vmdk"));
     if made_vmdk.is_file() {
         std::fs::hard_link(&made_vmdk, staging.join(&vmdk))

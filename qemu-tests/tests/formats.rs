@@ -343,14 +343,19 @@ fn every_format_checked_with_its_tools() {
         .arg(&bmap)
         .arg(&zst)
         .arg(&flashed));
-    run(Command::new("cmp").arg(&flashed).arg(&raw));
+    // qemu-img compare rather than cmp: it skips the holes both files share
+    // (cmp read 4.2 GiB of them, 74 s) and still compares every byte of data.
+    let same = qemu_compare(&flashed, "raw", &raw);
+    assert!(same.contains("identical"), "{same}");
     let bmap_text = std::fs::read_to_string(&bmap).unwrap();
     assert!(bmap_text.contains("<bmap version="), "{bmap_text}");
     std::fs::remove_file(&flashed).unwrap();
     add(
         "raw.zst",
         &zst,
-        "bmaptool copy --bmap (checksums verified) into a file; cmp with the raw: identical".into(),
+        format!(
+            "bmaptool copy --bmap (checksums verified) into a file; compare with the raw: {same}"
+        ),
     );
     add("bmap", &bmap, "used by the bmaptool copy above".into());
 
