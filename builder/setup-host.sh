@@ -23,7 +23,7 @@ done
 . /etc/os-release
 pkgs="mmdebstrap qemu-utils zstd bmap-tools dpkg util-linux ca-certificates musl-tools"
 if [ "$tests" = yes ]; then
-    pkgs="$pkgs qemu-system-x86 ovmf cloud-image-utils genisoimage openssh-client socat e2fsprogs dosfstools mtools postgresql-client redis-tools openssl curl gpg python3"
+    pkgs="$pkgs qemu-system-x86 ovmf cloud-image-utils genisoimage openssh-client socat e2fsprogs dosfstools mtools postgresql-client redis-tools openssl curl gpg python3 busybox-static"
 fi
 # On bookworm these come from bookworm-backports (and must all come from the
 # same QEMU upload: qemu-system-x86 wants qemu-system-common of exactly its

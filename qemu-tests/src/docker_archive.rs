@@ -2,7 +2,7 @@
 //! engine: one layer holding a static x86-64 program that prints a line.
 //! `docker load` accepts it and `docker run` prints [`HELLO_LINE`].
 
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -109,20 +109,83 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-/// The `docker save` archive: `manifest.json`, the config, one `layer.tar`.
+/// The `docker save` archive of [`HELLO_TAG`]: `/hello` prints [`HELLO_LINE`].
 pub fn hello_image_archive() -> Vec<u8> {
     let program = hello_elf(&format!("{HELLO_LINE}\n"));
-    let layer = tar(&[TarEntry {
-        name: "hello",
-        mode: 0o755,
-        data: &program,
-    }]);
+    image_archive(
+        HELLO_TAG,
+        &[TarEntry {
+            name: "hello",
+            mode: 0o755,
+            data: &program,
+        }],
+        &["/hello"],
+    )
+}
+
+/// The tag of [`task_image_archive`].
+pub const TASK_TAG: &str = "aiwimg-test/task:1";
+/// Where the task image holds busybox (no applet links: call it by path).
+pub const TASK_BUSYBOX: &str = "/busybox";
+/// The host's static busybox (Debian's busybox-static, set up by
+/// `setup-host.sh --tests`), the one program of the task image.
+const HOST_BUSYBOX: &str = "/bin/busybox";
+
+/// A TEST DOUBLE of an aiWARE engine's image: [`TASK_BUSYBOX`] (Debian's
+/// static busybox) and nothing else, so a host action's `commandLine` can
+/// write files, sleep and print (`/busybox sh -c ...`). Its default command
+/// sleeps, as a long task would.
+pub fn task_image_archive() -> Result<Vec<u8>> {
+    let busybox = std::fs::read(HOST_BUSYBOX).with_context(|| {
+        format!("reading {HOST_BUSYBOX} for the task test image (apt-get install busybox-static; builder/setup-host.sh --tests does)")
+    })?;
+    // A dynamically linked busybox would find no loader in the image.
+    ensure!(
+        !elf_wants_a_loader(&busybox),
+        "{HOST_BUSYBOX} is not statically linked: install busybox-static (it replaces busybox)"
+    );
+    Ok(image_archive(
+        TASK_TAG,
+        &[TarEntry {
+            name: &TASK_BUSYBOX[1..],
+            mode: 0o755,
+            data: &busybox,
+        }],
+        &[TASK_BUSYBOX, "sleep", "3600"],
+    ))
+}
+
+/// Whether an ELF executable names a program interpreter (PT_INTERP): a
+/// dynamically linked one does, a static one does not.
+fn elf_wants_a_loader(elf: &[u8]) -> bool {
+    let u16_at = |at: usize| {
+        elf.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let (Some(ph_off), Some(ph_size), Some(ph_num)) = (
+        elf.get(0x20..0x28)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize),
+        u16_at(0x36),
+        u16_at(0x38),
+    ) else {
+        return true;
+    };
+    (0..usize::from(ph_num)).any(|i| {
+        let at = ph_off + i * usize::from(ph_size);
+        elf.get(at..at + 4) == Some(&3u32.to_le_bytes()[..])
+    })
+}
+
+/// A `docker save` archive of one image: `manifest.json`, the config, one
+/// `layer.tar` holding `files`; `cmd` is its default command.
+fn image_archive(tag: &str, files: &[TarEntry], cmd: &[&str]) -> Vec<u8> {
+    let layer = tar(files);
     let layer_id = sha256_hex(&layer);
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
         "created": "1970-01-01T00:00:00Z",
-        "config": { "Cmd": ["/hello"], "Env": ["PATH=/"] },
+        "config": { "Cmd": cmd, "Env": ["PATH=/"] },
         "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{layer_id}")] },
         "history": [{ "created": "1970-01-01T00:00:00Z", "created_by": "aiwimg qemu-tests" }],
     }))
@@ -131,7 +194,7 @@ pub fn hello_image_archive() -> Vec<u8> {
     let layer_name = format!("{layer_id}/layer.tar");
     let manifest = serde_json::to_vec(&json!([{
         "Config": config_name,
-        "RepoTags": [HELLO_TAG],
+        "RepoTags": [tag],
         "Layers": [layer_name],
     }]))
     .expect("json");
@@ -231,6 +294,41 @@ mod tests {
             String::from_utf8_lossy(&out.stdout),
             format!("{HELLO_LINE}\n")
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_task_image_holds_a_static_busybox_that_runs_alone() {
+        let dir = scratch("task");
+        let path = dir.join("task.tar");
+        std::fs::write(&path, task_image_archive().unwrap()).unwrap();
+        assert!(Command::new("tar")
+            .arg("-xf")
+            .arg(&path)
+            .current_dir(&dir)
+            .status()
+            .unwrap()
+            .success());
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest[0]["RepoTags"][0], TASK_TAG);
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        let layer = dir.join(manifest[0]["Layers"][0].as_str().unwrap());
+        assert!(Command::new("tar")
+            .arg("-xf")
+            .arg(&layer)
+            .current_dir(&rootfs)
+            .status()
+            .unwrap()
+            .success());
+        // Run with an empty environment, as in a bare container.
+        let out = Command::new(rootfs.join(&TASK_BUSYBOX[1..]))
+            .args(["sh", "-c", "sleep 0 && echo $((6 * 7))"])
+            .env_clear()
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n", "{out:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

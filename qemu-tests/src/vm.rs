@@ -692,6 +692,23 @@ impl Vm {
         self.wait_for_agent(deadline)
     }
 
+    /// Waits up to `timeout` for the guest to power itself off (QEMU exits);
+    /// true when it did.
+    pub fn wait_powered_off(&mut self, timeout: Duration) -> Result<bool> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(true);
+        };
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if child.try_wait()?.is_some() {
+                self.child = None;
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(false)
+    }
+
     /// Asks the guest to power off (ACPI), waiting up to `grace`; kills QEMU after that.
     pub fn shutdown(&mut self, grace: Duration) -> Result<()> {
         let Some(child) = self.child.as_mut() else {

@@ -13,14 +13,18 @@ use qemu_tests::checks::{
     agent_status, assert_active, assert_console_clean, assert_no_failed_units, assert_not_active,
     assert_root_verity_erofs, assert_var_grown, wait_listening,
 };
-use qemu_tests::docker_archive::{hello_image_archive, HELLO_LINE, HELLO_TAG};
+use qemu_tests::docker_archive::{
+    hello_image_archive, task_image_archive, HELLO_LINE, HELLO_TAG, TASK_BUSYBOX, TASK_TAG,
+};
+use qemu_tests::edge_controller::EdgeTestController;
 use qemu_tests::node::{
     controller_url_in_guest, joining_user_data, mode_list, node_vm, sorted_modes, start_controller,
     wait_for_hosts, CONTROLLER_GUEST_ADDR, TEST_INIT_TOKEN, TEST_LICENSE,
 };
 use qemu_tests::test_images::{image_for, TestImage};
 use qemu_tests::tls_front::TlsFront;
-use qemu_tests::{AgentReport, TestCase, UserData, Vm};
+use qemu_tests::{AgentReport, Deadline, TestCase, UserData, Vm};
+use std::time::Duration;
 
 /// The built image of `profile`, fetched or built before the test's deadline starts.
 fn image(profile: &str) -> TestImage {
@@ -74,11 +78,13 @@ fn controller_answers_version(case: &TestCase, vm: &Vm) -> Result<()> {
 /// AIWARE_CONTROLLER_CA and joins over TLS. Then: Docker on /var runs a
 /// container, the root is read-only erofs under verity, /var grew to fill a
 /// 12 GiB disk, and after a reboot a file on /var and the host ID are kept
-/// and the node joins again.
+/// and the node joins again. Between, the controller's host actions run on
+/// real Docker (issue 11, see `host_actions_before_reboot`), and at the end
+/// mode `terminate` powers the node off.
 #[test]
 fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
     let image = image("engine");
-    TestCase::run("engine", DEFAULT_BUDGET + DEFAULT_BUDGET / 2, |case| {
+    TestCase::run("engine", DEFAULT_BUDGET * 5 / 2, |case| {
         let dl = case.deadline();
         let controller = start_controller()?;
         let addr = CONTROLLER_GUEST_ADDR;
@@ -90,7 +96,11 @@ fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
             .setting("AIWARE_LICENSE", TEST_LICENSE)
             .setting("AIWARE_CONTROLLER", &url)
             .setting("AIWARE_INIT_TOKEN", TEST_INIT_TOKEN)
-            .setting("AIWARE_CONTROLLER_CA", front.ca_pem());
+            .setting("AIWARE_CONTROLLER_CA", front.ca_pem())
+            .setting(
+                "AIWARE_AGENT_UPDATE_INTERVAL",
+                &STATUS_INTERVAL_S.to_string(),
+            );
         let disk_gib = 12;
         let mut vm = node_vm(case.dir(), "engine", &image, None)?
             .guest_forward(addr, 443, front.addr().port())?
@@ -137,6 +147,8 @@ fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
         ensure!(loaded.contains(HELLO_TAG), "docker load said: {loaded}");
         let out = vm.check(&format!("docker run --rm {HELLO_TAG}"), dl)?;
         ensure!(out.trim() == HELLO_LINE, "docker run printed {out:?}");
+        let host = first[0].host_id.clone();
+        host_actions_before_reboot(case, &vm, &controller, &host, &url)?;
 
         // A read-only, verified root; /var grown to fill the disk.
         assert_root_verity_erofs(&vm, dl)?;
@@ -197,7 +209,9 @@ fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
             "the second boot did not re-join (registrations {})",
             after[0].registrations
         );
-        healthy(case, &vm)
+        host_actions_after_reboot(&vm, &controller, &host, dl)?;
+        healthy(case, &vm)?;
+        host_terminates(&mut vm, &controller, &host, dl)
     });
 }
 
@@ -402,4 +416,443 @@ fn invalid_user_data_is_refused_with_every_reason() {
         );
         Ok(())
     });
+}
+
+// ---------------------------------------------------------------------------
+// Host actions on real Docker (issue 11): the Edge API test controller (a
+// TEST DOUBLE) queues HostActions, the engine's aiw-agent carries them out
+// through the Docker Engine API, and every step is read back both from the
+// status reports and from Docker itself.
+
+/// The label the agent puts the launchId in (agent/src/containers/mod.rs).
+const LAUNCH_LABEL: &str = "ai.veritone.aiware.launch-id";
+/// The engine id of the test's launches.
+const TASK_ENGINE: &str = "eng-task";
+/// An env value the controller sends that must never reach a log or a report.
+const TASK_SECRET: &str = "task-secret-7c1d9e";
+/// The status interval the engine test asks for (AIWARE_AGENT_UPDATE_INTERVAL).
+const STATUS_INTERVAL_S: u64 = 5;
+
+fn task_launch(id: &str, image: &str) -> serde_json::Value {
+    serde_json::json!({
+        "launchId": id, "engineId": TASK_ENGINE, "buildId": "build-1",
+        "dockerImage": image, "name": format!("task {id}"),
+    })
+}
+
+fn launch_ids(st: &serde_json::Value) -> Vec<String> {
+    st["containerStatus"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["launchID"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+fn container_of(st: &serde_json::Value, launch: &str) -> Option<serde_json::Value> {
+    st["containerStatus"]
+        .as_array()?
+        .iter()
+        .find(|c| c["launchID"] == launch)
+        .cloned()
+}
+
+/// Queues `action` (unless null) and waits for a later status report for
+/// which `pred` holds; the error names the last report.
+fn queue_and_wait(
+    controller: &EdgeTestController,
+    host: &str,
+    action: serde_json::Value,
+    what: &str,
+    dl: &Deadline,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let after = controller.statuses(host).len();
+    if !action.is_null() {
+        ensure!(
+            controller.queue_actions(host, action),
+            "the controller does not know host {host}"
+        );
+    }
+    controller
+        .wait_for_status(host, after, dl.cap(Duration::from_secs(150)), pred)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no status report showed {what}; the last: {}",
+                controller
+                    .statuses(host)
+                    .last()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            )
+        })
+}
+
+/// Every actionError reported after the first `after` reports, by launchID.
+fn action_errors(
+    controller: &EdgeTestController,
+    host: &str,
+    after: usize,
+) -> std::collections::BTreeMap<String, String> {
+    errors_in(&controller.statuses(host), after)
+}
+
+fn errors_in(
+    statuses: &[serde_json::Value],
+    after: usize,
+) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for st in statuses.iter().skip(after) {
+        for e in st["actionErrors"].as_array().into_iter().flatten() {
+            out.insert(
+                e["launchID"].as_str().unwrap_or("").to_string(),
+                e["reason"].as_str().unwrap_or("").to_string(),
+            );
+        }
+    }
+    out
+}
+
+/// How many containers (running or not) Docker has for `launch`.
+fn docker_count(vm: &Vm, launch: &str, dl: &Deadline) -> Result<usize> {
+    let out = vm.check(
+        &format!("docker ps -aq --filter label={LAUNCH_LABEL}={launch} | wc -l"),
+        dl,
+    )?;
+    Ok(out.trim().parse()?)
+}
+
+/// Before the reboot: launch (env, /cache, labels, reservations), the refusals
+/// (bad image, shell metacharacters, a GPU task on a node without one), an
+/// agent restart that re-adopts and never starts twice, pause and resume,
+/// drain, runtimeTTL, terminateContainer. Leaves `L-reboot` running.
+fn host_actions_before_reboot(
+    case: &TestCase,
+    vm: &Vm,
+    controller: &EdgeTestController,
+    host: &str,
+    controller_url: &str,
+) -> Result<()> {
+    let dl = case.deadline();
+    let loaded = vm.check_with_input("docker load", &task_image_archive()?, dl)?;
+    ensure!(loaded.contains(TASK_TAG), "docker load said: {loaded}");
+
+    // One reply with five launches: two run, three are refused.
+    let mut l1 = task_launch("L-env", TASK_TAG);
+    l1["env"] = serde_json::json!([
+        {"key": "TASK_NOTE", "value": "from the controller"},
+        {"key": "TASK_SECRET", "value": TASK_SECRET},
+    ]);
+    l1["containerConfig"] = serde_json::json!({"commandLine": [
+        TASK_BUSYBOX, "sh", "-c",
+        "env > \"$AIWARE_ENGINE_INSTANCE_SCRATCH/env\" && echo done > \"$AIWARE_ENGINE_INSTANCE_SCRATCH/result\" && exec sleep 3600",
+    ]});
+    l1["softMinMemory"] = serde_json::json!(64 << 20);
+    l1["runtimeTTL"] = serde_json::json!(3600);
+    let mut ttl = task_launch("L-ttl", TASK_TAG);
+    ttl["runtimeTTL"] = serde_json::json!(1);
+    let mut gpu = task_launch("L-gpu", TASK_TAG);
+    gpu["isGPU"] = serde_json::json!(true);
+    let bad_image = task_launch("L-absent", "127.0.0.1:5999/aiwimg-test/absent:1");
+    let shell = task_launch("L-shell", "aiwimg-test/task:1;reboot");
+    let after = controller.statuses(host).len();
+    let launched_at = std::time::Instant::now();
+    let st = queue_and_wait(
+        controller,
+        host,
+        serde_json::json!({"launchContainer": [l1, ttl, gpu, bad_image, shell]}),
+        "L-env and L-ttl running",
+        dl,
+        |s| {
+            ["L-env", "L-ttl"]
+                .iter()
+                .all(|l| container_of(s, l).is_some_and(|c| c["state"] == "running"))
+        },
+    )?;
+    case.timing(
+        "launchContainer to running (preloaded image)",
+        launched_at.elapsed(),
+    );
+    ensure!(
+        st["numContainers"] == 2 && st["numEngineInstances"] == 2,
+        "counts in {st}"
+    );
+    let c1 = container_of(&st, "L-env").expect("listed");
+    ensure!(
+        c1["engineID"] == TASK_ENGINE
+            && c1["dockerContainerId"]
+                .as_str()
+                .is_some_and(|i| i.len() == 64)
+            && c1["memoryUsed"].is_number()
+            && c1["CPUUtilization"].is_number(),
+        "containerStatus of L-env: {c1}"
+    );
+    let l1_id = c1["dockerContainerId"].as_str().unwrap_or("").to_string();
+    // The refusals, each with its reason, in this or a later report.
+    // (wait_for holds the controller's lock: read the hosts it passes.)
+    let mut errors = action_errors(controller, host, after);
+    controller.wait_for(dl.cap(Duration::from_secs(120)), |hosts| {
+        let statuses = hosts.iter().find(|h| h.host_id == host);
+        errors = statuses
+            .map(|h| errors_in(&h.statuses, after))
+            .unwrap_or_default();
+        ["L-gpu", "L-absent", "L-shell"]
+            .iter()
+            .all(|l| errors.contains_key(*l))
+    });
+    for (launch, says) in [
+        ("L-gpu", "GPU"),
+        ("L-absent", "absent"),
+        ("L-shell", "not a valid image reference"),
+    ] {
+        let reason = errors.get(launch).ok_or_else(|| {
+            anyhow::anyhow!("{launch} was never reported refused; errors: {errors:?}")
+        })?;
+        ensure!(reason.contains(says), "{launch} refused with {reason:?}");
+        eprintln!("qemu-tests: {launch} refused: {reason}");
+    }
+    for launch in ["L-gpu", "L-absent", "L-shell"] {
+        ensure!(
+            docker_count(vm, launch, dl)? == 0,
+            "Docker has a container of refused {launch}"
+        );
+    }
+
+    // What the task saw: the documented engine env and the scratch on /cache.
+    let scratch = format!("/cache/engine/{TASK_ENGINE}/L-env");
+    let seen = vm.check(&format!("cat {scratch}/env; cat {scratch}/result"), dl)?;
+    let env: std::collections::BTreeMap<&str, &str> =
+        seen.lines().filter_map(|l| l.split_once('=')).collect();
+    for (key, want) in [
+        ("AIWARE_HOST_ID", host),
+        ("AIWARE_ID", "L-env"),
+        ("AIWARE_LAUNCH_ID", "L-env"),
+        ("AIWARE_ENGINE_ID", TASK_ENGINE),
+        ("ENGINE_ID", TASK_ENGINE),
+        ("AIWARE_CONTROLLER", controller_url),
+        ("AIWARE_LICENSE", TEST_LICENSE),
+        (
+            "AIWARE_ENGINE_SCRATCH",
+            &format!("/cache/engine/{TASK_ENGINE}/scratch"),
+        ),
+        ("AIWARE_ENGINE_INSTANCE_SCRATCH", &scratch),
+        ("TASK_NOTE", "from the controller"),
+    ] {
+        ensure!(
+            env.get(key) == Some(&want),
+            "the task saw {key}={:?}, want {want:?}; its env:\n{seen}",
+            env.get(key)
+        );
+    }
+    ensure!(
+        env.get("AIWARE_EXPIRATION")
+            .is_some_and(|e| e.ends_with('Z')),
+        "AIWARE_EXPIRATION: {:?}",
+        env.get("AIWARE_EXPIRATION")
+    );
+    ensure!(
+        seen.lines().last() == Some("done"),
+        "the task's result: {seen}"
+    );
+    let inspect = vm.check(
+        &format!("docker inspect --format '{{{{.HostConfig.AutoRemove}}}} {{{{.HostConfig.MemoryReservation}}}} {{{{range .Mounts}}}}{{{{.Destination}}}}{{{{end}}}} {{{{index .Config.Labels \"ai.veritone.aiware.engine-id\"}}}}' {l1_id}"),
+        dl,
+    )?;
+    ensure!(
+        inspect.trim() == format!("true {} /cache {TASK_ENGINE}", 64 << 20),
+        "docker inspect of L-env: {inspect}"
+    );
+
+    // The agent restarted: it re-adopts L-env, and the controller sending the
+    // same launch again does not start a second one.
+    vm.check("systemctl restart aiw-agent", dl)?;
+    queue_and_wait(
+        controller,
+        host,
+        serde_json::json!({"launchContainer": [task_launch("L-env", TASK_TAG)]}),
+        "L-env after the agent restarted",
+        dl,
+        |s| launch_ids(s).contains(&"L-env".to_string()),
+    )?;
+    queue_and_wait(
+        controller,
+        host,
+        serde_json::Value::Null,
+        "a second report",
+        dl,
+        |_| true,
+    )?;
+    ensure!(
+        docker_count(vm, "L-env", dl)? == 1,
+        "L-env runs twice after an agent restart and a resent launch"
+    );
+
+    // pause and resume (the admin endpoints set the host's mode).
+    controller.set_mode(host, "pause");
+    queue_and_wait(
+        controller,
+        host,
+        serde_json::Value::Null,
+        "L-env paused",
+        dl,
+        |s| container_of(s, "L-env").is_some_and(|c| c["state"] == "paused"),
+    )?;
+    let paused = vm.check(
+        &format!("docker inspect --format '{{{{.State.Paused}}}}' {l1_id}"),
+        dl,
+    )?;
+    ensure!(paused.trim() == "true", "Docker says paused={paused}");
+    controller.set_mode(host, "continue");
+    queue_and_wait(
+        controller,
+        host,
+        serde_json::Value::Null,
+        "L-env resumed",
+        dl,
+        |s| container_of(s, "L-env").is_some_and(|c| c["state"] == "running"),
+    )?;
+
+    // drain: a new launch is refused, the running one goes on.
+    controller.set_mode(host, "drain");
+    let after = controller.statuses(host).len();
+    let st = queue_and_wait(
+        controller,
+        host,
+        serde_json::json!({"launchContainer": [task_launch("L-drained", TASK_TAG)]}),
+        "L-drained refused",
+        dl,
+        |s| s["drain"] == true && s["actionErrors"].to_string().contains("L-drained"),
+    )?;
+    ensure!(
+        launch_ids(&st).contains(&"L-env".to_string()),
+        "L-env stopped on drain: {st}"
+    );
+    let reason = action_errors(controller, host, after)
+        .remove("L-drained")
+        .unwrap_or_default();
+    ensure!(
+        reason.contains("drain"),
+        "L-drained refused with {reason:?}"
+    );
+    ensure!(
+        docker_count(vm, "L-drained", dl)? == 0,
+        "L-drained started while draining"
+    );
+    controller.set_mode(host, "continue");
+
+    // runtimeTTL 1 s: the agent stopped L-ttl once its grace was over.
+    let st = queue_and_wait(
+        controller,
+        host,
+        serde_json::Value::Null,
+        "L-ttl gone",
+        dl,
+        |s| !launch_ids(s).contains(&"L-ttl".to_string()),
+    )?;
+    ensure!(launch_ids(&st) == ["L-env"], "after the TTL: {st}");
+    ensure!(docker_count(vm, "L-ttl", dl)? == 0, "L-ttl still in Docker");
+
+    // terminateContainer by Docker's id.
+    queue_and_wait(
+        controller,
+        host,
+        serde_json::json!({"terminateContainer": [{"dockerContainerId": l1_id}]}),
+        "L-env terminated",
+        dl,
+        |s| s["numContainers"] == 0,
+    )?;
+    ensure!(docker_count(vm, "L-env", dl)? == 0, "L-env still in Docker");
+
+    // Secrets never reach the reports or the agent's journal.
+    let reports = serde_json::to_string(&controller.statuses(host))?;
+    ensure!(
+        !reports.contains(TASK_SECRET),
+        "a status report holds the task's secret env"
+    );
+    let leaks = vm.check(
+        &format!("journalctl -b -u aiw-agent --no-pager | grep -c {TASK_SECRET} || true"),
+        dl,
+    )?;
+    ensure!(
+        leaks.trim() == "0",
+        "the agent's journal holds the task's secret env"
+    );
+
+    // One task left running into the reboot.
+    queue_and_wait(
+        controller,
+        host,
+        serde_json::json!({"launchContainer": [task_launch("L-reboot", TASK_TAG)]}),
+        "L-reboot running",
+        dl,
+        |s| container_of(s, "L-reboot").is_some_and(|c| c["state"] == "running"),
+    )?;
+    Ok(())
+}
+
+/// After the reboot: the task that ran into it ended with the boot (auto-
+/// removed) and is reported as gone, never started again.
+fn host_actions_after_reboot(
+    vm: &Vm,
+    controller: &EdgeTestController,
+    host: &str,
+    dl: &Deadline,
+) -> Result<()> {
+    let st = queue_and_wait(
+        controller,
+        host,
+        serde_json::Value::Null,
+        "a report after the reboot",
+        dl,
+        |_| true,
+    )?;
+    queue_and_wait(
+        controller,
+        host,
+        serde_json::Value::Null,
+        "a second report after the reboot",
+        dl,
+        |_| true,
+    )?;
+    ensure!(
+        st["numContainers"] == 0 && launch_ids(&st).is_empty(),
+        "after the reboot the node reports {st}"
+    );
+    ensure!(
+        docker_count(vm, "L-reboot", dl)? == 0,
+        "L-reboot was started again after the reboot"
+    );
+    Ok(())
+}
+
+/// mode terminate: a running engine is stopped, a report says none runs, and
+/// the node powers itself off.
+fn host_terminates(
+    vm: &mut Vm,
+    controller: &EdgeTestController,
+    host: &str,
+    dl: &Deadline,
+) -> Result<()> {
+    queue_and_wait(
+        controller,
+        host,
+        serde_json::json!({"launchContainer": [task_launch("L-last", TASK_TAG)]}),
+        "L-last running",
+        dl,
+        |s| container_of(s, "L-last").is_some_and(|c| c["state"] == "running"),
+    )?;
+    controller.set_mode(host, "terminate");
+    queue_and_wait(
+        controller,
+        host,
+        serde_json::Value::Null,
+        "none running on terminate",
+        dl,
+        |s| s["numContainers"] == 0 && s["drain"] == true,
+    )?;
+    ensure!(
+        vm.wait_powered_off(dl.cap(Duration::from_secs(180)))?,
+        "the node did not power off after mode terminate"
+    );
+    Ok(())
 }

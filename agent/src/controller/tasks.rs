@@ -444,11 +444,16 @@ impl HostTasks {
                     spec.image,
                     short(&cid)
                 )),
-                Err(e) => st.failed.push(Refusal {
-                    action: what,
-                    launch_id: Some(launch_id),
-                    reason: log::scrub(&e),
-                }),
+                Err(e) => {
+                    // In the journal too: the report reaches the controller,
+                    // the operator on the node reads the journal.
+                    log::info(&format!("launch {launch_id} failed: {e}"));
+                    st.failed.push(Refusal {
+                        action: what,
+                        launch_id: Some(launch_id),
+                        reason: log::scrub(&e),
+                    })
+                }
             }
         });
     }
