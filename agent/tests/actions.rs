@@ -10,7 +10,7 @@ use aiw_agent::controller::tasks::RecordingPower;
 use aiw_agent::datasource::Endpoints;
 use aiw_agent::paths::Paths;
 use aiw_agent::systemd::RecordingUnits;
-use qemu_tests::edge_controller::EdgeTestController;
+use qemu_tests::edge_controller::{launch_ids, EdgeTestController};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -148,15 +148,6 @@ fn queue_and_wait(
     }
     c.wait_for_status(host, after, WAIT, pred)
         .unwrap_or_else(|| panic!("no such status; last: {:?}", c.statuses(host).last()))
-}
-
-fn launch_ids(st: &Value) -> Vec<String> {
-    st["containerStatus"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| c["launchID"].as_str().unwrap_or("").to_string())
-        .collect()
 }
 
 fn refused(st: &Value, launch: &str) -> Option<String> {

@@ -401,6 +401,16 @@ impl Drop for EdgeTestController {
     }
 }
 
+/// The launchIDs a `HostStatus` report lists in `containerStatus[]`.
+pub fn launch_ids(status: &Value) -> Vec<String> {
+    status["containerStatus"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["launchID"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
 fn spawn_acceptor(listener: TcpListener, shared: Arc<Shared>) -> Acceptor {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();

@@ -16,7 +16,7 @@ use qemu_tests::checks::{
 use qemu_tests::docker_archive::{
     hello_image_archive, task_image_archive, HELLO_LINE, HELLO_TAG, TASK_BUSYBOX, TASK_TAG,
 };
-use qemu_tests::edge_controller::EdgeTestController;
+use qemu_tests::edge_controller::{launch_ids, EdgeTestController};
 use qemu_tests::node::{
     controller_url_in_guest, joining_user_data, mode_list, node_vm, sorted_modes, start_controller,
     wait_for_hosts, CONTROLLER_GUEST_ADDR, TEST_INIT_TOKEN, TEST_LICENSE,
@@ -440,15 +440,6 @@ fn task_launch(id: &str, image: &str) -> serde_json::Value {
     })
 }
 
-fn launch_ids(st: &serde_json::Value) -> Vec<String> {
-    st["containerStatus"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| c["launchID"].as_str().unwrap_or("").to_string())
-        .collect()
-}
-
 fn container_of(st: &serde_json::Value, launch: &str) -> Option<serde_json::Value> {
     st["containerStatus"]
         .as_array()?
@@ -486,6 +477,25 @@ fn queue_and_wait(
                     .unwrap_or_default()
             )
         })
+}
+
+/// Queues `action` (unless null) and waits for a report listing `launch` in `state`.
+fn wait_for_state(
+    controller: &EdgeTestController,
+    host: &str,
+    action: serde_json::Value,
+    launch: &str,
+    state: &str,
+    dl: &Deadline,
+) -> Result<serde_json::Value> {
+    queue_and_wait(
+        controller,
+        host,
+        action,
+        &format!("{launch} {state}"),
+        dl,
+        |s| container_of(s, launch).is_some_and(|c| c["state"] == state),
+    )
 }
 
 /// Every actionError reported after the first `after` reports, by launchID.
@@ -689,13 +699,13 @@ fn host_actions_before_reboot(
 
     // pause and resume (the admin endpoints set the host's mode).
     controller.set_mode(host, "pause");
-    queue_and_wait(
+    wait_for_state(
         controller,
         host,
         serde_json::Value::Null,
-        "L-env paused",
+        "L-env",
+        "paused",
         dl,
-        |s| container_of(s, "L-env").is_some_and(|c| c["state"] == "paused"),
     )?;
     let paused = vm.check(
         &format!("docker inspect --format '{{{{.State.Paused}}}}' {l1_id}"),
@@ -703,13 +713,13 @@ fn host_actions_before_reboot(
     )?;
     ensure!(paused.trim() == "true", "Docker says paused={paused}");
     controller.set_mode(host, "continue");
-    queue_and_wait(
+    wait_for_state(
         controller,
         host,
         serde_json::Value::Null,
-        "L-env resumed",
+        "L-env",
+        "running",
         dl,
-        |s| container_of(s, "L-env").is_some_and(|c| c["state"] == "running"),
     )?;
 
     // drain: a new launch is refused, the running one goes on.
@@ -779,13 +789,13 @@ fn host_actions_before_reboot(
     );
 
     // One task left running into the reboot.
-    queue_and_wait(
+    wait_for_state(
         controller,
         host,
         serde_json::json!({"launchContainer": [task_launch("L-reboot", TASK_TAG)]}),
-        "L-reboot running",
+        "L-reboot",
+        "running",
         dl,
-        |s| container_of(s, "L-reboot").is_some_and(|c| c["state"] == "running"),
     )?;
     Ok(())
 }
@@ -833,13 +843,13 @@ fn host_terminates(
     host: &str,
     dl: &Deadline,
 ) -> Result<()> {
-    queue_and_wait(
+    wait_for_state(
         controller,
         host,
         serde_json::json!({"launchContainer": [task_launch("L-last", TASK_TAG)]}),
-        "L-last running",
+        "L-last",
+        "running",
         dl,
-        |s| container_of(s, "L-last").is_some_and(|c| c["state"] == "running"),
     )?;
     controller.set_mode(host, "terminate");
     queue_and_wait(
