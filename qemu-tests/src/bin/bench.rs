@@ -160,6 +160,9 @@ fn stage_line(stages: &[(String, String, f64)]) -> String {
 }
 
 /// A copy of the project's inputs (no target/, no .git) for an overlay edit.
+/// The whole cargo workspace, qemu-tests included: the build compiles the
+/// agent from this copy, and cargo loads every member (the agent's tests
+/// depend on qemu-tests).
 fn project_copy(dst: &Path) -> Result<()> {
     let src = workspace_root();
     let _ = std::fs::remove_dir_all(dst);
@@ -171,6 +174,7 @@ fn project_copy(dst: &Path) -> Result<()> {
         "builder",
         "images",
         "overlays",
+        "qemu-tests",
     ] {
         let st = Command::new("cp")
             .arg("-a")
