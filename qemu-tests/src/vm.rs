@@ -711,20 +711,18 @@ impl Vm {
 
     /// Asks the guest to power off (ACPI), waiting up to `grace`; kills QEMU after that.
     pub fn shutdown(&mut self, grace: Duration) -> Result<()> {
-        let Some(child) = self.child.as_mut() else {
-            return Ok(());
+        let running = match self.child.as_mut() {
+            None => return Ok(()),
+            Some(child) => child.try_wait()?.is_none(),
         };
-        if child.try_wait()?.is_none() {
+        if running {
             if let Err(e) = qmp_command(&self.paths.qmp, "system_powerdown") {
                 eprintln!(
                     "qemu-tests: VM {}: powerdown request failed: {e:#}",
                     self.spec.name
                 );
             }
-            let until = Instant::now() + grace;
-            while child.try_wait()?.is_none() && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(250));
-            }
+            self.wait_powered_off(grace)?;
         }
         self.kill();
         Ok(())
