@@ -1,7 +1,7 @@
 #!/bin/sh
 # The figures of this machine side by side: builds, sizes, a boot under QEMU,
 # the agent on the guide's user-data, cloud-init on the same cloud-config.
-#   qemu-tests/bench.sh [builds] [boot] [agent] [cloud-init]   (default: all)
+#   qemu-tests/bench.sh [builds] [boot] [tasks] [agent] [cloud-init]   (default: all)
 # Not a test: it prints figures. Needs root and the test set-up (the suite's
 # set-up is run first, idempotently). Never run it beside a QEMU test suite:
 # two cores cannot time two VMs.

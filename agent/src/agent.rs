@@ -780,6 +780,7 @@ impl<'a> Agent<'a> {
         let prometheus = modes.iter().any(|m| m == "prometheus");
         let mut beats = 0u64;
         loop {
+            let report_started = Instant::now();
             let facts = host::gather_toward(paths, Some(url));
             let report = HostReport {
                 facts: &facts,
@@ -795,7 +796,9 @@ impl<'a> Agent<'a> {
                     self.mount_from_action(&reply, &mut applied_mounts);
                     tasks.apply(&reply);
                     beats += 1;
+                    let took = report_started.elapsed();
                     self.update(|st| {
+                        st.join.last_report_ms = Some(took.as_millis() as u64);
                         st.join.heartbeats += 1;
                         st.join.last_heartbeat_unix = Some(now_unix());
                         st.join.state = "joined".into();

@@ -39,6 +39,14 @@ pub fn render(st: &Status) -> String {
         "counter",
         st.join.heartbeats.to_string(),
     );
+    if let Some(ms) = st.join.last_report_ms {
+        m(
+            "aiw_agent_last_report_seconds",
+            "The last status report, from gathering its facts to the controller's reply",
+            "gauge",
+            format!("{:.3}", ms as f64 / 1000.0),
+        );
+    }
     m(
         "aiw_agent_errors_total",
         "Errors met since the agent started",

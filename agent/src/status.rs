@@ -44,6 +44,10 @@ pub struct JoinStatus {
     pub last_heartbeat_unix: Option<u64>,
     pub heartbeats: u64,
     pub mounts: Vec<String>,
+    /// The last status report, from gathering its facts (Docker's stats of
+    /// every task container included) to the controller's reply, in ms.
+    #[serde(default)]
+    pub last_report_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -140,11 +144,14 @@ impl Status {
         if let Some(id) = &j.host_id {
             let _ = writeln!(
                 s,
-                "  hostID {id}, heartbeats {}, last at {}",
+                "  hostID {id}, heartbeats {}, last at {}{}",
                 j.heartbeats,
                 j.last_heartbeat_unix
                     .map(|t| t.to_string())
-                    .unwrap_or("-".into())
+                    .unwrap_or("-".into()),
+                j.last_report_ms
+                    .map(|ms| format!(" (took {ms} ms)"))
+                    .unwrap_or_default()
             );
         }
         for m in &j.mounts {

@@ -521,6 +521,16 @@ fn bad_image_references_and_shell_metacharacters_are_refused_and_reported() {
         "{metrics}"
     );
     assert!(metrics.contains("aiw_agent_containers 1\n"), "{metrics}");
+    // The last report's latency, measured by the agent (gather → reply).
+    let ms = st.join.last_report_ms.expect("a report was sent");
+    assert!(ms < 10_000, "a report to a local controller took {ms} ms");
+    assert!(
+        metrics.contains(&format!(
+            "aiw_agent_last_report_seconds {:.3}\n",
+            ms as f64 / 1000.0
+        )),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("aiw_agent_host_mode{mode=\"continue\"} 1"),
         "{metrics}"

@@ -179,6 +179,12 @@ fn elf_wants_a_loader(elf: &[u8]) -> bool {
 /// A `docker save` archive of one image: `manifest.json`, the config, one
 /// `layer.tar` holding `files`; `cmd` is its default command.
 fn image_archive(tag: &str, files: &[TarEntry], cmd: &[&str]) -> Vec<u8> {
+    image_archive_and_id(tag, files, cmd).0
+}
+
+/// [`image_archive`] and the image's id (`sha256:` of its config, what
+/// `docker image inspect -f '{{.Id}}'` says once loaded).
+fn image_archive_and_id(tag: &str, files: &[TarEntry], cmd: &[&str]) -> (Vec<u8>, String) {
     let layer = tar(files);
     let layer_id = sha256_hex(&layer);
     let config = serde_json::to_vec(&json!({
@@ -190,7 +196,8 @@ fn image_archive(tag: &str, files: &[TarEntry], cmd: &[&str]) -> Vec<u8> {
         "history": [{ "created": "1970-01-01T00:00:00Z", "created_by": "aiwimg qemu-tests" }],
     }))
     .expect("json");
-    let config_name = format!("{}.json", sha256_hex(&config));
+    let config_id = sha256_hex(&config);
+    let config_name = format!("{config_id}.json");
     let layer_name = format!("{layer_id}/layer.tar");
     let manifest = serde_json::to_vec(&json!([{
         "Config": config_name,
@@ -198,7 +205,7 @@ fn image_archive(tag: &str, files: &[TarEntry], cmd: &[&str]) -> Vec<u8> {
         "Layers": [layer_name],
     }]))
     .expect("json");
-    tar(&[
+    let archive = tar(&[
         TarEntry {
             name: &config_name,
             mode: 0o644,
@@ -214,7 +221,46 @@ fn image_archive(tag: &str, files: &[TarEntry], cmd: &[&str]) -> Vec<u8> {
             mode: 0o644,
             data: &manifest,
         },
-    ])
+    ]);
+    (archive, format!("sha256:{config_id}"))
+}
+
+/// The tag of [`controller_image_archive`].
+pub const CONTROLLER_TAG: &str = "aiwimg-test/edge-test-controller:1";
+/// Where the controller image keeps its host list: in the controller mode's
+/// volume (`controller:/opt/aiware/controller` in modes.toml), so it outlives
+/// the container as a real controller's database does.
+pub const CONTROLLER_STATE_FILE: &str = "/opt/aiware/controller/hosts.json";
+
+/// A TEST DOUBLE of the `aiware-controller` image: the static (musl)
+/// `edge-test-controller` at `/edge-test-controller`, serving the Edge API on
+/// 9000, its init token and NFS export from the env aiw-agent gives the
+/// controller container (`AIWARE_INIT_TOKEN`, `AIWARE_NFS_SERVER`,
+/// `AIWARE_NFS_PATH`). Returns the archive and its image id (the profile's
+/// `[[container_images]]` pins both).
+pub fn controller_image_archive(program: &Path) -> Result<(Vec<u8>, String)> {
+    let elf = std::fs::read(program)
+        .with_context(|| format!("reading the edge-test-controller {}", program.display()))?;
+    ensure!(
+        !elf_wants_a_loader(&elf),
+        "{} is dynamically linked: build it for x86_64-unknown-linux-musl",
+        program.display()
+    );
+    Ok(image_archive_and_id(
+        CONTROLLER_TAG,
+        &[TarEntry {
+            name: "edge-test-controller",
+            mode: 0o755,
+            data: &elf,
+        }],
+        &[
+            "/edge-test-controller",
+            "--listen",
+            "0.0.0.0:9000",
+            "--state-file",
+            CONTROLLER_STATE_FILE,
+        ],
+    ))
 }
 
 /// Writes [`hello_image_archive`] to `path`.

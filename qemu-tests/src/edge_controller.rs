@@ -401,6 +401,18 @@ impl Drop for EdgeTestController {
     }
 }
 
+/// The Docker label aiw-agent puts the launchId in (`docker ps --filter label=...`).
+pub const LAUNCH_LABEL: &str = "ai.veritone.aiware.launch-id";
+
+/// The `containerStatus[]` entry of a `HostStatus` report for `launch`.
+pub fn container_of(status: &Value, launch: &str) -> Option<Value> {
+    status["containerStatus"]
+        .as_array()?
+        .iter()
+        .find(|c| c["launchID"] == launch)
+        .cloned()
+}
+
 /// The launchIDs a `HostStatus` report lists in `containerStatus[]`.
 pub fn launch_ids(status: &Value) -> Vec<String> {
     status["containerStatus"]

@@ -16,7 +16,7 @@ use qemu_tests::checks::{
 use qemu_tests::docker_archive::{
     hello_image_archive, task_image_archive, HELLO_LINE, HELLO_TAG, TASK_BUSYBOX, TASK_TAG,
 };
-use qemu_tests::edge_controller::{launch_ids, EdgeTestController};
+use qemu_tests::edge_controller::{container_of, launch_ids, EdgeTestController, LAUNCH_LABEL};
 use qemu_tests::node::{
     controller_url_in_guest, joining_user_data, mode_list, node_vm, sorted_modes, start_controller,
     wait_for_hosts, CONTROLLER_GUEST_ADDR, TEST_INIT_TOKEN, TEST_LICENSE,
@@ -424,8 +424,6 @@ fn invalid_user_data_is_refused_with_every_reason() {
 // through the Docker Engine API, and every step is read back both from the
 // status reports and from Docker itself.
 
-/// The label the agent puts the launchId in (agent/src/containers/mod.rs).
-const LAUNCH_LABEL: &str = "ai.veritone.aiware.launch-id";
 /// The engine id of the test's launches.
 const TASK_ENGINE: &str = "eng-task";
 /// An env value the controller sends that must never reach a log or a report.
@@ -438,14 +436,6 @@ fn task_launch(id: &str, image: &str) -> serde_json::Value {
         "launchId": id, "engineId": TASK_ENGINE, "buildId": "build-1",
         "dockerImage": image, "name": format!("task {id}"),
     })
-}
-
-fn container_of(st: &serde_json::Value, launch: &str) -> Option<serde_json::Value> {
-    st["containerStatus"]
-        .as_array()?
-        .iter()
-        .find(|c| c["launchID"] == launch)
-        .cloned()
 }
 
 /// Queues `action` (unless null) and waits for a later status report for

@@ -1,25 +1,37 @@
-//! Issue 8: a three-node cluster in QEMU. A controller VM (the `controller`
-//! profile plus, through an overlay as a user would add one, the Edge API test
-//! controller on 9000) and two engine VMs on one private LAN of QEMU socket
-//! netdevs on 127.0.0.1 (`LoopbackLan`), static addresses from user-data
-//! (`write_files` of a systemd-networkd file), each VM keeping its restricted
-//! user net for SSH from the host.
+//! Issues 8 and 11: a three-node cluster in QEMU. A controller VM (the
+//! `controller` profile plus, as a user bakes their own images in, the
+//! `aiware-controller` image: a TEST DOUBLE made locally from the Edge API test
+//! controller, pinned in the profile's `[[container_images]]`, loaded into
+//! Docker at first boot and run by aiw-agent as the controller mode's
+//! container) and two engine VMs on one private LAN of QEMU socket netdevs on
+//! 127.0.0.1 (`LoopbackLan`), static addresses from user-data (`write_files`
+//! of a systemd-networkd file), each VM keeping its restricted user net for
+//! SSH from the host.
 //!
-//! Checks: engines started before the controller wait, then join; `GET /hosts`
-//! lists every node with modes, CPUs, memory and GPUs; `/cache` is the
-//! controller's NFS export on every engine; an engine pulls from the
-//! controller's registry on 5000 and runs the image; Prometheus on the
-//! controller scrapes every node's agent (8000) and node exporter (9100); the
-//! controller reboots and engines keep their hostIDs, report again and get
-//! `/cache` back. Prints the time from launch to a joined three-node cluster.
+//! Checks: engines started before the controller wait, then join; `docker ps`
+//! on the controller lists `aiware-controller`; `GET /hosts` lists every node
+//! with modes, CPUs, memory and GPUs; `/cache` is the controller's NFS export
+//! on every engine; an engine pulls from the controller's registry on 5000 and
+//! runs the image; the controller launches a task on an engine (its image
+//! pulled over the LAN from that registry), the task's result file on the NFS
+//! `/cache` is read on the controller, the status lists it, a
+//! `terminateContainer` stops it, a drained engine refuses a launch;
+//! Prometheus on the controller scrapes every node's agent (8000) and node
+//! exporter (9100); the controller reboots and engines keep their hostIDs,
+//! report again and get `/cache` back. Prints the time from launch to a joined
+//! three-node cluster.
 //!
 //! Run: `cargo test -p qemu-tests --test cluster -- --nocapture` (three TCG
 //! VMs at once: budget 25 minutes).
 
 use anyhow::{bail, ensure, Context, Result};
-use qemu_tests::checks::{agent_status, mount_at, parse_prometheus_targets};
+use qemu_tests::checks::{agent_status, assert_active, mount_at, parse_prometheus_targets};
 use qemu_tests::deadline::Deadline;
-use qemu_tests::docker_archive::{hello_image_archive, HELLO_LINE, HELLO_TAG};
+use qemu_tests::docker_archive::{
+    controller_image_archive, hello_image_archive, task_image_archive, CONTROLLER_TAG, HELLO_LINE,
+    HELLO_TAG, TASK_BUSYBOX, TASK_TAG,
+};
+use qemu_tests::edge_controller::{container_of, launch_ids, LAUNCH_LABEL};
 use qemu_tests::netdev::{LoopbackLan, SocketNic};
 use qemu_tests::node::{TEST_INIT_TOKEN, TEST_LICENSE};
 use qemu_tests::test_images::{
@@ -27,6 +39,7 @@ use qemu_tests::test_images::{
 };
 use qemu_tests::{TestCase, UserData, Vm};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -46,32 +59,13 @@ const CONTROLLER_IP: &str = "192.168.76.10";
 const CONTROLLER_MODES: &str = "controller,db,nfs,prometheus,registry";
 /// The profile the test adds to a copy of the project.
 const PROFILE: &str = "controller-edge";
-const TOKEN_FILE: &str = "/run/edge-test-controller/init-token";
-const ENV_FILE: &str = "/run/edge-test-controller/env";
+/// Engine id and launch id of the task the controller runs across the LAN.
+const TASK_ENGINE: &str = "eng-cluster";
+const TASK_LAUNCH: &str = "L-cluster";
 
 fn controller_url() -> String {
     format!("http://{CONTROLLER_IP}:9000/edge/v1")
 }
-
-/// The unit of the overlay: the test controller started after the agent has
-/// written its token file and settings (user-data `write_files`), its host list
-/// kept on /var as the real controller keeps it in its database.
-const UNIT: &str = "\
-[Unit]
-Description=Edge API test controller on 9000 (TEST DOUBLE of the aiWARE controller; aiwimg tests)
-After=aiw-agent.service
-ConditionPathExists=/run/edge-test-controller/init-token
-
-[Service]
-EnvironmentFile=/run/edge-test-controller/env
-ExecStart=/usr/bin/edge-test-controller --listen 0.0.0.0:9000 --init-token-file /run/edge-test-controller/init-token --nfs-server ${NFS_SERVER} --nfs-path /opt/aiware/nfs --state-file /var/lib/edge-test-controller/hosts.json
-StateDirectory=edge-test-controller
-Restart=on-failure
-RestartSec=2
-
-[Install]
-WantedBy=multi-user.target
-";
 
 /// The static (musl) edge-test-controller of this workspace, built if needed.
 fn build_edge_test_controller() -> Result<PathBuf> {
@@ -103,10 +97,11 @@ fn run(what: &str, cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// A copy of the project with profile `controller-edge` (the controller plus
-/// the overlay `edge-test-controller`: the binary and its unit), as a user adds
-/// their own software to an image.
-fn project_with_edge_overlay(dest: &Path, bin: &Path) -> Result<PathBuf> {
+/// A copy of the project with profile `controller-edge`: the controller plus
+/// the `aiware-controller` image (the edge-test-controller in a docker-save
+/// archive) in `[[container_images]]`, pinned by sha256 and image id, as a
+/// user bakes the vendor's images for an air-gapped site.
+fn project_with_controller_image(dest: &Path, bin: &Path) -> Result<PathBuf> {
     let ws = workspace_root();
     let _ = std::fs::remove_dir_all(dest);
     std::fs::create_dir_all(dest.join("agent"))?;
@@ -123,22 +118,21 @@ fn project_with_edge_overlay(dest: &Path, bin: &Path) -> Result<PathBuf> {
                 .arg(dest.join(to)),
         )?;
     }
+    let (archive, image_id) = controller_image_archive(bin)?;
+    let archive_name = "edge-test-controller.tar";
+    std::fs::write(dest.join("images").join(archive_name), &archive)?;
+    let sha256 = hex::encode(Sha256::digest(&archive));
     std::fs::write(
         dest.join("images").join(format!("{PROFILE}.toml")),
-        "# The controller node plus the Edge API test controller (aiwimg tests).\n\
-         description = \"Controller node + Edge API test controller (TEST DOUBLE) on 9000\"\n\
-         extends = [\"controller\"]\n\
-         overlays = [\"edge-test-controller\"]\n",
-    )?;
-    let overlay = dest.join("overlays/edge-test-controller");
-    std::fs::create_dir_all(overlay.join("usr/bin"))?;
-    std::fs::create_dir_all(overlay.join("usr/lib/systemd/system"))?;
-    let to = overlay.join("usr/bin/edge-test-controller");
-    std::fs::copy(bin, &to)?;
-    run("chmod", Command::new("chmod").arg("0755").arg(&to))?;
-    std::fs::write(
-        overlay.join("usr/lib/systemd/system/edge-test-controller.service"),
-        UNIT,
+        format!(
+            "# The controller node with the Edge API test controller as its aiware-controller image (aiwimg tests).\n\
+             description = \"Controller node + aiware-controller image: the Edge API test controller (TEST DOUBLE)\"\n\
+             extends = [\"controller\"]\n\n\
+             [[container_images]]\n\
+             archive = \"{archive_name}\"\n\
+             sha256 = \"{sha256}\"\n\
+             image_id = \"{image_id}\"\n"
+        ),
     )?;
     Ok(dest.to_path_buf())
 }
@@ -155,7 +149,7 @@ fn controller_edge_image() -> Result<TestImage> {
     lock.lock()?;
     let bin = build_edge_test_controller()?;
     let project =
-        project_with_edge_overlay(&qemu_tests_root().join("controller-edge-project"), &bin)?;
+        project_with_controller_image(&qemu_tests_root().join("controller-edge-project"), &bin)?;
     let agent = build_agent()?;
     let mut cmd = builder_command(PROFILE, &out_dir);
     cmd.arg("--project")
@@ -215,6 +209,11 @@ fn hosts(port: u16) -> Result<Vec<Value>> {
 }
 
 fn http(port: u16, path: &str, token: Option<&str>) -> Result<String> {
+    request(port, "GET", path, token, "")
+}
+
+/// One HTTP/1.0 request to the controller VM's forward of `port`; the body of a 200.
+fn request(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> Result<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     let auth = token
@@ -222,16 +221,44 @@ fn http(port: u16, path: &str, token: Option<&str>) -> Result<String> {
         .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
     let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
     ensure!(
         head.starts_with("HTTP/1.") && head.split_whitespace().nth(1) == Some("200"),
-        "GET {path}: {head}"
+        "{method} {path}: {head}"
     );
     Ok(body.to_string())
+}
+
+/// Queues HostActions for `host_id` on the controller (its test-only endpoint).
+fn queue_actions(port: u16, host_id: &str, actions: &Value) -> Result<()> {
+    request(
+        port,
+        "POST",
+        &format!("/edge/v1/test-only/host/{host_id}/actions"),
+        Some(TEST_INIT_TOKEN),
+        &actions.to_string(),
+    )?;
+    Ok(())
+}
+
+/// The last status report of the node at `ip`, once `pred` holds for it.
+fn wait_for_report(
+    port: u16,
+    ip: &str,
+    what: &str,
+    dl: &Deadline,
+    pred: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    dl.poll(what, || {
+        let h = hosts(port)?;
+        let last = host_by_ip(&h, ip).map(|x| x["lastStatus"].clone());
+        Ok(last.filter(|s| pred(s)))
+    })
 }
 
 fn host_ip(h: &Value) -> String {
@@ -328,13 +355,10 @@ fn three_node_cluster() {
 
         // The controller: its own agent joins its test controller on the LAN too.
         let nic = lan.attach()?;
-        let extra = format!(
-            "{}{}",
-            file_yaml(TOKEN_FILE, TEST_INIT_TOKEN, "0600"),
-            file_yaml(ENV_FILE, &format!("NFS_SERVER={CONTROLLER_IP}\n"), "0644"),
-        );
-        let ud = node_user_data("controller", CONTROLLER_MODES, &nic, CONTROLLER_IP, &extra)
-            .setting("AIWARE_NFS_PERMITTED", "192.168.76.0/24");
+        let ud = node_user_data("controller", CONTROLLER_MODES, &nic, CONTROLLER_IP, "")
+            .setting("AIWARE_NFS_PERMITTED", "192.168.76.0/24")
+            .setting("AIWARE_NFS_SERVER", CONTROLLER_IP)
+            .setting("AIWARE_CONTROLLER_IMAGE", CONTROLLER_TAG);
         let mut controller = Vm::builder("controller", case.dir())
             .disk(&controller_image.disk, controller_image.format)
             .memory_mib(MEMORY_MIB)
@@ -346,6 +370,16 @@ fn three_node_cluster() {
             .start()?;
         let took = controller.wait_ready(dl)?;
         case.timing("controller: boot to ready (joined itself)", took);
+        // The Edge API on 9000 is the aiware-controller container aiw-agent
+        // started from the baked image (no overlay binary in this image).
+        let ps = controller.check("docker ps --format '{{.Names}} {{.Image}} {{.Status}}'", dl)?;
+        eprintln!("controller: docker ps:\n{}", ps.trim_end());
+        ensure!(
+            ps.lines()
+                .any(|l| l.starts_with(&format!("aiware-controller {CONTROLLER_TAG} Up"))),
+            "docker ps on the controller lists no running aiware-controller: {ps}"
+        );
+        assert_active(&controller, &["aiware-controller.service"], dl)?;
         for e in engines.iter_mut() {
             let line = e.wait_for_line("aiw-agent: ready modes=engine host_id=", dl)?;
             eprintln!("{}: {line}", e.name());
@@ -452,6 +486,122 @@ fn three_node_cluster() {
         case.timing(
             "engine pulled from the controller's registry and ran it",
             launched.elapsed(),
+        );
+
+        // The controller's work across the LAN: a task on engine-1, its image
+        // pulled from the controller's registry, its result on the NFS /cache.
+        controller.check_with_input("docker load", &task_image_archive()?, dl)?;
+        controller.check(
+            &format!(
+                "docker tag {TASK_TAG} 127.0.0.1:5000/{TASK_TAG} && docker push 127.0.0.1:5000/{TASK_TAG}"
+            ),
+            dl,
+        )?;
+        let engine1 = ids[&engine_ips[0]].clone();
+        let launch = serde_json::json!({"launchContainer": [{
+            "launchId": TASK_LAUNCH, "engineId": TASK_ENGINE, "buildId": "build-1",
+            "dockerImage": format!("{CONTROLLER_IP}:5000/{TASK_TAG}"),
+            "containerConfig": {"commandLine": [
+                TASK_BUSYBOX, "sh", "-c",
+                "echo \"result of $AIWARE_LAUNCH_ID on $AIWARE_HOST_ID\" > \"$AIWARE_ENGINE_INSTANCE_SCRATCH/result\" && exec sleep 3600",
+            ]},
+        }]});
+        let queued = Instant::now();
+        queue_actions(api, &engine1, &launch)?;
+        let st = wait_for_report(
+            api,
+            &engine_ips[0],
+            "engine-1 reports the task running",
+            dl,
+            |s| container_of(s, TASK_LAUNCH).is_some_and(|c| c["state"] == "running"),
+        )?;
+        case.timing(
+            "launchContainer queued to reported running (pulled over the LAN; status every 10 s)",
+            queued.elapsed(),
+        );
+        let task = container_of(&st, TASK_LAUNCH).expect("checked");
+        eprintln!("engine-1 status lists the task: {task}");
+        // The agent's own figure: the action read → the container running.
+        let took = engines[0].check(
+            &format!(
+                "journalctl -b -u aiw-agent -o cat --no-pager | grep -m1 'launched {TASK_LAUNCH} '"
+            ),
+            dl,
+        )?;
+        eprintln!("engine-1: {}", took.trim());
+        ensure!(
+            task["engineID"] == TASK_ENGINE && st["numContainers"] == 1,
+            "engine-1's report: {st}"
+        );
+        let docker_id = task["dockerContainerId"].as_str().unwrap_or("").to_string();
+        let result_path = format!("/opt/aiware/nfs/engine/{TASK_ENGINE}/{TASK_LAUNCH}/result");
+        let result = dl.poll("the task's result on the controller's export", || {
+            let out = controller.run(&format!("cat {result_path}"), dl)?;
+            Ok((out.status == Some(0) && !out.stdout.trim().is_empty()).then_some(out.stdout))
+        })?;
+        eprintln!("controller: {result_path}: {}", result.trim());
+        ensure!(
+            result.trim() == format!("result of {TASK_LAUNCH} on {engine1}"),
+            "the controller read {result:?} from the task"
+        );
+        queue_actions(
+            api,
+            &engine1,
+            &serde_json::json!({"terminateContainer": [{"dockerContainerId": docker_id}]}),
+        )?;
+        let st = wait_for_report(
+            api,
+            &engine_ips[0],
+            "engine-1 reports the task gone",
+            dl,
+            |s| s["numContainers"] == 0,
+        )?;
+        ensure!(launch_ids(&st).is_empty(), "after terminate: {st}");
+        let left = engines[0].check(
+            &format!("docker ps -aq --filter label={LAUNCH_LABEL}={TASK_LAUNCH} | wc -l"),
+            dl,
+        )?;
+        ensure!(
+            left.trim() == "0",
+            "the terminated task is still in Docker on engine-1"
+        );
+        eprintln!("engine-1: {TASK_LAUNCH} terminated: gone from its status and from Docker");
+
+        // drain on engine-2 (the admin endpoint): said in its status, a launch refused.
+        let engine2 = ids[&engine_ips[1]].clone();
+        request(
+            api,
+            "POST",
+            &format!("/edge/v1/host/{engine2}/drain"),
+            Some(TEST_INIT_TOKEN),
+            "{}",
+        )?;
+        wait_for_report(api, &engine_ips[1], "engine-2 reports drain", dl, |s| {
+            s["drain"] == true
+        })?;
+        let mut refused = launch.clone();
+        refused["launchContainer"][0]["launchId"] = serde_json::json!("L-drained");
+        queue_actions(api, &engine2, &refused)?;
+        let st = wait_for_report(
+            api,
+            &engine_ips[1],
+            "engine-2 refuses a launch while draining",
+            dl,
+            |s| {
+                s["actionErrors"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|e| e["launchID"] == "L-drained")
+            },
+        )?;
+        ensure!(
+            launch_ids(&st).is_empty(),
+            "engine-2 started a task while draining: {st}"
+        );
+        case.timing(
+            "the controller's task flow across the cluster",
+            queued.elapsed(),
         );
 
         // Prometheus on the controller: every node's agent and node exporter up.

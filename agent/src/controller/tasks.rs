@@ -429,20 +429,27 @@ impl HostTasks {
         let engine_id = l.engine_id.clone();
         self.bg().launches.insert(launch_id.clone());
         // Pull and start in a thread: a pull may take minutes, reports go on.
+        // Timed from here, the action just read from the controller's reply:
+        // the journal line is the figure "launchContainer received → running".
+        let received = std::time::Instant::now();
         std::thread::spawn(move || {
             let r = ensure_image(rt.as_ref(), &spec.image, auth.as_ref())
                 .map_err(|e| format!("pulling {}: {e}", spec.image))
                 .and_then(|()| {
+                    let image_ready = received.elapsed();
                     rt.create_and_start(&spec)
+                        .map(|cid| (cid, image_ready))
                         .map_err(|e| format!("starting {}: {e}", spec.image))
                 });
             let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
             st.launches.remove(&launch_id);
             match r {
-                Ok(cid) => log::info(&format!(
-                    "launched {launch_id} (engine {engine_id}) from {} as {}",
+                Ok((cid, image_ready)) => log::info(&format!(
+                    "launched {launch_id} (engine {engine_id}) from {} as {}: running {:.2} s after the action arrived (image ready after {:.2} s)",
                     spec.image,
-                    short(&cid)
+                    short(&cid),
+                    received.elapsed().as_secs_f64(),
+                    image_ready.as_secs_f64(),
                 )),
                 Err(e) => {
                     // In the journal too: the report reaches the controller,

@@ -8,6 +8,10 @@
 //! 3. a boot under QEMU of the engine image joining the Edge API test
 //!    controller (a TEST DOUBLE): launch to ready-and-joined, the boot's
 //!    phases from `systemd-analyze`, and a reboot;
+//!    Part `tasks`: the engine carrying out the controller's work, 20
+//!    launches of a locally made task image (preloaded) at once: received →
+//!    running per launch (the agent's journal), its peak RSS with 20 task
+//!    containers, and the status report's latency with 0 and with 20;
 //! 4. aiw-agent on the guide's user-data: parse + validate (`check`), and
 //!    parse + validate + apply + join + one status report (`run` in a
 //!    throwaway root against the test controller), wall time and peak RSS;
@@ -18,6 +22,9 @@
 //! /var/cache/aiwimg), BENCH_RUNS (repetitions of the small measurements, 10).
 
 use anyhow::{bail, ensure, Context, Result};
+use qemu_tests::checks::agent_status;
+use qemu_tests::docker_archive::{task_image_archive, TASK_TAG};
+use qemu_tests::edge_controller::launch_ids;
 use qemu_tests::node::{joining_user_data, node_vm, start_controller, TEST_INIT_TOKEN};
 use qemu_tests::test_images::{self, workspace_root};
 use qemu_tests::{AgentReport, Deadline};
@@ -194,7 +201,7 @@ fn main() -> Result<()> {
         "run as root (image builds need it)"
     );
     let wanted: Vec<String> = std::env::args().skip(1).collect();
-    const PARTS: &[&str] = &["builds", "boot", "agent", "cloud-init"];
+    const PARTS: &[&str] = &["builds", "boot", "tasks", "agent", "cloud-init"];
     if let Some(bad) = wanted.iter().find(|w| !PARTS.contains(&w.as_str())) {
         bail!(
             "unknown part {bad:?}: bench.sh [{}] (default: all)",
@@ -219,12 +226,17 @@ fn main() -> Result<()> {
     if part("builds") {
         image_dir = Some(builds(&mut r, &aiwimg, &cache, &work)?);
     }
-    if part("boot") {
+    if part("boot") || part("tasks") {
         let image = match &image_dir {
             Some(d) => test_images::load(d)?,
             None => test_images::image_for("engine")?,
         };
-        boot(&mut r, &image, &work)?;
+        if part("boot") {
+            boot(&mut r, &image, &work)?;
+        }
+        if part("tasks") {
+            tasks(&mut r, &image, &work)?;
+        }
     }
     let fixtures = workspace_root().join("agent/tests/fixtures");
     let mut ours = None;
@@ -400,6 +412,156 @@ fn boot(r: &mut Report, image: &qemu_tests::test_images::TestImage, work: &Path)
             ratio(joined.as_secs_f64(), 181.0)
         ),
     );
+    Ok(())
+}
+
+/// How many task containers part `tasks` runs at once.
+const TASKS: usize = 20;
+
+/// Part 3b: the controller's work on one engine: [`TASKS`] launches of a
+/// preloaded task image in one reply.
+fn tasks(r: &mut Report, image: &qemu_tests::test_images::TestImage, work: &Path) -> Result<()> {
+    r.section(&format!(
+        "an engine running the controller's tasks ({TASKS} launches of a preloaded image in one reply)"
+    ));
+    let controller = start_controller()?;
+    let vm_dir = work.join("vm-tasks");
+    let _ = std::fs::remove_dir_all(&vm_dir);
+    std::fs::create_dir_all(&vm_dir)?;
+    let dl = Deadline::after(Duration::from_secs(1200));
+    let mut vm = node_vm(&vm_dir, "bench-tasks", image, Some(&controller))?
+        .memory_mib(3072)
+        .user_data(
+            joining_user_data("bench-tasks", "engine").setting("AIWARE_AGENT_UPDATE_INTERVAL", "5"),
+        )
+        .start()?;
+    vm.wait_ready(&dl)?;
+    vm.wait_ssh(&dl)?;
+    let host = controller
+        .hosts()
+        .first()
+        .map(|h| h.host_id.clone())
+        .context("the engine did not register")?;
+    vm.check_with_input("docker load", &task_image_archive()?, &dl)?;
+    let report_ms = |vm: &qemu_tests::Vm| -> Result<Vec<f64>> {
+        // Five reports in a row, each read after the next heartbeat.
+        let mut v = Vec::new();
+        let mut beats = 0;
+        while v.len() < 5 {
+            let st = agent_status(vm, &dl)?;
+            let b = st["join"]["heartbeats"].as_u64().unwrap_or(0);
+            if b != beats {
+                beats = b;
+                if let Some(ms) = st["join"]["last_report_ms"].as_f64() {
+                    v.push(ms);
+                }
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        Ok(v)
+    };
+    let idle = median(report_ms(&vm)?);
+    let launches: Vec<Value> = (0..TASKS)
+        .map(|i| {
+            serde_json::json!({
+                "launchId": format!("B-{i:02}"), "engineId": "eng-bench", "buildId": "build-1",
+                "dockerImage": TASK_TAG,
+            })
+        })
+        .collect();
+    let after = controller.statuses(&host).len();
+    let queued = Instant::now();
+    ensure!(
+        controller.queue_actions(&host, serde_json::json!({ "launchContainer": launches })),
+        "the controller does not know the engine"
+    );
+    let all = controller
+        .wait_for_status(&host, after, dl.cap(Duration::from_secs(600)), |s| {
+            s["numContainers"] == TASKS && launch_ids(s).len() == TASKS
+        })
+        .with_context(|| {
+            format!(
+                "no report listed {TASKS} running tasks; the last: {}",
+                controller
+                    .statuses(&host)
+                    .last()
+                    .cloned()
+                    .unwrap_or_default()
+            )
+        })?;
+    let all_reported = queued.elapsed();
+    ensure!(
+        all["containerStatus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|c| c["state"] == "running"),
+        "not all running: {all}"
+    );
+    // The agent's own figure per launch: the action read → the container running.
+    let journal = vm.check(
+        "journalctl -b -u aiw-agent -o cat --no-pager | grep 'after the action arrived'",
+        &dl,
+    )?;
+    let mut running: Vec<f64> = journal
+        .lines()
+        .filter_map(|l| {
+            l.split("running ")
+                .nth(1)?
+                .split(" s after")
+                .next()?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .collect();
+    ensure!(
+        running.len() == TASKS,
+        "{} launch lines in the journal, expected {TASKS}:\n{journal}",
+        running.len()
+    );
+    running.sort_by(f64::total_cmp);
+    r.row(
+        "launchContainer received → running, first of 20",
+        secs(running[0]),
+    );
+    r.row(
+        "launchContainer received → running, median / last of 20",
+        format!(
+            "{} / {}",
+            secs(median(running.clone())).trim(),
+            secs(running[TASKS - 1]).trim()
+        ),
+    );
+    r.row(
+        "20 launches queued → a report lists all 20 running",
+        secs(all_reported.as_secs_f64()),
+    );
+    let busy = median(report_ms(&vm)?);
+    r.row(
+        "status report latency (gather + Docker stats + POST), median of 5",
+        format!("{idle:.0} ms with 0 tasks, {busy:.0} ms with {TASKS}"),
+    );
+    let mem = vm.check(
+        "grep -E '^Vm(HWM|RSS):' /proc/$(systemctl show -p MainPID --value aiw-agent)/status",
+        &dl,
+    )?;
+    let kib = |key: &str| -> u64 {
+        mem.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    r.row(
+        &format!("aiw-agent peak RSS (VmHWM) with {TASKS} task containers"),
+        format!(
+            "{} (now {})",
+            mib(kib("VmHWM:") * 1024).trim(),
+            mib(kib("VmRSS:") * 1024).trim()
+        ),
+    );
+    vm.shutdown(Duration::from_secs(60))?;
     Ok(())
 }
 

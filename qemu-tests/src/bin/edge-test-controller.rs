@@ -5,6 +5,9 @@
 //!        [--state-file FILE]   (the host list kept across restarts, as a real controller's DB)
 //! The init token is read from `AIWARE_INIT_TOKEN`, or from the file named by
 //! `--init-token-file` (never from the command line, so it is not in `ps`).
+//! The NFS export told to hosts defaults to `AIWARE_NFS_SERVER` and
+//! `AIWARE_NFS_PATH`: the env aiw-agent gives the `aiware-controller`
+//! container, so the same program runs as an overlay or as that container.
 
 use qemu_tests::edge_controller::{EdgeTestController, NfsCache};
 
@@ -12,6 +15,18 @@ fn main() {
     let mut listen = "0.0.0.0:9000".to_string();
     let mut token = std::env::var("AIWARE_INIT_TOKEN").ok();
     let mut nfs = NfsCache::default();
+    if let Some(ip) = std::env::var("AIWARE_NFS_SERVER")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        nfs.ips = vec![ip];
+    }
+    if let Some(path) = std::env::var("AIWARE_NFS_PATH")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        nfs.server_path = path;
+    }
     let mut no_nfs = false;
     let mut state_file: Option<String> = None;
     let mut args = std::env::args().skip(1);
@@ -39,7 +54,7 @@ fn main() {
             "--no-nfs" => no_nfs = true,
             "--state-file" => state_file = Some(val()),
             "-h" | "--help" => {
-                println!("edge-test-controller [--listen ADDR] [--init-token-file FILE] [--nfs-server IP] [--nfs-path PATH] [--no-nfs] [--state-file FILE]\n(init token from AIWARE_INIT_TOKEN or --init-token-file)");
+                println!("edge-test-controller [--listen ADDR] [--init-token-file FILE] [--nfs-server IP] [--nfs-path PATH] [--no-nfs] [--state-file FILE]\n(init token from AIWARE_INIT_TOKEN or --init-token-file; NFS defaults from AIWARE_NFS_SERVER, AIWARE_NFS_PATH)");
                 return;
             }
             other => {
