@@ -48,6 +48,15 @@ fn healthy(case: &TestCase, vm: &Vm) -> Result<()> {
         status["settings_valid"] == true,
         "aiw-agent status says settings are not valid: {status}"
     );
+    // The guide's `service aiware-agent status`: an alias of our agent.
+    let alias = vm.check(
+        "systemctl show -p Id -p ActiveState aiware-agent.service",
+        dl,
+    )?;
+    ensure!(
+        alias.contains("Id=aiw-agent.service") && alias.contains("ActiveState=active"),
+        "aiware-agent.service is not the running aiw-agent: {alias}"
+    );
     Ok(())
 }
 
