@@ -18,14 +18,33 @@ use std::process::ExitCode;
 
 const USAGE: &str = "usage: aiw-agent [run] | check FILE [--image image.json] [--modes modes.toml] | status [--json]";
 
+/// `aiw-agent status --json | head` ends quietly, as other Unix tools do,
+/// instead of panicking on "Broken pipe" (found on a node). Only for the
+/// one-shot commands: the daemon keeps Rust's ignored SIGPIPE, where a closed
+/// socket is an error to handle, never a reason to die.
+fn quiet_on_closed_pipe() {
+    // SAFETY: setting a signal's disposition to its default has no
+    // preconditions; nothing else in this process handles SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let paths = Paths::from_env();
     match args.first().map(String::as_str) {
         None | Some("run") => run(paths),
-        Some("check") => check(&paths, &args[1..]),
-        Some("status") => status(&paths, args.iter().any(|a| a == "--json")),
+        Some("check") => {
+            quiet_on_closed_pipe();
+            check(&paths, &args[1..])
+        }
+        Some("status") => {
+            quiet_on_closed_pipe();
+            status(&paths, args.iter().any(|a| a == "--json"))
+        }
         Some("-h" | "--help" | "help") => {
+            quiet_on_closed_pipe();
             println!("{USAGE}");
             ExitCode::SUCCESS
         }
@@ -150,13 +169,24 @@ fn check(paths: &Paths, args: &[String]) -> ExitCode {
 
 fn status(paths: &Paths, json: bool) -> ExitCode {
     let file = paths.status_file();
-    let mut st: Status = match std::fs::read(&file)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-    {
-        Some(s) => s,
-        None => {
+    let bytes = match std::fs::read(&file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             eprintln!("aiw-agent status: {} not found: the agent has not run on this boot (systemctl status aiw-agent)", file.display());
+            return ExitCode::from(3);
+        }
+        Err(e) => {
+            eprintln!("aiw-agent status: cannot read {}: {e}", file.display());
+            return ExitCode::from(3);
+        }
+    };
+    let mut st: Status = match serde_json::from_slice(&bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "aiw-agent status: {} is not a status this aiw-agent reads ({e}); was it written by another version?",
+                file.display()
+            );
             return ExitCode::from(3);
         }
     };

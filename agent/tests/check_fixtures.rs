@@ -133,3 +133,48 @@ fn odd_input_gets_warnings_that_say_what_happens() {
         "{out}"
     );
 }
+
+/// `aiw-agent status --json | head` (the reader gone early) ends the command
+/// quietly, never with a panic; a status file it cannot read says so.
+#[test]
+fn status_into_a_closed_pipe_and_an_unreadable_status() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let root = std::env::temp_dir().join(format!("aiw-status-pipe-{}", std::process::id()));
+    let file = root.join("run/aiware/status.json");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let big = aiw_agent::status::Status {
+        validation_errors: vec!["a long reason ".repeat(8); 4000],
+        ..Default::default()
+    };
+    std::fs::write(&file, serde_json::to_vec(&big).unwrap()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aiw-agent"))
+        .args(["status", "--json"])
+        .env("AIW_AGENT_ROOT", &root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // stdout is closed here: the rest of ~400 KB meets a closed pipe.
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(first.starts_with(b"{"), "{first:?}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(out.status.code(), Some(101), "{err}");
+
+    std::fs::write(&file, b"{\"agent_version\": 3}").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_aiw-agent"))
+        .args(["status"])
+        .env("AIW_AGENT_ROOT", &root)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        err.contains("is not a status this aiw-agent reads") && !err.contains("not found"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
