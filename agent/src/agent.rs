@@ -280,7 +280,11 @@ impl<'a> Agent<'a> {
                 c.source.name(),
                 c.reason
             ));
-            match c.source.fetch(deadline) {
+            let fetched = c.source.fetch(deadline);
+            if fetched.is_ok() && c.source.name() == "azure" {
+                self.azure_check_in();
+            }
+            match fetched {
                 Ok(ld) if ld.user_data.is_some() => {
                     return Some((c.source.name().to_string(), c.reason, ld))
                 }
@@ -297,6 +301,23 @@ impl<'a> Agent<'a> {
             }
         }
         None
+    }
+
+    /// Azure's provisioning "ready" report, once its IMDS has answered (so
+    /// this is Azure): every boot, as WALinuxAgent does, whatever the
+    /// user-data holds (the VM is provisioned and reachable either way).
+    /// Bounded: a wireserver that never answers costs at most a minute.
+    fn azure_check_in(&self) {
+        let said = datasource::azure::report_ready(
+            &self.cfg.endpoints.azure_wireserver,
+            Instant::now() + Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| {
+            self.error(&format!("azure: the provisioning ready report failed: {e}"));
+            format!("azure ready report failed: {e}")
+        });
+        log::info(&format!("azure: {said}"));
+        self.update(|s| s.platform_checkin = Some(said));
     }
 
     pub fn run(&self) -> Outcome {

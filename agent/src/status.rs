@@ -12,6 +12,10 @@ pub struct Status {
     pub phase: String,
     pub datasource: Option<String>,
     pub datasource_reason: Option<String>,
+    /// What the platform was told of this boot (Azure's "ready" report), or
+    /// why it could not be.
+    #[serde(default)]
+    pub platform_checkin: Option<String>,
     pub evidence: Option<Value>,
     pub settings: Option<Value>,
     pub settings_valid: bool,
@@ -92,6 +96,9 @@ impl Status {
                 .as_deref()
                 .unwrap_or("no evidence of any")
         );
+        if let Some(c) = &self.platform_checkin {
+            let _ = writeln!(s, "platform:   {c}");
+        }
         if !self.validation_errors.is_empty() {
             let _ = writeln!(s, "settings:   INVALID");
             for e in &self.validation_errors {

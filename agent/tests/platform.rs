@@ -379,3 +379,63 @@ fn a_launch_without_user_data_still_gets_the_platform_hostname_and_key() {
     assert!(!p2.ssh_root_dir().join("authorized_keys").exists());
     assert!(!p2.run_dir().join("hostname").exists());
 }
+
+/// A node on Azure: DMI says so (the asset tag Azure gives every VM).
+fn on_azure(p: &Paths) {
+    std::fs::create_dir_all(p.dmi("x").parent().unwrap()).unwrap();
+    std::fs::write(p.dmi("sys_vendor"), "Microsoft Corporation\n").unwrap();
+    std::fs::write(
+        p.dmi("chassis_asset_tag"),
+        "7783-7084-3265-9085-8269-3286-77\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn azure_is_told_the_vm_is_ready_whatever_the_user_data() {
+    use qemu_tests::cloud_doubles::{
+        WIRESERVER_CONTAINER_ID, WIRESERVER_INCARNATION, WIRESERVER_INSTANCE_ID,
+    };
+    let c = EdgeTestController::start("127.0.0.1:0", INIT).unwrap();
+    let imds = MetadataDouble::start(Cloud::Azure, Some(engine(&c.url(), "").as_bytes())).unwrap();
+    let wire = MetadataDouble::start(Cloud::AzureWireServer, None).unwrap();
+    let endpoints = Endpoints {
+        azure: imds.url(),
+        azure_wireserver: wire.url(),
+        ..Endpoints::default()
+    };
+    let (_t, p) = node_root();
+    on_azure(&p);
+    assert_eq!(run(&p, endpoints.clone()), Outcome::Ready);
+    let reports = wire.health_reports();
+    assert_eq!(reports.len(), 1, "{reports:?}\n{}", wire.log());
+    for want in [
+        format!("<GoalStateIncarnation>{WIRESERVER_INCARNATION}</GoalStateIncarnation>"),
+        format!("<ContainerId>{WIRESERVER_CONTAINER_ID}</ContainerId>"),
+        format!("<InstanceId>{WIRESERVER_INSTANCE_ID}</InstanceId>"),
+        "<State>Ready</State>".to_string(),
+    ] {
+        assert!(reports[0].contains(&want), "{want} not in {}", reports[0]);
+    }
+    assert!(
+        wire.seen().iter().all(|s| s.credential && s.status == 200),
+        "every wireserver request carried x-ms-version:\n{}",
+        wire.log()
+    );
+    let status: aiw_agent::status::Status =
+        serde_json::from_slice(&std::fs::read(p.status_file()).unwrap()).unwrap();
+    let said = status.platform_checkin.clone().unwrap_or_default();
+    assert!(said.contains("reported Ready"), "{said}");
+    assert!(status.human().contains("platform:   reported Ready"));
+
+    // Launched without user-data: provisioned all the same, so reported.
+    let bare = MetadataDouble::start(Cloud::Azure, None).unwrap();
+    let (_t2, p2) = node_root();
+    on_azure(&p2);
+    let endpoints = Endpoints {
+        azure: bare.url(),
+        ..endpoints
+    };
+    assert_eq!(run(&p2, endpoints), Outcome::NoUserData);
+    assert_eq!(wire.health_reports().len(), 2, "{}", wire.log());
+}

@@ -12,7 +12,9 @@
 //! Besides user-data, each serves the platform metadata a guest agent reads
 //! ([`InstanceFacts`]: a hostname, SSH keys, instance type, region/zone,
 //! addresses) where its service does: EC2 `meta-data/*`, GCE `instance/*` and
-//! `project/attributes/*`, Azure's `/metadata/instance` document.
+//! `project/attributes/*`, Azure's `/metadata/instance` document. Azure's
+//! wireserver (168.63.129.16: goal state and the VM's "ready" health report)
+//! is a double of its own, reached through [`azure_net`].
 
 use crate::netdev::{UserNet, LOOPBACK};
 use anyhow::{Context, Result};
@@ -45,6 +47,30 @@ pub fn metadata_net(metadata_port: Option<u16>, controller_port: Option<u16>) ->
     Ok(net)
 }
 
+/// Azure's wireserver address (the same in every region).
+pub const WIRESERVER_ADDR: Ipv4Addr = Ipv4Addr::new(168, 63, 129, 16);
+
+/// [`metadata_net`] widened to 168.0.0.0/7 (QEMU forwards only addresses
+/// inside the user network, and this one holds both 169.254.169.254 and
+/// Azure's wireserver), with 168.63.129.16:80 → `127.0.0.1:wireserver_port`.
+pub fn azure_net(
+    metadata_port: u16,
+    wireserver_port: u16,
+    controller_port: Option<u16>,
+) -> Result<UserNet> {
+    let mut net = UserNet::new().with_network(Ipv4Addr::new(168, 0, 0, 0), 7)?;
+    net.forward_to_host(METADATA_ADDR, 80, metadata_port)?;
+    net.forward_to_host(WIRESERVER_ADDR, 80, wireserver_port)?;
+    if let Some(p) = controller_port {
+        net.forward_to_host(
+            CONTROLLER_ADDR_LINK_LOCAL,
+            crate::node::CONTROLLER_GUEST_PORT,
+            p,
+        )?;
+    }
+    Ok(net)
+}
+
 /// `AIWARE_CONTROLLER` for a guest on [`metadata_net`].
 pub fn controller_url_link_local() -> String {
     format!(
@@ -60,6 +86,9 @@ pub enum Cloud {
     Ec2,
     Gce,
     Azure,
+    /// Azure's wireserver (168.63.129.16): the goal state and the health
+    /// ("ready") reports a provisioned VM posts.
+    AzureWireServer,
 }
 
 /// One request the double answered.
@@ -140,7 +169,7 @@ impl InstanceFacts {
                 private_ip: "10.128.0.7".into(),
                 public_ip: Some("34.66.1.2".into()),
             },
-            Cloud::Azure => InstanceFacts {
+            Cloud::Azure | Cloud::AzureWireServer => InstanceFacts {
                 hostname: "azure-engine".into(),
                 ssh_keys: vec![DOUBLE_SSH_KEY.into()],
                 project_ssh_keys: vec![],
@@ -163,6 +192,8 @@ struct State {
     facts: InstanceFacts,
     seen: Vec<Seen>,
     tokens: Vec<String>,
+    /// Bodies of the wireserver's `POST /machine/?comp=health`.
+    health_reports: Vec<String>,
 }
 
 /// A metadata service double on 127.0.0.1 (stops when dropped).
@@ -266,6 +297,15 @@ impl MetadataDouble {
             .clone()
     }
 
+    /// The health reports posted to the wireserver double, in order.
+    pub fn health_reports(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .health_reports
+            .clone()
+    }
+
     /// The log as lines, for test output.
     pub fn log(&self) -> String {
         self.seen()
@@ -310,6 +350,7 @@ fn serve(cloud: Cloud, mut s: TcpStream, state: &Mutex<State>, counter: &AtomicU
         Cloud::Ec2 => ec2(&req, &mut st, counter),
         Cloud::Gce => gce(&req, &st),
         Cloud::Azure => azure(&req, &st),
+        Cloud::AzureWireServer => wireserver(&req, &mut st),
     };
     st.seen.push(Seen {
         method: req.method.clone(),
@@ -334,6 +375,53 @@ fn serve(cloud: Cloud, mut s: TcpStream, state: &Mutex<State>, counter: &AtomicU
 }
 
 type Answer = (u16, Vec<u8>, bool, Vec<(&'static str, String)>);
+
+/// The goal state's incarnation, container and role instance the wireserver
+/// double serves (a ready report must name them).
+pub const WIRESERVER_INCARNATION: &str = "3";
+pub const WIRESERVER_CONTAINER_ID: &str = "9f0e1d2c-3b4a-4c5d-8e7f-a0b1c2d3e4f5";
+pub const WIRESERVER_INSTANCE_ID: &str = "7d6c5b4a.azure-engine_0";
+
+/// Azure's wireserver, the part a provisioning agent uses: every request
+/// needs `x-ms-version` (its credential here); `GET /machine/?comp=goalstate`
+/// answers the goal state XML, `POST /machine/?comp=health` takes a health
+/// report (kept, see [`MetadataDouble::health_reports`]).
+fn wireserver(req: &Request, st: &mut State) -> Answer {
+    if req.header("x-ms-version").is_none_or(str::is_empty) {
+        return (400, b"x-ms-version header required".to_vec(), false, vec![]);
+    }
+    match (req.method.as_str(), req.path(), req.query("comp")) {
+        ("GET", "/machine/" | "/machine", Some("goalstate")) => (
+            200,
+            format!(
+                "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n\
+<GoalState xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" xsi:noNamespaceSchemaLocation=\"goalstate10.xsd\">\n\
+  <Version>2012-11-30</Version>\n\
+  <Incarnation>{WIRESERVER_INCARNATION}</Incarnation>\n\
+  <Machine><ExpectedState>Started</ExpectedState><StopRolesDeadlineHint>300000</StopRolesDeadlineHint></Machine>\n\
+  <Container>\n\
+    <ContainerId>{WIRESERVER_CONTAINER_ID}</ContainerId>\n\
+    <RoleInstanceList>\n\
+      <RoleInstance>\n\
+        <InstanceId>{WIRESERVER_INSTANCE_ID}</InstanceId>\n\
+        <State>Started</State>\n\
+      </RoleInstance>\n\
+    </RoleInstanceList>\n\
+  </Container>\n\
+</GoalState>\n"
+            )
+            .into_bytes(),
+            true,
+            vec![],
+        ),
+        ("POST", "/machine/" | "/machine", Some("health")) => {
+            st.health_reports
+                .push(String::from_utf8_lossy(&req.body).into_owned());
+            (200, vec![], true, vec![])
+        }
+        _ => (404, vec![], true, vec![]),
+    }
+}
 
 /// EC2 IMDSv2 (tokens required, as on instances launched with
 /// `HttpTokens=required`): PUT /latest/api/token with a TTL of 1..=21600 s

@@ -82,8 +82,8 @@ impl UserNet {
     /// Cloud metadata doubles at 169.254.169.254 need `169.254.0.0/16` here,
     /// because guest forwards must lie inside this network.
     pub fn with_network(mut self, addr: Ipv4Addr, prefix: u8) -> Result<Self> {
-        if !(8..=30).contains(&prefix) {
-            bail!("user network prefix /{prefix} out of range: use /8 to /30");
+        if !(4..=30).contains(&prefix) {
+            bail!("user network prefix /{prefix} out of range: use /4 to /30");
         }
         self.net = (addr, prefix);
         self.validate()?;

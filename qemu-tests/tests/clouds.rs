@@ -25,8 +25,8 @@ use anyhow::{bail, ensure, Context, Result};
 use qemu_tests::case::DEFAULT_BUDGET;
 use qemu_tests::checks::agent_status;
 use qemu_tests::cloud_doubles::{
-    base64, controller_url_link_local, metadata_net, Cloud, MetadataDouble, AZURE_VM_ID,
-    EC2_INSTANCE_ID, GCE_INSTANCE_ID,
+    azure_net, base64, controller_url_link_local, metadata_net, Cloud, MetadataDouble, AZURE_VM_ID,
+    EC2_INSTANCE_ID, GCE_INSTANCE_ID, WIRESERVER_INSTANCE_ID,
 };
 use qemu_tests::node::{
     controller_url_in_guest, node_vm, start_controller, wait_for_hosts, TEST_INIT_TOKEN,
@@ -241,17 +241,18 @@ fn azure_imds() {
     TestCase::run("clouds-azure", DEFAULT_BUDGET, |case| {
         let controller = start_controller()?;
         let md = MetadataDouble::start(Cloud::Azure, None)?;
-        let mut b = cloud_vm(
-            case,
-            &image,
-            "azure",
-            &md,
-            controller.addr().port(),
-            &[
-                "type=1,manufacturer=Microsoft Corporation,product=Virtual Machine",
+        let wire = MetadataDouble::start(Cloud::AzureWireServer, None)?;
+        let mut b = qemu_tests::Vm::builder("azure", case.dir())
+            .disk(&image.disk, image.format)
+            .user_net(azure_net(
+                md.port(),
+                wire.port(),
+                Some(controller.addr().port()),
+            )?)
+            .smbios("type=1,manufacturer=Microsoft Corporation,product=Virtual Machine")
+            .smbios(
                 "type=3,manufacturer=Microsoft Corporation,asset=7783-7084-3265-9085-8269-3286-77",
-            ],
-        )?;
+            );
         let key = b.ssh_public_key()?;
         let ud = joining("azure-engine", &controller_url_link_local(), &key);
         md.set_user_data(Some(ud.as_bytes()));
@@ -264,10 +265,29 @@ fn azure_imds() {
             "7783-7084-3265-9085-8269-3286-77",
         )?;
         credentials_were_used(&md, "/metadata/instance/compute/userData")?;
-        let settings = agent_status(&vm, case.deadline())?["settings"].to_string();
+        let status = agent_status(&vm, case.deadline())?;
+        let settings = status["settings"].to_string();
         ensure!(
             settings.contains(AZURE_VM_ID),
             "vmId {AZURE_VM_ID} not in the settings: {settings}"
+        );
+        // The provisioning "ready" report reached the wireserver double.
+        eprintln!("clouds: wireserver double saw:\n{}", wire.log());
+        let reports = wire.health_reports();
+        ensure!(
+            reports.len() == 1
+                && reports[0].contains("<State>Ready</State>")
+                && reports[0].contains(&format!(
+                    "<InstanceId>{WIRESERVER_INSTANCE_ID}</InstanceId>"
+                )),
+            "the wireserver got {reports:?}"
+        );
+        ensure!(
+            status["platform_checkin"]
+                .as_str()
+                .is_some_and(|c| c.contains("reported Ready")),
+            "aiw-agent status: platform_checkin {}",
+            status["platform_checkin"]
         );
         Ok(())
     });

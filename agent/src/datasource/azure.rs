@@ -1,5 +1,12 @@
 //! Azure IMDS (`Metadata: true`): userData comes base64-encoded; 404, 410, 429
 //! and 5xx are retried (IMDS answers them while the VM is still being set up).
+//!
+//! And the provisioning "ready" report to the wireserver, as WALinuxAgent,
+//! cloud-init and afterburn's `--check-in` make it: read the goal state
+//! (`GET /machine/?comp=goalstate`), post a `Health` document with state
+//! `Ready` for its incarnation, container and role instance (`POST
+//! /machine/?comp=health`). Without it Azure marks the deployment failed
+//! once its provisioning timeout is over, though the VM runs.
 
 use super::retry::{Outcome, RetryClient};
 use super::{Datasource, DsError, LaunchData, PlatformMeta};
@@ -12,6 +19,136 @@ pub struct AzureSource {
 }
 
 const API: &str = "api-version=2021-01-01&format=text";
+
+/// Azure's wireserver (the "fabric"): the same address in every region.
+pub const WIRESERVER_ADDR: &str = "168.63.129.16";
+/// The wireserver protocol version the goal state and health report speak.
+const WIRESERVER_VERSION: &str = "2012-11-30";
+/// Who reports, in `x-ms-agent-name`.
+const AGENT_NAME: &str = "aiw-agent";
+
+/// What the ready report needs from the goal state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GoalState {
+    pub incarnation: String,
+    pub container_id: String,
+    pub instance_id: String,
+}
+
+/// The goal state XML's incarnation, container and (first) role instance.
+pub fn parse_goal_state(xml: &str) -> Result<GoalState, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("goal state is not XML: {e}"))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "GoalState" {
+        return Err(format!(
+            "goal state: root element <{}>, expected <GoalState>",
+            root.tag_name().name()
+        ));
+    }
+    // The first element named `name` on the path of names below `from`.
+    let text_at = |path: &[&str]| -> Option<String> {
+        let mut node = root;
+        for name in path {
+            node = node
+                .children()
+                .find(|c| c.is_element() && c.tag_name().name() == *name)?;
+        }
+        node.text()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(String::from)
+    };
+    let need = |path: &[&str]| {
+        text_at(path).ok_or_else(|| format!("goal state has no {}", path.join("/")))
+    };
+    Ok(GoalState {
+        incarnation: need(&["Incarnation"])?,
+        container_id: need(&["Container", "ContainerId"])?,
+        instance_id: need(&[
+            "Container",
+            "RoleInstanceList",
+            "RoleInstance",
+            "InstanceId",
+        ])?,
+    })
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The `Health` document saying the role instance is `Ready`.
+pub fn ready_report(g: &GoalState) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n\
+<Health xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" xmlns:xsd=\"http://www.w3.org/2001/XMLSchema\">\n\
+  <GoalStateIncarnation>{}</GoalStateIncarnation>\n\
+  <Container>\n\
+    <ContainerId>{}</ContainerId>\n\
+    <RoleInstanceList>\n\
+      <Role>\n\
+        <InstanceId>{}</InstanceId>\n\
+        <Health>\n\
+          <State>Ready</State>\n\
+        </Health>\n\
+      </Role>\n\
+    </RoleInstanceList>\n\
+  </Container>\n\
+</Health>\n",
+        xml_escape(&g.incarnation),
+        xml_escape(&g.container_id),
+        xml_escape(&g.instance_id)
+    )
+}
+
+/// Tells the wireserver at `base` this VM is provisioned (goal state, then
+/// the ready report), retrying until `deadline`; says what was reported.
+pub fn report_ready(base: &str, deadline: Instant) -> Result<String, String> {
+    let base = base.trim_end_matches('/');
+    let client = RetryClient::new("azure wireserver");
+    let retry_on = [404, 410, 429, 500, 502, 503, 504];
+    let goal_url = format!("{base}/machine/?comp=goalstate");
+    let xml = match client
+        .call("the goal state", deadline, &retry_on, None, &|a| {
+            a.get(&goal_url)
+                .set("x-ms-version", WIRESERVER_VERSION)
+                .set("x-ms-agent-name", AGENT_NAME)
+        })
+        .map_err(|e| e.to_string())?
+    {
+        Outcome::Body(b) => String::from_utf8_lossy(&b).into_owned(),
+        Outcome::Status(c) => {
+            return Err(format!("GET /machine/?comp=goalstate answered HTTP {c}"))
+        }
+    };
+    let goal = parse_goal_state(&xml)?;
+    let body = ready_report(&goal);
+    let health_url = format!("{base}/machine/?comp=health");
+    match client
+        .call(
+            "the ready report",
+            deadline,
+            &retry_on,
+            Some(body.as_bytes()),
+            &|a| {
+                a.post(&health_url)
+                    .set("x-ms-version", WIRESERVER_VERSION)
+                    .set("x-ms-agent-name", AGENT_NAME)
+                    .set("Content-Type", "text/xml;charset=utf-8")
+            },
+        )
+        .map_err(|e| e.to_string())?
+    {
+        Outcome::Body(_) => Ok(format!(
+            "reported Ready to the Azure wireserver (incarnation {}, instance {})",
+            goal.incarnation, goal.instance_id
+        )),
+        Outcome::Status(c) => Err(format!("POST /machine/?comp=health answered HTTP {c}")),
+    }
+}
 
 impl AzureSource {
     pub fn new(base: &str) -> Self {
@@ -138,6 +275,72 @@ pub fn instance_platform(doc: &serde_json::Value) -> PlatformMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const GOAL_STATE: &str = r#"<?xml version="1.0" encoding="utf-8"?>
+<GoalState xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:noNamespaceSchemaLocation="goalstate10.xsd">
+  <Version>2012-11-30</Version>
+  <Incarnation>7</Incarnation>
+  <Machine><ExpectedState>Started</ExpectedState></Machine>
+  <Container>
+    <ContainerId>a1b2c3d4-0000-4000-8000-000000000001</ContainerId>
+    <RoleInstanceList>
+      <RoleInstance>
+        <InstanceId>e5f6.ceo-engine_0</InstanceId>
+        <State>Started</State>
+      </RoleInstance>
+    </RoleInstanceList>
+  </Container>
+</GoalState>"#;
+
+    #[test]
+    fn goal_state_gives_incarnation_container_and_instance() {
+        let g = parse_goal_state(GOAL_STATE).unwrap();
+        assert_eq!(
+            g,
+            GoalState {
+                incarnation: "7".into(),
+                container_id: "a1b2c3d4-0000-4000-8000-000000000001".into(),
+                instance_id: "e5f6.ceo-engine_0".into(),
+            }
+        );
+        let report = ready_report(&g);
+        let doc = roxmltree::Document::parse(&report).unwrap();
+        let text = |n: &str| {
+            doc.descendants()
+                .find(|x| x.tag_name().name() == n)
+                .and_then(|x| x.text())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(text("GoalStateIncarnation"), "7");
+        assert_eq!(text("ContainerId"), g.container_id);
+        assert_eq!(text("InstanceId"), g.instance_id);
+        assert_eq!(text("State"), "Ready");
+    }
+
+    #[test]
+    fn odd_goal_states_are_refused_or_escaped() {
+        assert!(parse_goal_state("not xml").unwrap_err().contains("not XML"));
+        assert!(parse_goal_state("<Health/>")
+            .unwrap_err()
+            .contains("<GoalState>"));
+        let no_instance = GOAL_STATE.replace("<InstanceId>e5f6.ceo-engine_0</InstanceId>", "");
+        assert!(parse_goal_state(&no_instance)
+            .unwrap_err()
+            .contains("RoleInstance/InstanceId"));
+        // A value with markup in it stays text in the report.
+        let hostile = GOAL_STATE.replace("e5f6.ceo-engine_0", "x&lt;/InstanceId&gt;&lt;State&gt;");
+        let g = parse_goal_state(&hostile).unwrap();
+        assert_eq!(g.instance_id, "x</InstanceId><State>");
+        let report = ready_report(&g);
+        let doc = roxmltree::Document::parse(&report).unwrap();
+        assert_eq!(
+            doc.descendants()
+                .filter(|x| x.has_tag_name("State"))
+                .count(),
+            1
+        );
+    }
 
     #[test]
     fn instance_document_gives_name_keys_size_location_and_addresses() {

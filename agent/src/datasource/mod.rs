@@ -6,7 +6,7 @@
 //! kernel command line, local files) before any network is touched, the way
 //! cloud-init's ds-identify does; no blind probing of link-local addresses.
 
-mod azure;
+pub mod azure;
 mod cmdline;
 mod configdrive;
 mod ec2;
@@ -139,6 +139,8 @@ pub struct Endpoints {
     pub ec2: String,
     pub gce: String,
     pub azure: String,
+    /// Azure's wireserver (`168.63.129.16`), told when the VM is provisioned.
+    pub azure_wireserver: String,
     /// `vmware-rpctool` (or a test double of it).
     pub vmware_rpctool: String,
 }
@@ -152,6 +154,8 @@ impl Default for Endpoints {
             ec2: imds.clone(),
             gce: imds.clone(),
             azure: imds,
+            azure_wireserver: std::env::var("AIW_AGENT_AZURE_WIRESERVER_URL")
+                .unwrap_or_else(|_| format!("http://{}", azure::WIRESERVER_ADDR)),
             vmware_rpctool: "vmware-rpctool".into(),
         }
     }
