@@ -799,9 +799,24 @@ impl<'a> Agent<'a> {
             .heartbeat_override
             .unwrap_or(Duration::from_secs(s.update_interval_s()));
         let prometheus = modes.iter().any(|m| m == "prometheus");
+        // On EC2 the platform announces a spot interruption or a scheduled
+        // stop in its metadata: asked at every report, the node drains.
+        let ec2 = (source == "ec2").then(|| datasource::Ec2Source::new(&self.cfg.endpoints.ec2));
+        let mut ec2_unreadable_said = false;
         let mut beats = 0u64;
         loop {
             let report_started = Instant::now();
+            if let Some(ec2) = &ec2 {
+                match ec2.interruption_notice(now_unix(), Instant::now() + Duration::from_secs(5)) {
+                    Ok(Some(notice)) => tasks.platform_drain(&notice),
+                    Ok(None) => {}
+                    Err(e) if !ec2_unreadable_said => {
+                        ec2_unreadable_said = true;
+                        log::info(&format!("ec2: cannot read interruption notices: {e}"));
+                    }
+                    Err(_) => {}
+                }
+            }
             let facts = host::gather_toward(paths, Some(url));
             let report = HostReport {
                 facts: &facts,

@@ -439,3 +439,65 @@ fn azure_is_told_the_vm_is_ready_whatever_the_user_data() {
     assert_eq!(run(&p2, endpoints), Outcome::NoUserData);
     assert_eq!(wire.health_reports().len(), 2, "{}", wire.log());
 }
+
+#[test]
+fn an_ec2_spot_interruption_or_a_near_scheduled_event_drains_the_node() {
+    let c = EdgeTestController::start("127.0.0.1:0", INIT).unwrap();
+    let ud = engine(&c.url(), "");
+    let d = MetadataDouble::start(Cloud::Ec2, Some(ud.as_bytes())).unwrap();
+    let endpoints = Endpoints {
+        ec2: d.url(),
+        ..Endpoints::default()
+    };
+    let on_ec2 = |p: &Paths| {
+        std::fs::create_dir_all(p.dmi("x").parent().unwrap()).unwrap();
+        std::fs::write(p.dmi("sys_vendor"), "Amazon EC2\n").unwrap();
+    };
+    let last_drain = |c: &EdgeTestController| {
+        let h = c.hosts();
+        h.last().unwrap().statuses.last().unwrap()["drain"].clone()
+    };
+    // Nothing announced: not draining.
+    let (_t, p) = node_root();
+    on_ec2(&p);
+    assert_eq!(run(&p, endpoints.clone()), Outcome::Ready);
+    assert_eq!(last_drain(&c), false);
+    // A spot interruption notice: the next report says drain.
+    d.set_spot_interruption(Some(
+        r#"{"action": "terminate", "time": "2026-12-04T15:30:00Z"}"#,
+    ));
+    reboot(&p);
+    assert_eq!(run(&p, endpoints.clone()), Outcome::Ready);
+    assert_eq!(last_drain(&c), true);
+    let st: aiw_agent::status::Status =
+        serde_json::from_slice(&std::fs::read(p.status_file()).unwrap()).unwrap();
+    assert_eq!(
+        st.actions.host_mode, "continue",
+        "the controller's mode is kept"
+    );
+    // A scheduled reboot a week away: not yet; one starting now: drain.
+    d.set_spot_interruption(None);
+    let when = |unix: u64| {
+        let out = std::process::Command::new("date")
+            .env("LC_ALL", "C")
+            .args(["-u", "-d", &format!("@{unix}"), "+%d %b %Y %H:%M:%S GMT"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let now = aiw_agent::status::now_unix();
+    let events = |at: u64| {
+        format!(
+            r#"[{{"Code": "system-reboot", "Description": "scheduled reboot", "State": "active", "NotBefore": "{}"}}]"#,
+            when(at)
+        )
+    };
+    d.set_scheduled_events(&events(now + 7 * 86400));
+    reboot(&p);
+    assert_eq!(run(&p, endpoints.clone()), Outcome::Ready);
+    assert_eq!(last_drain(&c), false, "{}", events(now + 7 * 86400));
+    d.set_scheduled_events(&events(now + 60));
+    reboot(&p);
+    assert_eq!(run(&p, endpoints), Outcome::Ready);
+    assert_eq!(last_drain(&c), true);
+}

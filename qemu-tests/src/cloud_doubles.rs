@@ -194,6 +194,10 @@ struct State {
     tokens: Vec<String>,
     /// Bodies of the wireserver's `POST /machine/?comp=health`.
     health_reports: Vec<String>,
+    /// EC2 `spot/instance-action` (404 while `None`).
+    spot_action: Option<String>,
+    /// EC2 `events/maintenance/scheduled` (`[]` while `None`).
+    scheduled_events: Option<String>,
 }
 
 /// A metadata service double on 127.0.0.1 (stops when dropped).
@@ -295,6 +299,23 @@ impl MetadataDouble {
             .unwrap_or_else(|e| e.into_inner())
             .seen
             .clone()
+    }
+
+    /// EC2: announces a spot interruption (`{"action": "terminate", "time":
+    /// "..."}` at `spot/instance-action`), or withdraws it with `None`.
+    pub fn set_spot_interruption(&self, action: Option<&str>) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .spot_action = action.map(String::from);
+    }
+
+    /// EC2: the `events/maintenance/scheduled` document (a JSON array).
+    pub fn set_scheduled_events(&self, events: &str) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .scheduled_events = Some(events.to_string());
     }
 
     /// The health reports posted to the wireserver double, in order.
@@ -469,6 +490,10 @@ fn ec2(req: &Request, st: &mut State, counter: &AtomicU64) -> Answer {
         "/latest/meta-data/local-ipv4" => item(Some(&f.private_ip)),
         "/latest/meta-data/public-ipv4" => item(f.public_ip.as_deref()),
         "/latest/meta-data/instance-id" => (200, EC2_INSTANCE_ID.into(), true, vec![]),
+        "/latest/meta-data/spot/instance-action" => item(st.spot_action.as_deref()),
+        "/latest/meta-data/events/maintenance/scheduled" => {
+            item(Some(st.scheduled_events.as_deref().unwrap_or("[]")))
+        }
         "/latest/user-data" => match &st.user_data {
             Some(u) => (200, u.clone(), true, vec![]),
             None => (404, b"Not Found".to_vec(), true, vec![]),

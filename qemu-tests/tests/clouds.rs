@@ -48,6 +48,11 @@ fn image() -> TestImage {
 /// The guide's engine user-data joining the controller at `controller_url`,
 /// with the test's SSH key so the test can ask the node.
 fn joining(hostname: &str, controller_url: &str, ssh_key: &str) -> String {
+    joining_data(hostname, controller_url, ssh_key).render()
+}
+
+/// [`joining`] before it is rendered, for a test that adds a setting.
+fn joining_data(hostname: &str, controller_url: &str, ssh_key: &str) -> UserData {
     UserData::cloud_config()
         .hostname(hostname)
         .ssh_key(ssh_key)
@@ -55,7 +60,6 @@ fn joining(hostname: &str, controller_url: &str, ssh_key: &str) -> String {
         .setting("AIWARE_LICENSE", TEST_LICENSE)
         .setting("AIWARE_CONTROLLER", controller_url)
         .setting("AIWARE_INIT_TOKEN", TEST_INIT_TOKEN)
-        .render()
 }
 
 /// What the node says about its launch.
@@ -182,7 +186,10 @@ fn ec2_imdsv2() {
             ],
         )?;
         let key = b.ssh_public_key()?;
-        let ud = joining("ec2-engine", &controller_url_link_local(), &key);
+        // Reports every 5 s: the spot interruption below is seen at once.
+        let ud = joining_data("ec2-engine", &controller_url_link_local(), &key)
+            .setting("AIWARE_AGENT_UPDATE_INTERVAL", "5")
+            .render();
         imds.set_user_data(Some(ud.as_bytes()));
         let mut vm = b.start()?;
         prove(case, &mut vm, &controller, "ec2", "Amazon EC2")?;
@@ -198,6 +205,38 @@ fn ec2_imdsv2() {
         ensure!(
             settings.to_string().contains(EC2_INSTANCE_ID),
             "instance id {EC2_INSTANCE_ID} not in the settings: {settings}"
+        );
+        // EC2 announces a spot interruption: the node reports drain.
+        let host = controller
+            .hosts()
+            .first()
+            .map(|h| h.host_id.clone())
+            .context("the engine did not register")?;
+        let after = controller.statuses(&host).len();
+        ensure!(
+            controller
+                .statuses(&host)
+                .last()
+                .is_some_and(|s| s["drain"] == false),
+            "draining before any notice"
+        );
+        let announced = std::time::Instant::now();
+        imds.set_spot_interruption(Some(
+            r#"{"action": "terminate", "time": "2026-12-04T15:30:00Z"}"#,
+        ));
+        controller
+            .wait_for_status(&host, after, Duration::from_secs(60), |s| {
+                s["drain"] == true
+            })
+            .context("no status report said drain after the spot interruption notice")?;
+        let said = vm.check(
+            "journalctl -b -u aiw-agent -o cat --no-pager | grep -m1 'draining: EC2 spot interruption'",
+            case.deadline(),
+        )?;
+        eprintln!(
+            "clouds: ec2: spot interruption to a report saying drain in {:.1?}; the journal: {}",
+            announced.elapsed(),
+            said.trim()
         );
         Ok(())
     });

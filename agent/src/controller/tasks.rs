@@ -100,6 +100,9 @@ pub struct HostTasks {
     reconnect: Option<Reconnect>,
     terminate_pending: bool,
     powered_off: bool,
+    /// The platform announced the instance goes away (an EC2 spot
+    /// interruption, a scheduled stop): drained whatever the controller says.
+    platform_notice: Option<String>,
 }
 
 fn now_unix() -> u64 {
@@ -148,6 +151,7 @@ impl HostTasks {
             reconnect: None,
             terminate_pending: false,
             powered_off: false,
+            platform_notice: None,
         }
     }
 
@@ -294,6 +298,16 @@ impl HostTasks {
         self.mode = m;
     }
 
+    /// The platform says the instance is going (`why`): from now on the host
+    /// reports drain and takes no new launch; running tasks go on until the
+    /// instance stops (the controller moves the work). Said once in the journal.
+    pub fn platform_drain(&mut self, why: &str) {
+        if self.platform_notice.is_none() {
+            log::console(&format!("draining: {why}"));
+            self.platform_notice = Some(why.to_string());
+        }
+    }
+
     fn stop(&mut self, c: &ManagedContainer, why: &str) {
         let launch = c.label(rt::LABEL_LAUNCH_ID).to_string();
         if c.state == "paused" {
@@ -370,6 +384,9 @@ impl HostTasks {
         let id = Some(l.launch_id.as_str());
         if let Some(e) = self.runtime_error.clone() {
             return self.refuse(&what, id, e);
+        }
+        if let Some(n) = self.platform_notice.clone() {
+            return self.refuse(&what, id, format!("the host is draining: {n}"));
         }
         match self.mode {
             Mode::Continue => {}
@@ -625,7 +642,9 @@ impl HostTasks {
         status["numEngineInstances"] = json!(engines);
         status["containerStatus"] = Value::Array(entries);
         status["hostMode"] = json!(self.mode.as_str());
-        status["drain"] = json!(matches!(self.mode, Mode::Drain | Mode::Terminate));
+        status["drain"] = json!(
+            matches!(self.mode, Mode::Drain | Mode::Terminate) || self.platform_notice.is_some()
+        );
         {
             let mut bg = self.background.lock().unwrap_or_else(|e| e.into_inner());
             self.refused.append(&mut bg.failed);
@@ -785,6 +804,37 @@ mod tests {
         h.tick();
         assert!(f.by_launch("L1").is_empty(), "over: stopped");
         assert_eq!(f.by_launch("L2").len(), 1, "no TTL: left alone");
+    }
+
+    #[test]
+    fn a_platform_notice_drains_new_launches_but_keeps_what_runs() {
+        let t = tempfile::tempdir().unwrap();
+        let f = Arc::new(FakeRuntime::new());
+        let mut h = HostTasks::new(
+            f.clone(),
+            Arc::new(RecordingPower::default()),
+            ctx(t.path()),
+        );
+        h.apply(
+            &json!({"launchContainer": [{"launchId": "L1", "engineId": "E1", "dockerImage": "a"}]}),
+        );
+        assert!(h.wait_background(Duration::from_secs(5)));
+        h.platform_drain("EC2 spot interruption: terminate at 2026-12-04T15:30:00Z");
+        h.apply(
+            &json!({"launchContainer": [{"launchId": "L2", "engineId": "E1", "dockerImage": "a"}]}),
+        );
+        assert!(h.wait_background(Duration::from_secs(5)));
+        let mut st = json!({});
+        h.fill_status(&mut st);
+        assert_eq!(st["drain"], true);
+        assert_eq!(st["hostMode"], "continue");
+        assert_eq!(st["numContainers"], 1, "L1 goes on: {st}");
+        let refused = st["actionErrors"].to_string();
+        assert!(
+            refused.contains("L2") && refused.contains("EC2 spot interruption"),
+            "{refused}"
+        );
+        assert_eq!(f.containers().len(), 1);
     }
 
     #[test]

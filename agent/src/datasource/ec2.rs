@@ -125,6 +125,100 @@ impl Ec2Source {
     }
 }
 
+/// How near a scheduled event must be for the node to drain for it.
+pub const EVENT_DRAIN_WINDOW_S: u64 = 30 * 60;
+
+impl Ec2Source {
+    /// Whether EC2 says this instance is about to go: a spot interruption
+    /// notice (`spot/instance-action`, two minutes ahead) or a scheduled event
+    /// (`events/maintenance/scheduled`) starting within
+    /// [`EVENT_DRAIN_WINDOW_S`]. `None`: nothing announced.
+    pub fn interruption_notice(
+        &self,
+        now_unix: u64,
+        deadline: Instant,
+    ) -> Result<Option<String>, DsError> {
+        let token = RefCell::new(self.token(deadline)?);
+        if let Some(b) = self.get(
+            "/latest/meta-data/spot/instance-action",
+            "the spot instance action",
+            &token,
+            deadline,
+        )? {
+            let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+            return Ok(Some(format!(
+                "EC2 spot interruption: {} at {}",
+                v["action"].as_str().unwrap_or("stop"),
+                v["time"].as_str().unwrap_or("an announced time")
+            )));
+        }
+        let events = self.get(
+            "/latest/meta-data/events/maintenance/scheduled",
+            "the scheduled events",
+            &token,
+            deadline,
+        )?;
+        Ok(events.and_then(|b| soon_event(&b, now_unix)))
+    }
+}
+
+/// The first scheduled event neither completed nor canceled whose start is
+/// within [`EVENT_DRAIN_WINDOW_S`] (or past, or unreadable: drain to be safe).
+pub fn soon_event(body: &[u8], now_unix: u64) -> Option<String> {
+    let events: Vec<serde_json::Value> = serde_json::from_slice(body).ok()?;
+    events.iter().find_map(|e| {
+        let state = e["State"].as_str().unwrap_or("");
+        if matches!(state, "completed" | "canceled" | "Completed" | "Canceled") {
+            return None;
+        }
+        let not_before = e["NotBefore"].as_str().unwrap_or("");
+        let soon = aws_event_time(not_before).is_none_or(|t| t <= now_unix + EVENT_DRAIN_WINDOW_S);
+        soon.then(|| {
+            format!(
+                "EC2 scheduled event {} ({}) from {not_before}",
+                e["Code"].as_str().unwrap_or("?"),
+                e["Description"].as_str().unwrap_or("")
+            )
+        })
+    })
+}
+
+/// `21 Jan 2019 09:00:43 GMT` (the events' date form) as Unix seconds.
+pub fn aws_event_time(s: &str) -> Option<u64> {
+    let mut it = s.split_whitespace();
+    let day: i64 = it.next()?.parse().ok()?;
+    let month = match it.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year: i64 = it.next()?.parse().ok()?;
+    let mut hms = it.next()?.split(':').map(|x| x.parse::<i64>().ok());
+    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    if it.next()? != "GMT" || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    // Howard Hinnant's days-from-civil.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86400 + h * 3600 + m * 60 + sec).ok()
+}
+
 impl Datasource for Ec2Source {
     fn name(&self) -> &'static str {
         "ec2"
@@ -145,5 +239,70 @@ impl Datasource for Ec2Source {
             instance_id,
             platform: self.platform(&token, deadline),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_dates_as_ec2_writes_them() {
+        // 2019-01-21T09:00:43Z
+        assert_eq!(
+            aws_event_time("21 Jan 2019 09:00:43 GMT"),
+            Some(1_548_061_243)
+        );
+        assert_eq!(
+            aws_event_time("29 Feb 2024 00:00:00 GMT"),
+            Some(1_709_164_800)
+        );
+        for bad in [
+            "",
+            "21 Foo 2019 09:00:43 GMT",
+            "21 Jan 2019 09:00 GMT",
+            "2019-01-21T09:00:43Z",
+            "32 Jan 2019 09:00:43 GMT",
+        ] {
+            assert_eq!(aws_event_time(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_a_near_open_event_drains() {
+        let now = 1_548_061_243 - 3600; // an hour before 09:00:43
+        let ev = |state: &str, when: &str| {
+            format!(
+                r#"[{{"Code": "system-reboot", "Description": "scheduled reboot", "State": "{state}", "NotBefore": "{when}"}}]"#
+            )
+        };
+        assert_eq!(
+            soon_event(ev("active", "21 Jan 2019 09:00:43 GMT").as_bytes(), now),
+            None,
+            "an hour ahead"
+        );
+        let n = soon_event(
+            ev("active", "21 Jan 2019 09:00:43 GMT").as_bytes(),
+            now + 1800,
+        )
+        .unwrap();
+        assert!(
+            n.contains("system-reboot") && n.contains("21 Jan 2019"),
+            "{n}"
+        );
+        assert_eq!(
+            soon_event(ev("completed", "21 Jan 2019 08:00:00 GMT").as_bytes(), now),
+            None
+        );
+        assert_eq!(
+            soon_event(ev("canceled", "21 Jan 2019 08:00:00 GMT").as_bytes(), now),
+            None
+        );
+        assert!(
+            soon_event(ev("active", "someday").as_bytes(), now).is_some(),
+            "unreadable: drain"
+        );
+        assert_eq!(soon_event(b"[]", now), None);
+        assert_eq!(soon_event(b"not json", now), None);
     }
 }
