@@ -475,13 +475,18 @@ fn write_file(f: &Value, i: usize, what: &str) -> Result<WriteFile, ParseError> 
             .ok()
             .filter(|p| *p <= 0o7777)
             .ok_or_else(|| at(&format!("permissions {s:?} is not octal like '0644'")))?,
-        Value::Number(n) => {
-            // YAML reads 0644 as decimal 644; take its digits as octal as cloud-init does.
-            u32::from_str_radix(&n.to_string(), 8)
-                .ok()
-                .filter(|p| *p <= 0o7777)
-                .ok_or_else(|| at("permissions must be octal like '0644'"))?
-        }
+        // An integer is the mode itself, as cloud-init takes it: `0o600` is
+        // 384, `493` is 0755, `0x1ed` too. (An unquoted `0644` is not an
+        // integer to this YAML reader but the string "0644": octal above.)
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p <= 0o7777)
+            .ok_or_else(|| {
+                at(&format!(
+                    "permissions {n} is not a file mode (0 to 0o7777, e.g. '0644', 0o644 or 420)"
+                ))
+            })?,
         _ => return Err(at("permissions must be octal like '0644'")),
     };
     let append = f["append"].as_bool().unwrap_or(false);
@@ -866,6 +871,31 @@ mod tests {
         assert_eq!(u.hostname.as_deref(), Some("eng1"));
         assert_eq!(u.write_files[0].content, b"hi");
         assert_eq!(u.write_files[0].permissions, 0o600);
+        // Every form cloud-init takes: quoted or bare octal, 0o, an integer mode.
+        for (form, mode) in [
+            ("'0600'", 0o600),
+            ("0600", 0o600),
+            ("'0o755'", 0o755),
+            ("0o755", 0o755),
+            ("493", 0o755),
+            ("420", 0o644),
+            ("0x1ed", 0o755),
+            ("'644'", 0o644),
+        ] {
+            let u = parse(
+                format!("#cloud-config\naiware:\n  mode: engine\nwrite_files:\n- path: /var/opt/x\n  content: hi\n  permissions: {form}\n")
+                    .as_bytes(),
+            )
+            .unwrap_or_else(|e| panic!("{form}: {e:?}"));
+            assert_eq!(u.write_files[0].permissions, mode, "{form}");
+        }
+        for bad in ["'0999'", "70000", "-1", "'rw-r--r--'", "true"] {
+            let e = parse(
+                format!("#cloud-config\naiware:\n  mode: engine\nwrite_files:\n- path: /var/opt/x\n  content: hi\n  permissions: {bad}\n")
+                    .as_bytes(),
+            );
+            assert!(e.is_err(), "{bad} was taken");
+        }
     }
 
     #[test]
