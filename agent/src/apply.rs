@@ -170,6 +170,15 @@ impl Applier<'_> {
                 errs.push(e);
             }
         }
+        // Before the role services start: they may need the memory.
+        if let Some(sw) = &s.swap {
+            let facts = crate::host::gather_toward(self.paths, None);
+            let bytes = crate::swap::size_for(sw, facts.memory_bytes, facts.disk_available_var);
+            match crate::swap::ensure(&self.paths.at(&sw.filename), bytes, self.real_system) {
+                Ok(said) => crate::log::info(&said),
+                Err(e) => errs.push(e),
+            }
+        }
         // Network settings from user-data (/etc is read-only): systemd-networkd
         // is already up, so it is told to read them now. Static addresses on a
         // cluster network without DHCP come this way.

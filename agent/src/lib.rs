@@ -27,6 +27,7 @@ pub mod platform;
 pub mod services;
 pub mod settings;
 pub mod status;
+pub mod swap;
 pub mod systemd;
 pub mod tls;
 pub mod userdata;

@@ -114,6 +114,9 @@ pub struct Settings {
     pub hostname: Option<String>,
     pub ssh_authorized_keys: Vec<String>,
     pub write_files: Vec<WriteFile>,
+    /// cloud-config `swap`: a swap file on /var.
+    #[serde(default)]
+    pub swap: Option<crate::swap::Swap>,
     pub warnings: Vec<String>,
     /// The launch this came from (cloud instance-id, NoCloud instance-id, or a digest).
     pub instance_id: Option<String>,
@@ -141,6 +144,7 @@ impl Settings {
             hostname: u.hostname,
             ssh_authorized_keys: u.ssh_authorized_keys,
             write_files: u.write_files,
+            swap: u.swap,
             warnings,
             instance_id,
         }
@@ -215,6 +219,7 @@ impl Settings {
             "hostname": self.hostname,
             "ssh_authorized_keys": self.ssh_authorized_keys.len(),
             "write_files": files,
+            "swap": self.swap,
             "instance_id": self.instance_id,
             "warnings": self.warnings.iter().map(|w| crate::log::scrub_url_userinfo(w)).collect::<Vec<_>>(),
         })
@@ -365,6 +370,15 @@ pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
     for f in &s.write_files {
         if let Err(e) = check_write_path(&f.path) {
             errs.push(e);
+        }
+    }
+    if let Some(sw) = &s.swap {
+        let f = &sw.filename;
+        if !f.starts_with("/var/") || f.split('/').any(|c| c == "..") || f.ends_with('/') {
+            errs.push(format!(
+                "swap.filename {f:?}: the swap file must be a file under /var (the root is read-only), e.g. {}",
+                crate::swap::DEFAULT_SWAP_FILE
+            ));
         }
     }
     for k in &s.ssh_authorized_keys {
@@ -557,6 +571,20 @@ mod tests {
                 image: Some(&img),
             },
         )
+    }
+
+    #[test]
+    fn a_swap_file_must_live_on_var() {
+        let engine = "#cloud-config\naiware:\n  mode: engine\n  license: L\n  controller: http://10.0.0.5:9000/edge/v1\n  init_token: abcd-1234\n";
+        assert!(errs(&format!("{engine}swap:\n  size: 1G\n")).is_empty());
+        for f in ["/swap.img", "/var/../etc/swap", "/var/"] {
+            let e = errs(&format!("{engine}swap:\n  filename: {f}\n  size: 1G\n"));
+            assert!(
+                e.iter()
+                    .any(|x| x.starts_with("swap.filename") && x.contains("/var/swap.img")),
+                "{f}: {e:?}"
+            );
+        }
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub struct UserData {
     pub hostname: Option<String>,
     pub ssh_authorized_keys: Vec<String>,
     pub write_files: Vec<WriteFile>,
+    /// cloud-config `swap`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap: Option<crate::swap::Swap>,
     /// What the parser skipped or guessed, for the operator.
     pub warnings: Vec<String>,
     /// The formats met, outermost first (e.g. `gzip`, `cloud-config`).
@@ -406,6 +409,33 @@ fn take_document(doc: &Value, out: &mut UserData, what: &str) -> Result<(), Pars
                 for (i, f) in files.iter().enumerate() {
                     out.write_files.push(write_file(f, i, what)?);
                 }
+            }
+            "swap" => {
+                let Value::Object(m) = val else {
+                    return Err(perr(format!(
+                        "{what}: swap must be a map (filename, size, maxsize)"
+                    )));
+                };
+                let size = |k: &str| match m.get(k) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(v) => crate::swap::parse_size(v)
+                        .map_err(|e| perr(format!("{what}: swap.{k}: {e}"))),
+                };
+                let filename = match m.get("filename") {
+                    None | Some(Value::Null) => crate::swap::DEFAULT_SWAP_FILE.to_string(),
+                    Some(Value::String(f)) => f.clone(),
+                    Some(_) => return Err(perr(format!("{what}: swap.filename must be a path"))),
+                };
+                // cloud-init: no size means no swap file.
+                let sized = match m.get("size") {
+                    None | Some(Value::Null) => Some(0),
+                    Some(_) => size("size")?,
+                };
+                out.swap = Some(crate::swap::Swap {
+                    filename,
+                    size: sized,
+                    maxsize: size("maxsize")?,
+                });
             }
             other => out.warnings.push(format!(
                 "{what}: key `{other}` is not used by aiwimg images (ignored)"
@@ -888,6 +918,42 @@ mod tests {
             )
             .unwrap_or_else(|e| panic!("{form}: {e:?}"));
             assert_eq!(u.write_files[0].permissions, mode, "{form}");
+        }
+        // swap, as cloud-init's documentation writes it.
+        let u = parse(b"#cloud-config\naiware:\n  mode: engine\nswap:\n  filename: /var/swap.img\n  size: auto\n  maxsize: 2G\n").unwrap();
+        assert_eq!(
+            u.swap,
+            Some(crate::swap::Swap {
+                filename: "/var/swap.img".into(),
+                size: None,
+                maxsize: Some(2 << 30)
+            })
+        );
+        let u =
+            parse(b"#cloud-config\naiware:\n  mode: engine\nswap:\n  size: 67108864\n").unwrap();
+        let sw = u.swap.unwrap();
+        assert_eq!(
+            (sw.filename.as_str(), sw.size),
+            ("/var/swap.img", Some(64 << 20))
+        );
+        assert_eq!(
+            parse(b"#cloud-config\nswap:\n  filename: /var/s\n")
+                .unwrap()
+                .swap
+                .unwrap()
+                .size,
+            Some(0),
+            "no size: no swap, as in cloud-init"
+        );
+        for bad in [
+            "swap: 1G",
+            "swap:\n  size: lots",
+            "swap:\n  filename: 3\n  size: 1G",
+        ] {
+            assert!(
+                parse(format!("#cloud-config\n{bad}\n").as_bytes()).is_err(),
+                "{bad}"
+            );
         }
         for bad in ["'0999'", "70000", "-1", "'rw-r--r--'", "true"] {
             let e = parse(

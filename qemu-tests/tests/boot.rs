@@ -38,6 +38,24 @@ fn boot_ready(case: &TestCase, vm: &mut Vm) -> Result<()> {
     vm.wait_ssh(case.deadline())
 }
 
+/// The swap file the engine test asks for in user-data.
+const SWAP_FILE: &str = "/var/swap.img";
+
+/// Checks [`SWAP_FILE`] is on with 64 MiB; returns its inode.
+fn swap_on(vm: &Vm, dl: &Deadline) -> Result<String> {
+    let on = vm.check("swapon --show=NAME,SIZE --noheadings --bytes", dl)?;
+    ensure!(
+        on.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == [SWAP_FILE, "67108864"]),
+        "swapon --show: {on:?}"
+    );
+    eprintln!("qemu-tests: swapon --show: {}", on.trim());
+    Ok(vm
+        .check(&format!("stat -c %i {SWAP_FILE}"), dl)?
+        .trim()
+        .to_string())
+}
+
 /// The checks every healthy node passes.
 fn healthy(case: &TestCase, vm: &Vm) -> Result<()> {
     let dl = case.deadline();
@@ -109,7 +127,9 @@ fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
             .setting(
                 "AIWARE_AGENT_UPDATE_INTERVAL",
                 &STATUS_INTERVAL_S.to_string(),
-            );
+            )
+            // cloud-config `swap` (the guide recommends swap on engines).
+            .raw_yaml(&format!("swap:\n  filename: {SWAP_FILE}\n  size: 64M"));
         let disk_gib = 12;
         let mut vm = node_vm(case.dir(), "engine", &image, None)?
             .guest_forward(addr, 443, front.addr().port())?
@@ -141,6 +161,9 @@ fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
                 .is_some_and(|h| !h.statuses.is_empty()),
             "no status report reached the controller over TLS"
         );
+
+        // The swap file of user-data is on.
+        let swap_inode = swap_on(&vm, dl)?;
 
         // Docker keeps its data on /var and runs a container.
         assert_active(&vm, &["docker.service"], dl)?;
@@ -192,6 +215,11 @@ fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
         vm.wait_ssh(dl)?;
         let read = vm.check("cat /var/opt/aiware/persist-check", dl)?;
         ensure!(read.trim() == token, "after reboot the file holds {read:?}");
+        // The same swap file, switched on again (not made again).
+        ensure!(
+            swap_on(&vm, dl)? == swap_inode,
+            "the swap file was made again on the second boot"
+        );
         let boots = vm.check("journalctl --list-boots --no-pager | wc -l", dl)?;
         ensure!(
             boots.trim().parse::<u32>().unwrap_or(0) >= 2,
