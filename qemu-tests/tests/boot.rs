@@ -41,19 +41,25 @@ fn boot_ready(case: &TestCase, vm: &mut Vm) -> Result<()> {
 /// The swap file the engine test asks for in user-data.
 const SWAP_FILE: &str = "/var/swap.img";
 
-/// Checks [`SWAP_FILE`] is on with 64 MiB; returns its inode.
+/// Checks [`SWAP_FILE`] is a 64 MiB file and on (swapon counts all of it but
+/// its header page); returns its inode.
 fn swap_on(vm: &Vm, dl: &Deadline) -> Result<String> {
     let on = vm.check("swapon --show=NAME,SIZE --noheadings --bytes", dl)?;
     ensure!(
-        on.lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>() == [SWAP_FILE, "67108864"]),
+        on.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.first() == Some(&SWAP_FILE)
+                && f.get(1)
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .is_some_and(|b| (63 << 20..=64 << 20).contains(&b))
+        }),
         "swapon --show: {on:?}"
     );
+    let stat = vm.check(&format!("stat -c '%s %i' {SWAP_FILE}"), dl)?;
+    let (size, inode) = stat.trim().split_once(' ').unwrap_or_default();
+    ensure!(size == "67108864", "{SWAP_FILE} is {size} bytes");
     eprintln!("qemu-tests: swapon --show: {}", on.trim());
-    Ok(vm
-        .check(&format!("stat -c %i {SWAP_FILE}"), dl)?
-        .trim()
-        .to_string())
+    Ok(inode.to_string())
 }
 
 /// The checks every healthy node passes.
