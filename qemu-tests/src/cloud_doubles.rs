@@ -37,6 +37,11 @@ pub fn metadata_net(metadata_port: Option<u16>, controller_port: Option<u16>) ->
     if let Some(p) = metadata_port {
         net.forward_to_host(METADATA_ADDR, 80, p)?;
     }
+    with_controller(net, controller_port)
+}
+
+/// `net` with [`CONTROLLER_ADDR_LINK_LOCAL`]:9000 → `127.0.0.1:controller_port` when given.
+fn with_controller(mut net: UserNet, controller_port: Option<u16>) -> Result<UserNet> {
     if let Some(p) = controller_port {
         net.forward_to_host(
             CONTROLLER_ADDR_LINK_LOCAL,
@@ -61,14 +66,7 @@ pub fn azure_net(
     let mut net = UserNet::new().with_network(Ipv4Addr::new(168, 0, 0, 0), 7)?;
     net.forward_to_host(METADATA_ADDR, 80, metadata_port)?;
     net.forward_to_host(WIRESERVER_ADDR, 80, wireserver_port)?;
-    if let Some(p) = controller_port {
-        net.forward_to_host(
-            CONTROLLER_ADDR_LINK_LOCAL,
-            crate::node::CONTROLLER_GUEST_PORT,
-            p,
-        )?;
-    }
-    Ok(net)
+    with_controller(net, controller_port)
 }
 
 /// `AIWARE_CONTROLLER` for a guest on [`metadata_net`].
