@@ -161,6 +161,23 @@ impl Default for Endpoints {
     }
 }
 
+/// Seconds since 1970 of a UTC date and time (Howard Hinnant's
+/// days-from-civil); the metadata services write dates in their own forms
+/// (GCE's key expiry, EC2's scheduled events) and parse them to this.
+fn unix_of_civil(y: i64, m: i64, d: i64, hh: i64, mm: i64, ss: i64) -> Option<u64> {
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86400 + hh * 3600 + mm * 60 + ss).ok()
+}
+
 fn read_trim(p: &std::path::Path) -> String {
     std::fs::read_to_string(p)
         .map(|s| s.trim().to_string())
