@@ -320,6 +320,28 @@ impl<'a> Agent<'a> {
         self.update(|s| s.platform_checkin = Some(said));
     }
 
+    /// Points systemd-sysupdate at launch data's update server and starts
+    /// the policy's checks (see [`crate::update::policy`]).
+    fn start_update_policy(&self, settings: &Settings) {
+        let Ok(policy) = crate::update::policy::Policy::from_settings(settings) else {
+            return; // validated before: not reached
+        };
+        if let Some(url) = &policy.url {
+            match crate::update::sysupdate::point_at(&self.cfg.paths, url) {
+                Ok(n) => log::info(&format!("updates: {n} transfer files read {url}")),
+                Err(e) => self.error(&format!("updates: cannot use {url}: {e}")),
+            }
+        }
+        let has_facts = self.status.lock().is_ok_and(|s| s.update.is_some());
+        if has_facts {
+            crate::update::policy::spawn_checks(
+                policy,
+                self.cfg.paths.clone(),
+                self.status.clone(),
+            );
+        }
+    }
+
     pub fn run(&self) -> Outcome {
         let paths = self.cfg.paths.clone();
         if let Some(addr) = self.cfg.metrics_addr {
@@ -340,6 +362,15 @@ impl<'a> Agent<'a> {
                 None
             }
         };
+        if let Some(f) = crate::update::UpdateFacts::gather(&paths) {
+            if let Some(v) = &f.rolled_back_from {
+                log::console(&format!(
+                    "rolled back from {v}: it failed its boot health checks, systemd-boot booted {} again",
+                    f.booted
+                ));
+            }
+            self.update(|s| s.update = Some(f));
+        }
         let gpus = gpu::find_nvidia(&paths);
         if image.as_ref().is_some_and(|i| i.gpu) && gpus.is_empty() {
             log::console("no GPU found on PCI (no NVIDIA device, vendor 0x10de): this GPU image runs with 0 GPUs");
@@ -465,6 +496,7 @@ impl<'a> Agent<'a> {
         }
         let table = table.expect("checked above");
         let modes = settings.modes();
+        self.start_update_policy(&settings);
         let a = self.applier(&table);
         for e in a.apply(&settings) {
             self.error(&e);
@@ -817,6 +849,16 @@ impl<'a> Agent<'a> {
                     Err(_) => {}
                 }
             }
+            if let Some(v) = self
+                .status
+                .lock()
+                .ok()
+                .and_then(|s| s.update_check.as_ref()?.reboot_for.clone())
+            {
+                tasks.platform_drain(&format!(
+                    "image version {v} is installed; rebooting into it once the running tasks end"
+                ));
+            }
             let facts = host::gather_toward(paths, Some(url));
             let report = HostReport {
                 facts: &facts,
@@ -825,6 +867,16 @@ impl<'a> Agent<'a> {
             tasks.tick();
             let mut status = report.status(Some(&host_id));
             tasks.fill_status(&mut status);
+            // Not in the Edge API's HostStatus (a controller ignores unknown
+            // fields); there for an operator reading the reports.
+            if let Some(u) = self.status.lock().ok().and_then(|s| s.update.clone()) {
+                status["imageVersion"] = serde_json::json!({
+                    "imageId": u.image_id,
+                    "booted": u.booted,
+                    "otherSlot": u.other_slot,
+                    "rolledBackFrom": u.rolled_back_from,
+                });
+            }
             self.record_actions(&status);
             match client.update_status(&host_id, &token, &status) {
                 Ok(reply) => {

@@ -5,7 +5,8 @@
 //! the vendor's agent) → [`controller::join`] → status reports, whose
 //! replies carry the controller's actions: [`controller::actions`] parses them,
 //! [`controller::tasks`] carries them out on a [`containers::ContainerRuntime`]
-//! (Docker, [`containers::docker`]) → [`status`] and [`metrics`].
+//! (Docker, [`containers::docker`]) → [`status`] and [`metrics`]. [`update`]:
+//! A/B image updates (systemd-sysupdate) and the boot health check.
 pub mod agent;
 pub mod apply;
 pub mod containers;
@@ -30,4 +31,5 @@ pub mod status;
 pub mod swap;
 pub mod systemd;
 pub mod tls;
+pub mod update;
 pub mod userdata;

@@ -4,6 +4,8 @@
 //!   aiw-agent check FILE         validate user-data; prints resolved settings as JSON (secrets redacted)
 //!          [--image image.json] [--modes modes.toml]   (defaults: this image's, when present)
 //!   aiw-agent status [--json]    what the agent did on this boot
+//!   aiw-agent update status|check|apply [VERSION] [--reboot]   A/B image updates
+//!   aiw-agent health --boot [--timeout S]   the boot health check (aiw-boot-health.service)
 //!
 //! All paths are under AIW_AGENT_ROOT (default /).
 
@@ -16,7 +18,19 @@ use aiw_agent::systemd::{DbusSystemd, NoSystemd, UnitControl};
 use aiw_agent::{log, userdata};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: aiw-agent [run] | check FILE [--image image.json] [--modes modes.toml] | status [--json]";
+const USAGE: &str = "usage: aiw-agent [run] | check FILE [--image image.json] [--modes modes.toml] | status [--json]
+       | update status [--json] | update check | update apply [VERSION] [--reboot]
+       | health --boot [--timeout SECONDS]
+
+  update status   the booted image version, the other slot's, an installed
+                  version waiting for a reboot, and any rollback
+  update check    ask the update server (systemd-sysupdate check-new)
+  update apply    install the newest version (or VERSION) into the other
+                  slot; --reboot boots it. Its first boots are counted: if the
+                  boot health check fails them all, systemd-boot boots this
+                  version again by itself
+  health --boot   pass when aiw-agent is ready and the node's mode services
+                  are active (run on a new version's counted boots)";
 
 /// `aiw-agent status --json | head` ends quietly, as other Unix tools do,
 /// instead of panicking on "Broken pipe" (found on a node). Only for the
@@ -43,6 +57,11 @@ fn main() -> ExitCode {
             quiet_on_closed_pipe();
             status(&paths, args.iter().any(|a| a == "--json"))
         }
+        Some("update") => {
+            quiet_on_closed_pipe();
+            update(&paths, &args[1..])
+        }
+        Some("health") => health(&paths, &args[1..]),
         Some("-h" | "--help" | "help") => {
             quiet_on_closed_pipe();
             println!("{USAGE}");
@@ -206,4 +225,121 @@ fn status(paths: &Paths, json: bool) -> ExitCode {
         print!("{}", st.human());
     }
     ExitCode::SUCCESS
+}
+
+fn update(paths: &Paths, args: &[String]) -> ExitCode {
+    use aiw_agent::update::{sysupdate, UpdateFacts};
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let Some(facts) = UpdateFacts::gather(paths) else {
+        eprintln!("aiw-agent update: no IMAGE_ID/IMAGE_VERSION in /usr/lib/os-release: not an aiwimg node");
+        return ExitCode::from(3);
+    };
+    match args.first().map(String::as_str) {
+        None | Some("status") => {
+            if flag("--json") {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&facts).unwrap_or_default()
+                );
+            } else {
+                println!("{}", facts.human());
+            }
+            ExitCode::SUCCESS
+        }
+        Some("check") => match sysupdate::check_new() {
+            Ok(Some(v)) => {
+                println!("update available: {v} (booted {})", facts.booted);
+                ExitCode::SUCCESS
+            }
+            Ok(None) => {
+                println!(
+                    "no newer version on the update server (booted {})",
+                    facts.booted
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("aiw-agent update check: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Some("apply") => {
+            let version = args[1..].iter().find(|a| !a.starts_with("--"));
+            if let Some(v) = &facts.pending_reboot {
+                if version.is_none_or(|x| x == v) {
+                    println!("{v} is installed already and boots at the next reboot");
+                    return maybe_reboot(flag("--reboot"));
+                }
+            }
+            if let Err(e) = sysupdate::update(version.map(String::as_str), true) {
+                eprintln!("aiw-agent update apply: {e}");
+                return ExitCode::from(1);
+            }
+            let after = UpdateFacts::gather(paths).unwrap_or(facts);
+            match &after.pending_reboot {
+                Some(v) => println!("installed {v}: it boots at the next reboot"),
+                None => println!("nothing installed: {}", after.human()),
+            }
+            if after.pending_reboot.is_none() {
+                return ExitCode::SUCCESS;
+            }
+            maybe_reboot(flag("--reboot"))
+        }
+        Some(other) => {
+            eprintln!("aiw-agent update: unknown command {other:?}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn maybe_reboot(now: bool) -> ExitCode {
+    if !now {
+        return ExitCode::SUCCESS;
+    }
+    println!("rebooting");
+    match aiw_agent::update::reboot() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aiw-agent update: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `health --boot`: the line on the console says what decided.
+fn health(paths: &Paths, args: &[String]) -> ExitCode {
+    if !args.iter().any(|a| a == "--boot") {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    }
+    let timeout = args
+        .iter()
+        .position(|a| a == "--timeout")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(600);
+    let units: Box<dyn UnitControl> = match DbusSystemd::connect() {
+        Ok(d) => Box::new(d),
+        Err(e) => Box::new(NoSystemd(e)),
+    };
+    let version = aiw_agent::update::UpdateFacts::gather(paths)
+        .map(|f| f.booted)
+        .unwrap_or_else(|| "?".into());
+    match aiw_agent::update::health::boot_check(
+        paths,
+        units.as_ref(),
+        std::time::Duration::from_secs(timeout),
+        std::time::Duration::from_secs(2),
+    ) {
+        Ok(why) => {
+            log::console(&format!("boot health: good: version {version}: {why}"));
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            log::console(&format!(
+                "boot health: FAILED: version {version}: {why}; rebooting (after its last try systemd-boot boots the previous version)"
+            ));
+            ExitCode::from(1)
+        }
+    }
 }

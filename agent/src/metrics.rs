@@ -83,6 +83,29 @@ pub fn render(st: &Status) -> String {
     for md in &st.modes {
         out.push_str(&format!("aiw_agent_mode{{mode=\"{}\"}} 1\n", md.mode));
     }
+    if let Some(u) = &st.update {
+        // Versions are [A-Za-z0-9.~-] (the builder refuses others): safe in a label.
+        out.push_str(&format!(
+            "# HELP aiw_agent_image_info The booted image version and the other slot's\n# TYPE aiw_agent_image_info gauge\n\
+             aiw_agent_image_info{{image_id=\"{}\",version=\"{}\",other_slot=\"{}\",pending_reboot=\"{}\"}} 1\n",
+            u.image_id,
+            u.booted,
+            u.other_slot.as_deref().unwrap_or(""),
+            u.pending_reboot.as_deref().unwrap_or("")
+        ));
+        out.push_str(&format!(
+            "# HELP aiw_agent_image_rolled_back 1 when systemd-boot fell back from a newer version that failed its boots\n# TYPE aiw_agent_image_rolled_back gauge\n\
+             aiw_agent_image_rolled_back{{from=\"{}\"}} {}\n",
+            u.rolled_back_from.as_deref().unwrap_or(""),
+            u8::from(u.rolled_back_from.is_some())
+        ));
+    }
+    if let Some(v) = st.update_check.as_ref().and_then(|c| c.available.as_ref()) {
+        out.push_str(&format!(
+            "# HELP aiw_agent_image_update_available A newer image version on the update server\n# TYPE aiw_agent_image_update_available gauge\n\
+             aiw_agent_image_update_available{{version=\"{v}\"}} 1\n"
+        ));
+    }
     out
 }
 
@@ -123,4 +146,34 @@ fn answer(mut s: TcpStream, status: &Mutex<Status>) -> std::io::Result<()> {
     };
     write!(s, "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
     s.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_versions_and_a_rollback_are_exported() {
+        let st = Status {
+            update: Some(crate::update::UpdateFacts::from_parts(
+                "aiware-engine",
+                "2",
+                &[
+                    "aiware-engine_2.efi".into(),
+                    "aiware-engine_3+0-3.efi".into(),
+                ],
+                &["aiware-engine_2".into(), "aiware-engine_3".into()],
+            )),
+            ..Default::default()
+        };
+        let m = render(&st);
+        assert!(m.contains(
+            "aiw_agent_image_info{image_id=\"aiware-engine\",version=\"2\",other_slot=\"3\",pending_reboot=\"\"} 1\n"
+        ), "{m}");
+        assert!(
+            m.contains("aiw_agent_image_rolled_back{from=\"3\"} 1\n"),
+            "{m}"
+        );
+        assert!(!m.contains("aiw_agent_image_update_available"));
+    }
 }

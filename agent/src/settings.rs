@@ -58,6 +58,26 @@ pub const KNOWN_VARS: &[(&str, &str)] = &[
         "AIWARE_CONTROLLER_CA",
         "PEM CA certificate(s), or a PEM file's path, for an https controller with a private CA (aiwimg)",
     ),
+    (
+        "AIWARE_UPDATE_POLICY",
+        "image updates: off, notify (default) or auto (aiwimg)",
+    ),
+    (
+        "AIWARE_UPDATE_URL",
+        "update server (default: the image's update_url) (aiwimg)",
+    ),
+    (
+        "AIWARE_UPDATE_VERSION",
+        "install exactly this image version, never a newer one (aiwimg)",
+    ),
+    (
+        "AIWARE_UPDATE_WINDOW",
+        "HH:MM-HH:MM UTC when `auto` may install and reboot (aiwimg)",
+    ),
+    (
+        "AIWARE_UPDATE_CHECK_INTERVAL",
+        "seconds between update checks (default 21600) (aiwimg)",
+    ),
     ("AIWARE_NFS_SERVER", "NFS server for the cache"),
     (
         "AIWARE_NFS_PATH",
@@ -235,6 +255,9 @@ pub struct ImageContext<'a> {
 /// Checks settings; returns every problem found, each a full sentence saying the fix.
 pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
     let mut errs = Vec::new();
+    if let Err(e) = crate::update::policy::Policy::from_settings(s) {
+        errs.extend(e);
+    }
     let modes = s.modes();
     if s.get("AIWARE_MODE").is_none() {
         let baked = ctx

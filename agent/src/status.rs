@@ -27,9 +27,29 @@ pub struct Status {
     /// The controller's actions on this host: mode, containers, refusals.
     #[serde(default)]
     pub actions: ActionStatus,
+    /// A/B image versions: booted, other slot, pending, rollback.
+    #[serde(default)]
+    pub update: Option<crate::update::UpdateFacts>,
+    /// The update policy and what its last check found.
+    #[serde(default)]
+    pub update_check: Option<UpdateCheck>,
     pub last_error: Option<String>,
     pub errors_total: u64,
     pub updated_unix: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UpdateCheck {
+    /// `off`, `notify`, `auto`.
+    pub policy: String,
+    /// The newer version the server offers, if any.
+    pub available: Option<String>,
+    pub checked_unix: Option<u64>,
+    /// What the policy did or why it could not.
+    pub note: Option<String>,
+    /// `auto` installed this version and reboots into it once running tasks end.
+    #[serde(default)]
+    pub reboot_for: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -96,6 +116,25 @@ impl Status {
                 .as_deref()
                 .unwrap_or("no evidence of any")
         );
+        if let Some(u) = &self.update {
+            let _ = writeln!(s, "update:     {}", u.human());
+        }
+        if let Some(c) = &self.update_check {
+            let _ = writeln!(
+                s,
+                "            policy {}; {}{}",
+                c.policy,
+                match &c.available {
+                    Some(v) => format!("{v} available"),
+                    None if c.checked_unix.is_some() => "up to date".to_string(),
+                    None => "not checked yet".to_string(),
+                },
+                c.note
+                    .as_deref()
+                    .map(|n| format!("; {n}"))
+                    .unwrap_or_default()
+            );
+        }
         if let Some(c) = &self.platform_checkin {
             let _ = writeln!(s, "platform:   {c}");
         }

@@ -1,0 +1,148 @@
+//! Running systemd-sysupdate (Debian's `systemd-container`; it is not on
+//! PATH there) and pointing it at the update server launch data names.
+
+use crate::paths::Paths;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+const SYSUPDATE: &str = "/usr/lib/systemd/systemd-sysupdate";
+/// The image's transfer files (written by the builder from the profile).
+pub const VENDOR_TRANSFER_DIR: &str = "/usr/lib/sysupdate.d";
+/// sysupdate reads /etc, /run, /usr/local/lib, /usr/lib; a file here
+/// replaces the one of the same name under /usr/lib (/etc is read-only).
+pub const RUNTIME_TRANSFER_DIR: &str = "/run/sysupdate.d";
+
+/// The program: `AIW_AGENT_SYSUPDATE` (tests) or systemd's.
+pub fn program() -> PathBuf {
+    std::env::var_os("AIW_AGENT_SYSUPDATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| SYSUPDATE.into())
+}
+
+/// `systemd-sysupdate check-new`: the newest version the server offers that
+/// is newer than what is installed, if any.
+pub fn check_new() -> Result<Option<String>, String> {
+    let out = Command::new(program())
+        .arg("check-new")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", program().display()))?;
+    if !out.status.success() {
+        return Err(last_lines(&out.stderr));
+    }
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Ok((!v.is_empty()).then_some(v))
+}
+
+/// `systemd-sysupdate update [VERSION]`. With `show_progress` its output goes
+/// to ours (the CLI); otherwise it is returned (the agent's journal).
+pub fn update(version: Option<&str>, show_progress: bool) -> Result<String, String> {
+    let mut cmd = Command::new(program());
+    cmd.arg("update").args(version).stdin(Stdio::null());
+    if show_progress {
+        let st = cmd
+            .status()
+            .map_err(|e| format!("cannot run {}: {e}", program().display()))?;
+        return if st.success() {
+            Ok(String::new())
+        } else {
+            Err(format!("systemd-sysupdate update failed ({st})"))
+        };
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", program().display()))?;
+    if out.status.success() {
+        Ok(last_lines(&out.stderr))
+    } else {
+        Err(last_lines(&out.stderr))
+    }
+}
+
+fn last_lines(b: &[u8]) -> String {
+    let text = String::from_utf8_lossy(b);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join(" / ")
+}
+
+/// The transfer file `text` reading from `url` instead (its `[Source]`
+/// `Path=`, where `%M` is the IMAGE_ID folder); None when it has no URL source.
+pub fn with_source_url(text: &str, url: &str) -> Option<String> {
+    let mut section = "";
+    let mut changed = false;
+    let mut out = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            section = t;
+        }
+        if section == "[Source]" && t.starts_with("Path=") && t.contains("://") {
+            out.push_str(&format!("Path={}/%M/\n", url.trim_end_matches('/')));
+            changed = true;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    changed.then_some(out)
+}
+
+/// Writes `/run/sysupdate.d/` copies of the image's transfer files reading
+/// `url` (launch data's `AIWARE_UPDATE_URL`); returns how many.
+pub fn point_at(paths: &Paths, url: &str) -> Result<usize, String> {
+    let from = paths.at(VENDOR_TRANSFER_DIR);
+    let to = paths.at(RUNTIME_TRANSFER_DIR);
+    let rd = std::fs::read_dir(&from).map_err(|e| format!("{}: {e}", from.display()))?;
+    let mut n = 0;
+    for e in rd.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().ends_with(".transfer") {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).map_err(|e| e.to_string())?;
+        if let Some(new) = with_source_url(&text, url) {
+            std::fs::create_dir_all(&to).map_err(|e| format!("{}: {e}", to.display()))?;
+            std::fs::write(to.join(&name), new).map_err(|e| e.to_string())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROOT: &str = "[Transfer]\nProtectVersion=%A\n\n[Source]\nType=url-file\n\
+        Path=http://update.invalid/aiware/%M/\nMatchPattern=%M_@v.root.@u.raw\n\n\
+        [Target]\nType=partition\nPath=auto\nMatchPattern=%M_@v\n";
+
+    #[test]
+    fn only_the_source_path_changes() {
+        let new = with_source_url(ROOT, "https://updates.example.net/fleet/").unwrap();
+        assert!(new.contains("Path=https://updates.example.net/fleet/%M/\n"));
+        assert!(
+            new.contains("[Target]\nType=partition\nPath=auto\n"),
+            "{new}"
+        );
+        assert!(!new.contains("update.invalid"));
+        assert_eq!(
+            with_source_url("[Source]\nPath=/srv/local\n", "http://x"),
+            None
+        );
+    }
+
+    #[test]
+    fn runtime_copies_replace_the_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path());
+        let vendor = paths.at(VENDOR_TRANSFER_DIR);
+        std::fs::create_dir_all(&vendor).unwrap();
+        std::fs::write(vendor.join("10-root.transfer"), ROOT).unwrap();
+        std::fs::write(vendor.join("README"), "not a transfer file").unwrap();
+        assert_eq!(point_at(&paths, "http://10.0.0.5:8080/aiware"), Ok(1));
+        let got = std::fs::read_to_string(paths.at(RUNTIME_TRANSFER_DIR).join("10-root.transfer"))
+            .unwrap();
+        assert!(got.contains("Path=http://10.0.0.5:8080/aiware/%M/"));
+    }
+}
