@@ -11,6 +11,7 @@
 //! - [`docker_archive`]: a tiny image for `docker load`, made without Docker.
 //! - [`node`]: a node joining the Edge API test controller.
 //! - [`edge_controller`]: the Edge API test controller (a test double).
+//! - [`update_server`]: the A/B update tests' key, versions and update folder.
 
 pub mod accel;
 pub mod case;
@@ -30,6 +31,7 @@ pub mod ssh;
 pub mod test_images;
 pub mod test_repo;
 pub mod tls_front;
+pub mod update_server;
 pub mod vm;
 
 pub use case::TestCase;

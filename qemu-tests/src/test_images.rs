@@ -201,6 +201,9 @@ fn build(profile: &str, out_dir: &Path) -> Result<PathBuf> {
     } else {
         None
     };
+    if crate::update_server::UPDATE_TEST_PROFILES.contains(&profile) {
+        cmd.args(crate::update_server::build_args());
+    }
     eprintln!("qemu-tests: building image {profile:?}: {cmd:?}");
     let started = std::time::Instant::now();
     // Inherit stdio so the builder's progress shows in the test output.

@@ -23,6 +23,9 @@ use qemu_tests::node::{
 };
 use qemu_tests::test_images::{image_for, TestImage};
 use qemu_tests::tls_front::TlsFront;
+use qemu_tests::update_server::{
+    later_version, UpdateServer, UPDATE_GUEST_ADDR, UPDATE_GUEST_PORT,
+};
 use qemu_tests::{AgentReport, Deadline, TestCase, UserData, Vm};
 use std::time::Duration;
 
@@ -84,6 +87,94 @@ fn healthy(case: &TestCase, vm: &Vm) -> Result<()> {
     Ok(())
 }
 
+/// The version the engine test updates to.
+const UPDATE_VERSION: &str = "0.2.0";
+
+/// Publishes `v2`, and has the node find and install it (systemd-sysupdate
+/// through `aiw-agent update`), signature checked against the baked key.
+fn update_to(case: &TestCase, vm: &Vm, updates: &UpdateServer, v2: &TestImage) -> Result<()> {
+    let dl = case.deadline();
+    let said = updates.publish(v2)?;
+    eprintln!("qemu-tests: {said}");
+    let check = vm.check("aiw-agent update check", dl)?;
+    ensure!(
+        check.contains(&format!("update available: {UPDATE_VERSION}")),
+        "aiw-agent update check: {check}"
+    );
+    let t = std::time::Instant::now();
+    let applied = vm.check("aiw-agent update apply 2>/dev/null", dl)?;
+    case.timing("update apply (download and write)", t.elapsed());
+    ensure!(
+        applied.contains(&format!("installed {UPDATE_VERSION}")),
+        "aiw-agent update apply: {applied}"
+    );
+    let status = vm.check("aiw-agent update status", dl)?;
+    eprintln!(
+        "qemu-tests: before the reboot: aiw-agent update status: {}",
+        status.trim()
+    );
+    ensure!(
+        status.contains(&format!(
+            "{UPDATE_VERSION} installed, boots at the next reboot"
+        )),
+        "aiw-agent update status: {status}"
+    );
+    Ok(())
+}
+
+/// After the update's reboot: the new version's root (its roothash on the
+/// command line), the old one in the other slot, the boot health check
+/// passed and systemd-bless-boot marked the new UKI good.
+fn updated_and_blessed(case: &TestCase, vm: &Vm, v1: &TestImage, v2: &TestImage) -> Result<()> {
+    let dl = case.deadline();
+    let osrel = vm.check("grep ^IMAGE_VERSION= /usr/lib/os-release", dl)?;
+    ensure!(
+        osrel.trim() == format!("IMAGE_VERSION={UPDATE_VERSION}"),
+        "after the update: {osrel}"
+    );
+    let roothash = v2.manifest.roothash.clone().unwrap_or_default();
+    let cmdline = vm.check("cat /proc/cmdline", dl)?;
+    ensure!(
+        !roothash.is_empty() && cmdline.contains(&format!("roothash={roothash}")),
+        "the kernel command line has not {UPDATE_VERSION}'s roothash {roothash}: {cmdline}"
+    );
+    let good = format!("boot health: good: version {UPDATE_VERSION}");
+    let mut ukis = String::new();
+    let blessed = |u: &str| {
+        u.lines()
+            .any(|l| l.trim().ends_with(&format!("_{UPDATE_VERSION}.efi")))
+    };
+    for _ in 0..60 {
+        ukis = vm.check("ls /efi/EFI/Linux", dl)?;
+        if blessed(&ukis) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    ensure!(blessed(&ukis), "the new UKI was not marked good: {ukis}");
+    ensure!(
+        vm.boot_lines().iter().any(|l| l.contains(&good)),
+        "no {good:?} on the console"
+    );
+    let status = vm.check("aiw-agent update status", dl)?;
+    eprintln!(
+        "qemu-tests: after the reboot: aiw-agent update status: {}",
+        status.trim()
+    );
+    eprintln!(
+        "qemu-tests: ESP: {}",
+        ukis.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    ensure!(
+        status.contains(&format!(
+            "booted aiware-engine {UPDATE_VERSION}; other slot: {}",
+            v1.manifest.version
+        )) && !status.contains("rolled back"),
+        "aiw-agent update status: {status}"
+    );
+    Ok(())
+}
+
 /// The guide's check that the controller answers: `curl $AIWARE_CONTROLLER/version`.
 fn controller_answers_version(case: &TestCase, vm: &Vm) -> Result<()> {
     let url = format!("{}/version", controller_url_in_guest());
@@ -117,8 +208,11 @@ fn controller_answers_version(case: &TestCase, vm: &Vm) -> Result<()> {
 #[test]
 fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
     let image = image("engine");
+    let v2 = later_version("engine", UPDATE_VERSION)
+        .unwrap_or_else(|e| panic!("no engine {UPDATE_VERSION} to update to: {e:#}"));
     TestCase::run("engine", DEFAULT_BUDGET * 5 / 2, |case| {
         let dl = case.deadline();
+        let updates = UpdateServer::start(&case.dir().join("update-server"))?;
         let controller = start_controller()?;
         let addr = CONTROLLER_GUEST_ADDR;
         let front = TlsFront::start(controller.addr(), &[&addr.to_string()])?;
@@ -139,6 +233,7 @@ fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
         let disk_gib = 12;
         let mut vm = node_vm(case.dir(), "engine", &image, None)?
             .guest_forward(addr, 443, front.addr().port())?
+            .guest_forward(UPDATE_GUEST_ADDR, UPDATE_GUEST_PORT, updates.port)?
             .disk_size_gib(disk_gib)
             .user_data(ud)
             .start()?;
@@ -204,7 +299,8 @@ fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
         vm.check("dd if=/dev/zero of=/var/tmp/aiwimg-fill bs=1M count=256 status=none && sync && rm /var/tmp/aiwimg-fill", dl)?;
         healthy(case, &vm)?;
 
-        // Across a reboot: /var and the host ID are kept, the node joins again.
+        // Across an A/B update and its reboot (issue 14): /var and the host
+        // ID are kept, the node joins again, now on the new version.
         let token = format!("written-before-reboot-{}", std::process::id());
         vm.check(
             &format!(
@@ -212,13 +308,15 @@ fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
             ),
             dl,
         )?;
+        update_to(case, &vm, &updates, &v2)?;
         let report = vm.reboot(dl)?;
         ensure!(
             matches!(report, AgentReport::Ready(_)),
             "second boot: {report:?}"
         );
-        case.timing("reboot to ready", vm.since_boot());
+        case.timing("update reboot to ready", vm.since_boot());
         vm.wait_ssh(dl)?;
+        updated_and_blessed(case, &vm, &image, &v2)?;
         let read = vm.check("cat /var/opt/aiware/persist-check", dl)?;
         ensure!(read.trim() == token, "after reboot the file holds {read:?}");
         // The same swap file, switched on again (not made again).

@@ -478,6 +478,16 @@ pub fn prometheus_targets(hosts: &Value) -> Value {
 mod tests {
     use super::*;
 
+    /// A/B updates: a rollback boots the previous version on the same /var,
+    /// so this version must read a join record a newer one wrote.
+    #[test]
+    fn a_join_record_from_a_newer_version_still_reads() {
+        let newer = r#"{"controller":"http://10.0.0.5:9000/edge/v1","host_id":"h1",
+            "host_token":"t","joined_unix":5,"mounts":[],"field_of_version_9":{"x":1}}"#;
+        let r: JoinRecord = serde_json::from_str(newer).unwrap();
+        assert_eq!(r.host_id, "h1");
+    }
+
     const NFS: &str =
         "36 25 0:33 / /cache rw,relatime shared:12 - nfs4 10.0.0.5:/opt/aiware/nfs rw,vers=4.2";
     const BIND: &str =
