@@ -81,6 +81,10 @@ enum Command {
         /// the profile's `update_keyring`).
         #[arg(long)]
         update_keyring: Option<PathBuf>,
+        /// Boots a new version gets before systemd-boot falls back to the
+        /// previous one, 1-9 (overrides the profile's `update_tries`).
+        #[arg(long)]
+        update_tries: Option<u32>,
     },
     /// List the node profiles with their run modes.
     Profiles {
@@ -257,6 +261,7 @@ fn real_main() -> Result<()> {
             json,
             update_url,
             update_keyring,
+            update_tries,
         } => {
             let project = find_project(cli.project)?;
             let mut mirrors = BTreeMap::new();
@@ -285,6 +290,7 @@ fn real_main() -> Result<()> {
                 json,
                 update_url,
                 update_keyring,
+                update_tries,
             };
             let started = std::time::Instant::now();
             let r = pipeline::build(opts)?;

@@ -46,6 +46,8 @@ pub struct BuildOptions {
     pub update_url: Option<String>,
     /// `--update-keyring`: overrides the profile's `update_keyring`.
     pub update_keyring: Option<PathBuf>,
+    /// `--update-tries`: overrides the profile's `update_tries`.
+    pub update_tries: Option<u32>,
 }
 
 /// What a stage did, for progress and for `--json`.
@@ -284,6 +286,12 @@ impl BuildContext {
         }
         if let Some(k) = &opts.update_keyring {
             profile.update_keyring = Some(k.clone());
+        }
+        if let Some(t) = opts.update_tries {
+            if !(1..=9).contains(&t) {
+                anyhow::bail!("--update-tries {t}: give 1 to 9 boots");
+            }
+            profile.update_tries = t;
         }
         let mut all_profiles = BTreeMap::new();
         for name in crate::profile::list_profiles(&images)? {

@@ -59,6 +59,7 @@ fn opts(project: &Path, cache: &Path) -> BuildOptions {
         json: false,
         update_url: None,
         update_keyring: None,
+        update_tries: None,
     }
 }
 
@@ -177,6 +178,9 @@ fn each_input_changes_exactly_the_stages_it_feeds() {
     let mut ok = o();
     ok.update_keyring = Some(other);
     assert_eq!(changed(&k, &keys(ok)), ["customize", "disk"]);
+    let mut ot = o();
+    ot.update_tries = Some(2);
+    assert_eq!(changed(&k, &keys(ot)), ["customize", "disk"]);
 
     // Kernel command line: only the UKI, so only the disk.
     let base = k;

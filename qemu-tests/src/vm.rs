@@ -681,6 +681,13 @@ impl Vm {
     /// Reboots the guest from inside (`systemctl reboot`) and waits for the
     /// agent's report of the new boot. The disk, vars and seed stay the same.
     pub fn reboot(&mut self, deadline: &Deadline) -> Result<AgentReport> {
+        self.start_reboot(deadline)?;
+        self.wait_for_agent(deadline)
+    }
+
+    /// Asks the guest to reboot and returns; console lines from here on are
+    /// the next boots' (for boots the agent does not report on).
+    pub fn start_reboot(&mut self, deadline: &Deadline) -> Result<()> {
         self.boot_mark = self.console().mark();
         self.started = Instant::now();
         // The connection drops as the guest goes down; its status says nothing.
@@ -689,7 +696,7 @@ impl Vm {
             None,
             deadline.cap(Duration::from_secs(60)),
         );
-        self.wait_for_agent(deadline)
+        Ok(())
     }
 
     /// Waits up to `timeout` for the guest to power itself off (QEMU exits);

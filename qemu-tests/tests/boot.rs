@@ -24,7 +24,7 @@ use qemu_tests::node::{
 use qemu_tests::test_images::{image_for, TestImage};
 use qemu_tests::tls_front::TlsFront;
 use qemu_tests::update_server::{
-    later_version, UpdateServer, UPDATE_GUEST_ADDR, UPDATE_GUEST_PORT,
+    bad_version, later_version, Tamper, UpdateServer, UPDATE_GUEST_PORT,
 };
 use qemu_tests::{AgentReport, Deadline, TestCase, UserData, Vm};
 use std::time::Duration;
@@ -87,15 +87,65 @@ fn healthy(case: &TestCase, vm: &Vm) -> Result<()> {
     Ok(())
 }
 
+/// The engine test's update server as launch data names it (the image's
+/// own `update_url`, [`qemu_tests::update_server::UPDATE_URL_IN_GUEST`], is
+/// not forwarded there, so only the override can work).
+const UPDATE_OVERRIDE_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 102);
+const UPDATE_URL_OVERRIDE: &str = "http://10.0.2.102/aiware";
+
 /// The version the engine test updates to.
 const UPDATE_VERSION: &str = "0.2.0";
 
 /// Publishes `v2`, and has the node find and install it (systemd-sysupdate
 /// through `aiw-agent update`), signature checked against the baked key.
-fn update_to(case: &TestCase, vm: &Vm, updates: &UpdateServer, v2: &TestImage) -> Result<()> {
+fn update_to(case: &TestCase, vm: &Vm, updates: &UpdateServer) -> Result<()> {
     let dl = case.deadline();
-    let said = updates.publish(v2)?;
-    eprintln!("qemu-tests: {said}");
+    // The transfer files read launch data's server, and the `notify`
+    // policy's check (every 30 s) has found the new version.
+    let runtime = vm.check("cat /run/sysupdate.d/10-root.transfer", dl)?;
+    ensure!(
+        runtime.contains(&format!("Path={UPDATE_URL_OVERRIDE}/%M/")),
+        "/run/sysupdate.d/10-root.transfer: {runtime}"
+    );
+    let mut available = serde_json::Value::Null;
+    for _ in 0..45 {
+        available = agent_status(vm, dl)?["update_check"].clone();
+        if available["available"] == UPDATE_VERSION {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    ensure!(
+        available["available"] == UPDATE_VERSION && available["policy"] == "notify",
+        "aiw-agent status update_check: {available}"
+    );
+    // Refused, each leaving the partition table and the ESP as they were.
+    let layout =
+        "lsblk -n -o NAME,PARTLABEL,PARTUUID /dev/vda; ls -l --time-style=+%s /efi/EFI/Linux";
+    let before = vm.check(layout, dl)?;
+    for how in Tamper::ALL {
+        let out = updates.tampered("aiware-engine", UPDATE_VERSION, how, || {
+            vm.run("aiw-agent update apply", dl)
+        })??;
+        ensure!(
+            out.status.is_some_and(|c| c != 0),
+            "{how:?}: aiw-agent update apply did not fail: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        let lines: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        let why = lines[lines.len().saturating_sub(3)..].join(" / ");
+        eprintln!("qemu-tests: {how:?} refused: {why}");
+        let now = vm.check(layout, dl)?;
+        ensure!(
+            now == before,
+            "{how:?} changed the disk:\n{before}\n->\n{now}"
+        );
+    }
     let check = vm.check("aiw-agent update check", dl)?;
     ensure!(
         check.contains(&format!("update available: {UPDATE_VERSION}")),
@@ -118,6 +168,138 @@ fn update_to(case: &TestCase, vm: &Vm, updates: &UpdateServer, v2: &TestImage) -
             "{UPDATE_VERSION} installed, boots at the next reboot"
         )),
         "aiw-agent update status: {status}"
+    );
+    Ok(())
+}
+
+/// The bad version: its aiw-agent fails (a test overlay), so the boot
+/// health check fails on each of its tries.
+const BAD_VERSION: &str = "0.3.0";
+/// The image's `update_tries` (the profile default).
+const UPDATE_TRIES: usize = 3;
+
+/// v2 → bad v3: installed (its root larger than v1's, in the slot v1 had),
+/// each try fails the health check and reboots, then systemd-boot boots v2
+/// again by itself; the node says `rolled back from 0.3.0` on the console,
+/// in `aiw-agent update status` and to the controller, and is not offered v3
+/// again.
+#[allow(clippy::too_many_arguments)]
+fn rolls_back_from_a_bad_version(
+    case: &TestCase,
+    vm: &mut Vm,
+    updates: &UpdateServer,
+    controller: &EdgeTestController,
+    v1: &TestImage,
+    v2: &TestImage,
+    v3: &TestImage,
+) -> Result<()> {
+    let dl = case.deadline();
+    let root_size = |img: &TestImage| -> Result<u64> {
+        let update = img.dir.join("update");
+        for e in std::fs::read_dir(&update)? {
+            let e = e?;
+            if e.file_name().to_string_lossy().contains(".root.") {
+                return Ok(e.metadata()?.len());
+            }
+        }
+        bail!("no root file in {}", update.display())
+    };
+    let (r1, r3) = (root_size(v1)?, root_size(v3)?);
+    ensure!(
+        r3 > r1,
+        "the bad version's root ({r3} B) is not larger than v1's ({r1} B)"
+    );
+    eprintln!(
+        "qemu-tests: roots: {} {r1} B, {BAD_VERSION} {r3} B",
+        v1.manifest.version
+    );
+    eprintln!("qemu-tests: {}", updates.publish(v3)?);
+    let applied = vm.check("aiw-agent update apply 2>/dev/null", dl)?;
+    ensure!(
+        applied.contains(&format!("installed {BAD_VERSION}")),
+        "aiw-agent update apply: {applied}"
+    );
+    let before = vm.check("aiw-agent update status", dl)?;
+    eprintln!(
+        "qemu-tests: aiw-agent update status before: {}",
+        before.trim()
+    );
+    let t = std::time::Instant::now();
+    vm.start_reboot(dl)?;
+    let back = vm.wait_for_line(&format!("rolled back from {BAD_VERSION}"), dl)?;
+    case.timing("bad version's tries and the fallback boot", t.elapsed());
+    let failed: Vec<String> = vm
+        .boot_lines()
+        .into_iter()
+        .filter(|l| l.contains(&format!("boot health: FAILED: version {BAD_VERSION}")))
+        .collect();
+    for l in &failed {
+        eprintln!("qemu-tests: console: {}", l.trim());
+    }
+    eprintln!("qemu-tests: console: {}", back.trim());
+    ensure!(
+        failed.len() == UPDATE_TRIES,
+        "{} failed boot health checks of {BAD_VERSION} on the console, expected {UPDATE_TRIES}",
+        failed.len()
+    );
+    let report = vm.wait_for_agent(dl)?;
+    ensure!(
+        matches!(report, AgentReport::Ready(_)),
+        "after the fallback: {report:?}"
+    );
+    vm.wait_ssh(dl)?;
+    let osrel = vm.check("grep ^IMAGE_VERSION= /usr/lib/os-release", dl)?;
+    ensure!(
+        osrel.trim() == format!("IMAGE_VERSION={UPDATE_VERSION}"),
+        "after the fallback: {osrel}"
+    );
+    let roothash = v2.manifest.roothash.clone().unwrap_or_default();
+    let cmdline = vm.check("cat /proc/cmdline", dl)?;
+    ensure!(
+        cmdline.contains(&format!("roothash={roothash}")),
+        "after the fallback the root is not {UPDATE_VERSION}'s: {cmdline}"
+    );
+    let after = vm.check("aiw-agent update status", dl)?;
+    eprintln!(
+        "qemu-tests: aiw-agent update status after: {}",
+        after.trim()
+    );
+    ensure!(
+        after.contains(&format!("rolled back from {BAD_VERSION}")),
+        "aiw-agent update status: {after}"
+    );
+    let ukis = vm.check("ls /efi/EFI/Linux", dl)?;
+    ensure!(
+        ukis.contains(&format!("aiware-engine_{BAD_VERSION}+0-{UPDATE_TRIES}.efi")),
+        "the bad UKI is not marked bad: {ukis}"
+    );
+    let status = agent_status(vm, dl)?;
+    ensure!(
+        status["update"]["rolled_back_from"] == BAD_VERSION,
+        "aiw-agent status --json update: {}",
+        status["update"]
+    );
+    // No reinstall loop: the server still offers 0.3.0, the node does not take it.
+    let check = vm.check("aiw-agent update check", dl)?;
+    ensure!(
+        check.contains("no newer version"),
+        "aiw-agent update check after the rollback: {check}"
+    );
+    controller.wait_for(dl.cap(std::time::Duration::from_secs(120)), |h| {
+        h.first()
+            .and_then(|h| h.statuses.last())
+            .is_some_and(|s| s["imageVersion"]["rolledBackFrom"] == BAD_VERSION)
+    });
+    let last = controller
+        .hosts()
+        .first()
+        .and_then(|h| h.statuses.last().cloned())
+        .unwrap_or_default();
+    ensure!(
+        last["imageVersion"]["rolledBackFrom"] == BAD_VERSION
+            && last["imageVersion"]["booted"] == UPDATE_VERSION,
+        "the controller's last status: imageVersion {}",
+        last["imageVersion"]
     );
     Ok(())
 }
@@ -210,9 +392,13 @@ fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
     let image = image("engine");
     let v2 = later_version("engine", UPDATE_VERSION)
         .unwrap_or_else(|e| panic!("no engine {UPDATE_VERSION} to update to: {e:#}"));
-    TestCase::run("engine", DEFAULT_BUDGET * 5 / 2, |case| {
+    let v3 = bad_version("engine", BAD_VERSION)
+        .unwrap_or_else(|e| panic!("no bad engine {BAD_VERSION}: {e:#}"));
+    TestCase::run("engine", DEFAULT_BUDGET * 4, |case| {
         let dl = case.deadline();
         let updates = UpdateServer::start(&case.dir().join("update-server"))?;
+        // Published before the node boots: its `notify` policy finds it.
+        eprintln!("qemu-tests: {}", updates.publish(&v2)?);
         let controller = start_controller()?;
         let addr = CONTROLLER_GUEST_ADDR;
         let front = TlsFront::start(controller.addr(), &[&addr.to_string()])?;
@@ -228,12 +414,17 @@ fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
                 "AIWARE_AGENT_UPDATE_INTERVAL",
                 &STATUS_INTERVAL_S.to_string(),
             )
+            // Updates from launch data's server (not the image's), checked
+            // and reported, installed by hand below.
+            .setting("AIWARE_UPDATE_URL", UPDATE_URL_OVERRIDE)
+            .setting("AIWARE_UPDATE_POLICY", "notify")
+            .setting("AIWARE_UPDATE_CHECK_INTERVAL", "30")
             // cloud-config `swap` (the guide recommends swap on engines).
             .raw_yaml(&format!("swap:\n  filename: {SWAP_FILE}\n  size: 64M"));
         let disk_gib = 12;
         let mut vm = node_vm(case.dir(), "engine", &image, None)?
             .guest_forward(addr, 443, front.addr().port())?
-            .guest_forward(UPDATE_GUEST_ADDR, UPDATE_GUEST_PORT, updates.port)?
+            .guest_forward(UPDATE_OVERRIDE_ADDR, UPDATE_GUEST_PORT, updates.port)?
             .disk_size_gib(disk_gib)
             .user_data(ud)
             .start()?;
@@ -308,7 +499,7 @@ fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
             ),
             dl,
         )?;
-        update_to(case, &vm, &updates, &v2)?;
+        update_to(case, &vm, &updates)?;
         let report = vm.reboot(dl)?;
         ensure!(
             matches!(report, AgentReport::Ready(_)),
@@ -352,6 +543,7 @@ fn engine_joins_over_https_runs_a_container_and_keeps_var_across_reboot() {
         );
         host_actions_after_reboot(&vm, &controller, &host, dl)?;
         healthy(case, &vm)?;
+        rolls_back_from_a_bad_version(case, &mut vm, &updates, &controller, &image, &v2, &v3)?;
         host_terminates(&mut vm, &controller, &host, dl)
     });
 }
