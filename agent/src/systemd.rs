@@ -12,6 +12,22 @@ pub trait UnitControl {
     fn active_state(&self, unit: &str) -> String;
 }
 
+/// Asks logind to `PowerOff` or `Reboot` (what `systemctl poweroff|reboot`
+/// ask for), without interactive authorization.
+pub fn logind(method: &str) -> Result<(), String> {
+    let conn = zbus::blocking::Connection::system()
+        .map_err(|e| format!("cannot reach logind on the system bus: {e}"))?;
+    conn.call_method(
+        Some("org.freedesktop.login1"),
+        "/org/freedesktop/login1",
+        Some("org.freedesktop.login1.Manager"),
+        method,
+        &(false,),
+    )
+    .map(|_| ())
+    .map_err(|e| format!("logind {method}: {e}"))
+}
+
 /// The real one: systemd on the system bus.
 pub struct DbusSystemd {
     conn: zbus::blocking::Connection,

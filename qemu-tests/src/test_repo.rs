@@ -92,6 +92,29 @@ fn build_toolkit_deb(work: &Path, pool: &Path) -> Result<String> {
     Ok(file)
 }
 
+/// `python3 -m http.server` serving `dir` on 127.0.0.1:`port` (and nowhere
+/// else), once it accepts connections.
+pub fn serve_dir(dir: &Path, port: u16, what: &str) -> Result<Child> {
+    let mut server = Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1"])
+        .arg(port.to_string())
+        .arg("--directory")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting python3 -m http.server for {what}"))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            let _ = server.kill();
+            bail!("{what}: the HTTP server did not start on 127.0.0.1:{port}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(server)
+}
+
 impl TestAptRepo {
     /// Makes the key, the package and the signed index under `work`, and
     /// serves them on a free port of 127.0.0.1.
@@ -164,23 +187,8 @@ impl TestAptRepo {
             }
             std::thread::sleep(std::time::Duration::from_secs(1));
         }
-        let server = Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1"])
-            .arg(port.to_string())
-            .arg("--directory")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting python3 -m http.server for the test repository")?;
+        let server = serve_dir(&dir, port, "the test repository")?;
         let url = format!("http://127.0.0.1:{port}/");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if std::time::Instant::now() > deadline {
-                bail!("the test repository server did not start on 127.0.0.1:{port}");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
         Ok(TestAptRepo {
             dir,
             url,

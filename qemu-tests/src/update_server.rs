@@ -138,22 +138,7 @@ impl UpdateServer {
         let port = std::net::TcpListener::bind(("127.0.0.1", 0))?
             .local_addr()?
             .port();
-        let server = Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1"])
-            .arg(port.to_string())
-            .arg("--directory")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting python3 -m http.server for the update folder")?;
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if std::time::Instant::now() > until {
-                bail!("the update server did not start on 127.0.0.1:{port}");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        let server = crate::test_repo::serve_dir(dir, port, "the update folder")?;
         Ok(UpdateServer {
             dir: dir.to_path_buf(),
             port,

@@ -248,17 +248,7 @@ fn rolls_back_from_a_bad_version(
         "after the fallback: {report:?}"
     );
     vm.wait_ssh(dl)?;
-    let osrel = vm.check("grep ^IMAGE_VERSION= /usr/lib/os-release", dl)?;
-    ensure!(
-        osrel.trim() == format!("IMAGE_VERSION={UPDATE_VERSION}"),
-        "after the fallback: {osrel}"
-    );
-    let roothash = v2.manifest.roothash.clone().unwrap_or_default();
-    let cmdline = vm.check("cat /proc/cmdline", dl)?;
-    ensure!(
-        cmdline.contains(&format!("roothash={roothash}")),
-        "after the fallback the root is not {UPDATE_VERSION}'s: {cmdline}"
-    );
+    runs_version(vm, v2, dl)?;
     let after = vm.check("aiw-agent update status", dl)?;
     eprintln!(
         "qemu-tests: aiw-agent update status after: {}",
@@ -304,22 +294,30 @@ fn rolls_back_from_a_bad_version(
     Ok(())
 }
 
+/// The node runs `image`'s version on `image`'s root (its roothash on the
+/// kernel command line, which its UKI carries).
+fn runs_version(vm: &Vm, image: &TestImage, dl: &Deadline) -> Result<()> {
+    let version = &image.manifest.version;
+    let osrel = vm.check("grep ^IMAGE_VERSION= /usr/lib/os-release", dl)?;
+    ensure!(
+        osrel.trim() == format!("IMAGE_VERSION={version}"),
+        "the node runs {osrel:?}, not {version}"
+    );
+    let roothash = image.manifest.roothash.clone().unwrap_or_default();
+    let cmdline = vm.check("cat /proc/cmdline", dl)?;
+    ensure!(
+        !roothash.is_empty() && cmdline.contains(&format!("roothash={roothash}")),
+        "the kernel command line has not {version}'s roothash {roothash}: {cmdline}"
+    );
+    Ok(())
+}
+
 /// After the update's reboot: the new version's root (its roothash on the
 /// command line), the old one in the other slot, the boot health check
 /// passed and systemd-bless-boot marked the new UKI good.
 fn updated_and_blessed(case: &TestCase, vm: &Vm, v1: &TestImage, v2: &TestImage) -> Result<()> {
     let dl = case.deadline();
-    let osrel = vm.check("grep ^IMAGE_VERSION= /usr/lib/os-release", dl)?;
-    ensure!(
-        osrel.trim() == format!("IMAGE_VERSION={UPDATE_VERSION}"),
-        "after the update: {osrel}"
-    );
-    let roothash = v2.manifest.roothash.clone().unwrap_or_default();
-    let cmdline = vm.check("cat /proc/cmdline", dl)?;
-    ensure!(
-        !roothash.is_empty() && cmdline.contains(&format!("roothash={roothash}")),
-        "the kernel command line has not {UPDATE_VERSION}'s roothash {roothash}: {cmdline}"
-    );
+    runs_version(vm, v2, dl)?;
     let good = format!("boot health: good: version {UPDATE_VERSION}");
     let mut ukis = String::new();
     let blessed = |u: &str| {

@@ -28,17 +28,7 @@ pub struct LogindPowerOff;
 
 impl PowerControl for LogindPowerOff {
     fn power_off(&self) -> Result<(), String> {
-        let conn = zbus::blocking::Connection::system()
-            .map_err(|e| format!("cannot reach logind on the system bus: {e}"))?;
-        conn.call_method(
-            Some("org.freedesktop.login1"),
-            "/org/freedesktop/login1",
-            Some("org.freedesktop.login1.Manager"),
-            "PowerOff",
-            &(false,),
-        )
-        .map(|_| ())
-        .map_err(|e| format!("logind PowerOff: {e}"))
+        crate::systemd::logind("PowerOff")
     }
 }
 

@@ -227,17 +227,7 @@ impl UpdateFacts {
 
 /// Asks logind to reboot (what `systemctl reboot` asks for).
 pub fn reboot() -> Result<(), String> {
-    let conn = zbus::blocking::Connection::system()
-        .map_err(|e| format!("cannot reach logind on the system bus: {e}"))?;
-    conn.call_method(
-        Some("org.freedesktop.login1"),
-        "/org/freedesktop/login1",
-        Some("org.freedesktop.login1.Manager"),
-        "Reboot",
-        &(false,),
-    )
-    .map(|_| ())
-    .map_err(|e| format!("logind Reboot: {e}"))
+    crate::systemd::logind("Reboot")
 }
 
 #[cfg(test)]
