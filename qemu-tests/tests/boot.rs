@@ -133,12 +133,34 @@ fn update_to(case: &TestCase, vm: &Vm, updates: &UpdateServer) -> Result<()> {
             out.stdout,
             out.stderr
         );
+        // sysupdate's own words for the refusal, else its last lines.
+        let telling: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| {
+                [
+                    "ignature",
+                    "hash",
+                    "SHA256",
+                    "verif",
+                    "mismatch",
+                    "Bad message",
+                    "gpg",
+                ]
+                .iter()
+                .any(|w| l.contains(w))
+            })
+            .collect();
         let lines: Vec<&str> = out
             .stderr
             .lines()
             .filter(|l| !l.trim().is_empty())
             .collect();
-        let why = lines[lines.len().saturating_sub(3)..].join(" / ");
+        let why = if telling.is_empty() {
+            lines[lines.len().saturating_sub(3)..].join(" / ")
+        } else {
+            telling.join(" / ")
+        };
         eprintln!("qemu-tests: {how:?} refused: {why}");
         let now = vm.check(layout, dl)?;
         ensure!(

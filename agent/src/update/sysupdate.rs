@@ -27,11 +27,24 @@ pub fn check_new() -> Result<Option<String>, String> {
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run {}: {e}", program().display()))?;
-    if !out.status.success() {
-        return Err(last_lines(&out.stderr));
+    check_new_answer(out.status.success(), &out.stdout, &out.stderr)
+}
+
+/// `check-new` exits non-zero both when nothing is newer and on errors
+/// (systemd-sysupdate(8)); an error is what logs a failure.
+fn check_new_answer(ok: bool, stdout: &[u8], stderr: &[u8]) -> Result<Option<String>, String> {
+    let v = String::from_utf8_lossy(stdout).trim().to_string();
+    if ok && !v.is_empty() {
+        return Ok(Some(v));
     }
-    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    Ok((!v.is_empty()).then_some(v))
+    let err = String::from_utf8_lossy(stderr);
+    if err.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.contains("failed") || l.contains("error") || l.contains("refusing")
+    }) {
+        return Err(last_lines(stderr));
+    }
+    Ok(None)
 }
 
 /// `systemd-sysupdate update [VERSION]`. With `show_progress` its output goes
@@ -116,6 +129,23 @@ mod tests {
     const ROOT: &str = "[Transfer]\nProtectVersion=%A\n\n[Source]\nType=url-file\n\
         Path=http://update.invalid/aiware/%M/\nMatchPattern=%M_@v.root.@u.raw\n\n\
         [Target]\nType=partition\nPath=auto\nMatchPattern=%M_@v\n";
+
+    #[test]
+    fn check_new_tells_nothing_newer_from_a_failure() {
+        assert_eq!(
+            check_new_answer(true, b"0.2.0\n", b""),
+            Ok(Some("0.2.0".into()))
+        );
+        // What 257 printed on a node with nothing newer (exit status 1).
+        let none = "Discovering installed instances\u{2026}\nDiscovering available instances\u{2026}\n\
+                    Determining installed update sets\u{2026}\nDetermining available update sets\u{2026}\nExiting.\n";
+        assert_eq!(check_new_answer(false, b"", none.as_bytes()), Ok(None));
+        let down = "Pulling 'http://10.0.2.102/aiware/aiware-engine/SHA256SUMS'.\n\
+                    (sd-pull) failed with exit status 1.\nExiting.\n";
+        assert!(check_new_answer(false, b"", down.as_bytes())
+            .unwrap_err()
+            .contains("failed with exit status 1"));
+    }
 
     #[test]
     fn only_the_source_path_changes() {
