@@ -159,13 +159,7 @@ impl<'a> Agent<'a> {
                 })
             }
         });
-        let power = self.power.clone().unwrap_or_else(|| {
-            if self.cfg.real_system {
-                Arc::new(LogindPowerOff)
-            } else {
-                Arc::new(RecordingPower::default())
-            }
-        });
+        let power = self.power_control();
         let gpu_image = self
             .status
             .lock()
@@ -320,6 +314,17 @@ impl<'a> Agent<'a> {
         self.update(|s| s.platform_checkin = Some(said));
     }
 
+    /// logind on a real system; one that only counts in a test root.
+    fn power_control(&self) -> Arc<dyn PowerControl> {
+        self.power.clone().unwrap_or_else(|| {
+            if self.cfg.real_system {
+                Arc::new(LogindPowerOff)
+            } else {
+                Arc::new(RecordingPower::default())
+            }
+        })
+    }
+
     /// Points systemd-sysupdate at launch data's update server and starts
     /// the policy's checks (see [`crate::update::policy`]).
     fn start_update_policy(&self, settings: &Settings) {
@@ -338,6 +343,7 @@ impl<'a> Agent<'a> {
                 policy,
                 self.cfg.paths.clone(),
                 self.status.clone(),
+                self.power_control(),
             );
         }
     }

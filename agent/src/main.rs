@@ -297,7 +297,7 @@ fn maybe_reboot(now: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!("rebooting");
-    match aiw_agent::update::reboot() {
+    match aiw_agent::systemd::logind("Reboot") {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("aiw-agent update: {e}");

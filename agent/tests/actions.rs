@@ -342,6 +342,98 @@ fn drain_refuses_new_launches_and_lets_running_ones_go_on() {
     a.stop();
 }
 
+/// `AIWARE_UPDATE_POLICY=auto` (issue 14): the agent finds a new image
+/// version, installs it, drains (reported to the controller, new launches
+/// refused), and reboots only once the running task ended. systemd-sysupdate
+/// is a TEST DOUBLE here (a script answering `check-new` and writing the UKI
+/// name `update` would); the real one runs in the QEMU update journey.
+#[test]
+fn auto_update_drains_and_reboots_only_when_no_task_runs() {
+    let c = EdgeTestController::start("127.0.0.1:0", INIT).unwrap();
+    let (t, p) = node_with(
+        &c.url(),
+        false,
+        "  update_policy: auto\n  update_check_interval: 5\n",
+    );
+    std::fs::create_dir_all(p.at("/usr/lib")).unwrap();
+    std::fs::write(
+        p.at("/usr/lib/os-release"),
+        "ID=debian\nIMAGE_ID=aiware-engine\nIMAGE_VERSION=1\n",
+    )
+    .unwrap();
+    let esp = p.at("/efi/EFI/Linux");
+    std::fs::create_dir_all(&esp).unwrap();
+    std::fs::write(esp.join("aiware-engine_1.efi"), "").unwrap();
+    let fake = t.path().join("fake-sysupdate");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\n# TEST DOUBLE of systemd-sysupdate: version 2 on offer.\n\
+             new={esp}/aiware-engine_2+3-0.efi\n\
+             case \"$1\" in\n\
+             check-new) [ -e \"$new\" ] && exit 1; echo 2 ;;\n\
+             update) [ \"$2\" = 2 ] && : > \"$new\" ;;\n\
+             *) exit 2 ;;\nesac\n",
+            esp = esp.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // Only this test's agent reads it: the others' roots have no os-release.
+    std::env::set_var("AIW_AGENT_SYSUPDATE", &fake);
+    let power = Arc::new(RecordingPower::default());
+    let f = Arc::new(FakeRuntime::new());
+    let a = RunningAgent::start(&c, &p, Some(f.clone()), power.clone(), Duration::ZERO);
+    queue_and_wait(
+        &c,
+        &a.host_id,
+        json!({"launchContainer": [launch("L1", "task:1")]}),
+        |s| s["numContainers"] == 1,
+    );
+    // The first check is 5 s after the settings applied.
+    let after = c.statuses(&a.host_id).len();
+    let st = c
+        .wait_for_status(&a.host_id, after, Duration::from_secs(30), |s| {
+            s["drain"] == true
+        })
+        .expect("the node never reported drain for the update");
+    assert!(
+        esp.join("aiware-engine_2+3-0.efi").exists(),
+        "version 2 not installed"
+    );
+    assert_eq!(st["imageVersion"]["booted"], "1", "{st}");
+    let st = queue_and_wait(
+        &c,
+        &a.host_id,
+        json!({"launchContainer": [launch("L2", "task:1")]}),
+        |s| refused(s, "L2").is_some(),
+    );
+    assert!(
+        refused(&st, "L2").unwrap().contains("image version 2"),
+        "{st}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        *power.reboots.lock().unwrap(),
+        0,
+        "rebooted with L1 running"
+    );
+    let id = f.by_launch("L1")[0].id.clone();
+    queue_and_wait(
+        &c,
+        &a.host_id,
+        json!({"terminateContainer": [{"dockerContainerId": id}]}),
+        |s| s["numContainers"] == 0,
+    );
+    let until = std::time::Instant::now() + WAIT;
+    while *power.reboots.lock().unwrap() == 0 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(*power.reboots.lock().unwrap(), 1, "no reboot once L1 ended");
+    assert_eq!(*power.requests.lock().unwrap(), 0, "powered off");
+    a.stop();
+}
+
 #[test]
 fn pause_pauses_the_engines_and_resume_unpauses_them() {
     let c = EdgeTestController::start("127.0.0.1:0", INIT).unwrap();

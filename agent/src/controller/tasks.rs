@@ -18,9 +18,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Powers the host off (`mode: terminate`). A trait so tests never power off.
+/// Powers the host off (`mode: terminate`) or reboots it (into an installed
+/// image update). A trait so tests never power off.
 pub trait PowerControl: Send + Sync {
     fn power_off(&self) -> Result<(), String>;
+    fn reboot(&self) -> Result<(), String>;
 }
 
 /// The real one: logind's `PowerOff` on the system bus (what `systemctl poweroff` asks for).
@@ -30,17 +32,26 @@ impl PowerControl for LogindPowerOff {
     fn power_off(&self) -> Result<(), String> {
         crate::systemd::logind("PowerOff")
     }
+    fn reboot(&self) -> Result<(), String> {
+        crate::systemd::logind("Reboot")
+    }
 }
 
 /// A TEST DOUBLE of [`PowerControl`]: counts the requests.
 #[derive(Default)]
 pub struct RecordingPower {
+    /// Power-off requests.
     pub requests: Mutex<u32>,
+    pub reboots: Mutex<u32>,
 }
 
 impl PowerControl for RecordingPower {
     fn power_off(&self) -> Result<(), String> {
         *self.requests.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        Ok(())
+    }
+    fn reboot(&self) -> Result<(), String> {
+        *self.reboots.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         Ok(())
     }
 }

@@ -225,11 +225,6 @@ impl UpdateFacts {
     }
 }
 
-/// Asks logind to reboot (what `systemctl reboot` asks for).
-pub fn reboot() -> Result<(), String> {
-    crate::systemd::logind("Reboot")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -160,6 +160,7 @@ pub fn spawn_checks(
     policy: Policy,
     paths: crate::paths::Paths,
     status: std::sync::Arc<std::sync::Mutex<crate::status::Status>>,
+    power: std::sync::Arc<dyn crate::controller::tasks::PowerControl>,
 ) {
     use crate::status::{now_unix, UpdateCheck};
     let record = |status: &std::sync::Mutex<crate::status::Status>,
@@ -220,7 +221,7 @@ pub fn spawn_checks(
                 }
             }
             record(&status, &|c| c.reboot_for = Some(v.clone()));
-            reboot_when_drained(&status, &v);
+            reboot_when_drained(&status, power.as_ref(), &v);
             return;
         }
     });
@@ -228,7 +229,11 @@ pub fn spawn_checks(
 
 /// Reboots once the controller has had a report saying the node drains and
 /// no task runs (at once on a node that reports to no controller).
-fn reboot_when_drained(status: &std::sync::Mutex<crate::status::Status>, version: &str) {
+fn reboot_when_drained(
+    status: &std::sync::Mutex<crate::status::Status>,
+    power: &dyn crate::controller::tasks::PowerControl,
+    version: &str,
+) {
     let (joined, beats) = status
         .lock()
         .map(|s| (s.join.state == "joined", s.join.heartbeats))
@@ -239,7 +244,7 @@ fn reboot_when_drained(status: &std::sync::Mutex<crate::status::Status>, version
         });
         if drained {
             crate::log::console(&format!("rebooting into image version {version}"));
-            match super::reboot() {
+            match power.reboot() {
                 Ok(()) => return,
                 Err(e) => crate::log::console(&format!("cannot reboot: {e}")),
             }
