@@ -138,17 +138,12 @@ fn update_to(case: &TestCase, vm: &Vm, updates: &UpdateServer) -> Result<()> {
             .stderr
             .lines()
             .filter(|l| {
-                [
-                    "ignature",
-                    "hash",
-                    "SHA256",
-                    "verif",
-                    "mismatch",
-                    "Bad message",
-                    "gpg",
-                ]
-                .iter()
-                .any(|w| l.contains(w))
+                ["ignature", "mismatch", "Bad message", "ailed", "match"]
+                    .iter()
+                    .any(|w| l.contains(w))
+                    && !["Download", "Pulling", "Acquir"]
+                        .iter()
+                        .any(|w| l.contains(w))
             })
             .collect();
         let lines: Vec<&str> = out
