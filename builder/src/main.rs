@@ -122,16 +122,31 @@ enum CacheCommand {
         cache_dir: PathBuf,
     },
     /// Remove least recently used entries until the cache is at most
-    /// --max-size. Entries a running build uses are kept.
+    /// --max-size, or until its filesystem has --keep-free left (or both).
+    /// Entries a running build uses are kept.
     ///
     /// Example: aiwimg cache prune --max-size 20G   (0 empties the cache)
+    ///
+    /// Example: aiwimg cache prune --keep-free 10G  (room for VM disks beside it)
+    #[command(group(clap::ArgGroup::new("bound").required(true).multiple(true).args(["max_size", "keep_free"])))]
     Prune {
         #[arg(long, default_value = "/var/cache/aiwimg", env = "AIWIMG_CACHE_DIR")]
         cache_dir: PathBuf,
         /// Size to shrink to: bytes, or with K, M, G, T (powers of 1024).
         #[arg(long, value_parser = parse_size)]
-        max_size: u64,
+        max_size: Option<u64>,
+        /// Free space the cache's filesystem must have afterwards (same units).
+        #[arg(long, value_parser = parse_size)]
+        keep_free: Option<u64>,
     },
+}
+
+/// Bytes `cache prune` frees: enough to bring the cache (`total`) down to
+/// `max_size` and the filesystem's `free` up to `keep_free`.
+fn prune_target(total: u64, max_size: Option<u64>, free: u64, keep_free: Option<u64>) -> u64 {
+    let for_size = max_size.map_or(0, |m| total.saturating_sub(m));
+    let for_free = keep_free.map_or(0, |k| k.saturating_sub(free));
+    for_size.max(for_free)
 }
 
 /// "20G", "512M", "0", "1073741824".
@@ -373,10 +388,12 @@ fn real_main() -> Result<()> {
         Command::Cache(CacheCommand::Prune {
             cache_dir,
             max_size,
+            keep_free,
         }) => {
+            let free = aiwimg::host::free_space(&cache_dir)?;
             let cache = aiwimg::cache::Cache::new(cache_dir)?;
             let total: u64 = cache.entries()?.iter().map(|e| e.size).sum();
-            let want = total.saturating_sub(max_size);
+            let want = prune_target(total, max_size, free, keep_free);
             let freed = cache.make_room(want, &[], |e| {
                 println!(
                     "removed {}/{} ({})",
@@ -390,12 +407,24 @@ fn real_main() -> Result<()> {
                 "freed {}; the cache now holds {}{}",
                 aiwimg::inspect::human(freed),
                 aiwimg::inspect::human(left),
-                if left > max_size {
+                if freed < want {
                     " (entries a running build uses were kept)"
                 } else {
                     ""
                 }
             );
+            if let Some(k) = keep_free {
+                let now = aiwimg::host::free_space(&cache.root)?;
+                if now < k {
+                    anyhow::bail!(
+                        "{} has {} free after pruning, less than --keep-free {}: \
+                         what fills the disk is not in the cache",
+                        cache.root.display(),
+                        aiwimg::inspect::human(now),
+                        aiwimg::inspect::human(k)
+                    );
+                }
+            }
             Ok(())
         }
         Command::Publish(Publish::Aws {
@@ -444,7 +473,19 @@ fn real_main() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, prune_target};
+
+    #[test]
+    fn prune_frees_what_the_larger_bound_asks() {
+        const G: u64 = 1 << 30;
+        assert_eq!(prune_target(30 * G, Some(20 * G), 50 * G, None), 10 * G);
+        assert_eq!(prune_target(30 * G, None, 4 * G, Some(10 * G)), 6 * G);
+        assert_eq!(
+            prune_target(30 * G, Some(28 * G), 4 * G, Some(10 * G)),
+            6 * G
+        );
+        assert_eq!(prune_target(30 * G, Some(40 * G), 50 * G, Some(10 * G)), 0);
+    }
 
     #[test]
     fn sizes() {

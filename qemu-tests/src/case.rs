@@ -8,8 +8,9 @@
 //! (measured: both ready in 98 s, against 2 x 65 s); the VMs' default vCPU
 //! count follows (see [`vcpus_per_vm`]).
 
+use crate::console::ConsoleLog;
 use crate::deadline::Deadline;
-use crate::test_images::qemu_tests_root;
+use crate::test_images::{ensure_free_space, qemu_tests_root, VM_TEST_FREE_BYTES};
 use anyhow::{Context, Result};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -113,6 +114,28 @@ impl Drop for VmSlot {
     }
 }
 
+/// The last lines of each VM's console under `dir`: where a guest that
+/// stopped answering ssh says why (a panic, I/O errors, a reboot).
+fn console_tails(dir: &Path) -> String {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("console.log"))
+        .filter(|p| p.is_file())
+        .collect();
+    logs.sort();
+    logs.iter()
+        .map(|p| {
+            format!(
+                "last console lines of {}:\n{}",
+                p.display(),
+                ConsoleLog::new(p).tail(15)
+            )
+        })
+        .collect()
+}
+
 impl TestCase {
     /// Runs `body` as test `name`: waits for a free VM slot,
     /// makes a fresh work dir, starts the deadline, and turns an error or a
@@ -124,6 +147,10 @@ impl TestCase {
         );
         let _slot = VmSlot::take(name);
         let root = qemu_tests_root();
+        std::fs::create_dir_all(&root).expect("creating target/qemu-tests");
+        if let Err(e) = ensure_free_space(&root, VM_TEST_FREE_BYTES) {
+            panic!("{name}: {e:#}");
+        }
         let dir = root.join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the test's work dir");
@@ -154,7 +181,8 @@ impl TestCase {
                     format!("failed after {total:.0?}: {e:#}\n"),
                 );
                 panic!(
-                    "{name} failed after {total:.0?}: {e:#}{timings}\nartifacts (console, journal, user-data): {}",
+                    "{name} failed after {total:.0?}: {e:#}{timings}\n{}artifacts (console, journal, user-data): {}",
+                    console_tails(&dir),
                     dir.display()
                 );
             }

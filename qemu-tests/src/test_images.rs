@@ -223,6 +223,60 @@ fn build(profile: &str, out_dir: &Path) -> Result<PathBuf> {
     Ok(out_dir.join(profile))
 }
 
+/// Free space a VM test wants beside it: its disk overlay grows by what the
+/// guest writes (an A/B update writes a whole root partition) and update
+/// folders are published next to it, while another slot's VM does the same.
+pub const VM_TEST_FREE_BYTES: u64 = 8 << 30;
+
+/// Free bytes on the filesystem holding `dir` (`df`, as a user would read it).
+pub fn free_bytes(dir: &Path) -> Result<u64> {
+    let out = Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(dir)
+        .output()
+        .context("running df")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .with_context(|| format!("df {}: {text}", dir.display()))
+}
+
+/// Makes sure `dir`'s filesystem has `need` bytes free before a VM starts,
+/// evicting the builder's least recently used cache entries when it has not.
+/// A full disk does not fail a VM: QEMU pauses it, and the test only sees a
+/// guest that stopped answering.
+pub fn ensure_free_space(dir: &Path, need: u64) -> Result<()> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let free = free_bytes(dir)?;
+    if free >= need {
+        return Ok(());
+    }
+    eprintln!(
+        "qemu-tests: {} has {:.1} GiB free, a VM test wants {:.1} GiB: pruning the image cache",
+        dir.display(),
+        gib(free),
+        gib(need)
+    );
+    let out = Command::new(aiwimg_bin()?)
+        .args(["cache", "prune", "--keep-free", &need.to_string()])
+        .output()
+        .context("running aiwimg cache prune")?;
+    eprint!("{}", String::from_utf8_lossy(&out.stdout));
+    let now = free_bytes(dir)?;
+    if now < need {
+        bail!(
+            "too little disk space for a VM test: {} has {:.1} GiB free after pruning the \
+             image cache, {:.1} GiB wanted ({})",
+            dir.display(),
+            gib(now),
+            gib(need),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// The builder binary: `$AIWIMG_BIN`, else this workspace's release build
 /// (built if needed, outside any CARGO_TARGET_DIR of the caller).
 pub fn aiwimg_bin() -> Result<PathBuf> {

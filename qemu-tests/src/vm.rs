@@ -148,7 +148,9 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, accel: Accel, ovmf: &Ovmf) -> V
     a.extend([
         "-drive".into(),
         format!(
-            "if=none,id=disk0,format=qcow2,discard=unmap,file={}",
+            // A full host disk becomes an I/O error the guest logs, not a
+            // silently paused VM (QEMU's default for ENOSPC is to stop).
+            "if=none,id=disk0,format=qcow2,discard=unmap,werror=report,rerror=report,file={}",
             paths.overlay.display()
         ),
         "-device".into(),
@@ -897,7 +899,9 @@ mod tests {
         assert!(drives.contains(&"if=pflash,format=raw,unit=0,readonly=on,file=/fw/CODE.fd"));
         assert!(drives.contains(&"if=pflash,format=raw,unit=1,file=/w/t/OVMF_VARS.fd"));
         assert!(
-            drives.contains(&"if=none,id=disk0,format=qcow2,discard=unmap,file=/w/t/disk.qcow2")
+            drives.contains(
+                &"if=none,id=disk0,format=qcow2,discard=unmap,werror=report,rerror=report,file=/w/t/disk.qcow2"
+            )
         );
         assert!(drives.contains(
             &"if=none,id=drive1,format=raw,media=cdrom,readonly=on,file=/w/t/seed/seed.iso"

@@ -584,6 +584,7 @@ fn controller() {
         assert_active(&vm, &["postgresql.service", "nfs-server.service"], dl)?;
         wait_listening(&vm, &[5432, 2049], dl)?;
         vm.check("pg_isready -h 127.0.0.1 -p 5432", dl)?;
+        postgres_tls_is_this_nodes_own(&vm, dl)?;
         // The guide's validation steps.
         let exports = vm.check("exportfs -v", dl)?;
         ensure!(
@@ -593,6 +594,41 @@ fn controller() {
         controller_answers_version(case, &vm)?;
         healthy(case, &vm)
     });
+}
+
+/// PostgreSQL's TLS (ssl-cert's snakeoil paths) uses a pair this node made
+/// at first boot, not one baked into the image: the paths are links into
+/// /var, and the certificate the server presents is that file's.
+fn postgres_tls_is_this_nodes_own(vm: &Vm, dl: &Deadline) -> Result<()> {
+    let links = vm.check(
+        "readlink /etc/ssl/private/ssl-cert-snakeoil.key /etc/ssl/certs/ssl-cert-snakeoil.pem; \
+         stat -L -c '%a %U:%G' /etc/ssl/private/ssl-cert-snakeoil.key",
+        dl,
+    )?;
+    ensure!(
+        links.contains("/var/lib/aiwimg/ssl-cert/ssl-cert-snakeoil.key")
+            && links.contains("/var/lib/aiwimg/ssl-cert/ssl-cert-snakeoil.pem")
+            && links.contains("640 root:ssl-cert"),
+        "snakeoil paths: {links}"
+    );
+    let fp = "openssl x509 -noout -fingerprint -sha256";
+    let file = vm.check(
+        &format!("{fp} -in /etc/ssl/certs/ssl-cert-snakeoil.pem"),
+        dl,
+    )?;
+    let served = vm.check(
+        &format!("openssl s_client -starttls postgres -connect 127.0.0.1:5432 </dev/null 2>/dev/null | {fp}"),
+        dl,
+    )?;
+    ensure!(
+        !file.trim().is_empty() && file == served,
+        "PostgreSQL presents {served:?}, the node's certificate is {file:?}"
+    );
+    eprintln!(
+        "qemu-tests: PostgreSQL TLS: this node's own certificate, {}",
+        file.trim()
+    );
+    Ok(())
 }
 
 #[test]

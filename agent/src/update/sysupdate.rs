@@ -19,9 +19,48 @@ pub fn program() -> PathBuf {
         .unwrap_or_else(|| SYSUPDATE.into())
 }
 
+/// Where [`one_at_a_time`] locks: in /run, or beside a test's program.
+fn lock_path() -> PathBuf {
+    match std::env::var_os("AIW_AGENT_SYSUPDATE") {
+        Some(p) => {
+            let mut p = p;
+            p.push(".lock");
+            PathBuf::from(p)
+        }
+        None => PathBuf::from("/run/aiw-agent-sysupdate.lock"),
+    }
+}
+
+/// One systemd-sysupdate run at a time on this node. The agent's periodic
+/// check and an operator's `aiw-agent update apply` would otherwise overlap,
+/// one listing the partitions while the other relabels and writes them.
+/// The lock is held until the returned file is dropped.
+fn one_at_a_time() -> Result<std::fs::File, String> {
+    lock_at(&lock_path())
+}
+
+fn lock_at(path: &std::path::Path) -> Result<std::fs::File, String> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => return Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!("aiw-agent: waiting for another systemd-sysupdate run to finish")
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(format!("{}: {e}", path.display())),
+    }
+    f.lock().map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(f)
+}
+
 /// `systemd-sysupdate check-new`: the newest version the server offers that
 /// is newer than what is installed, if any.
 pub fn check_new() -> Result<Option<String>, String> {
+    let _lock = one_at_a_time()?;
     let out = Command::new(program())
         .arg("check-new")
         .stdin(Stdio::null())
@@ -50,6 +89,7 @@ fn check_new_answer(ok: bool, stdout: &[u8], stderr: &[u8]) -> Result<Option<Str
 /// `systemd-sysupdate update [VERSION]`. With `show_progress` its output goes
 /// to ours (the CLI); otherwise it is returned (the agent's journal).
 pub fn update(version: Option<&str>, show_progress: bool) -> Result<String, String> {
+    let _lock = one_at_a_time()?;
     let mut cmd = Command::new(program());
     cmd.arg("update").args(version).stdin(Stdio::null());
     if show_progress {
@@ -145,6 +185,34 @@ mod tests {
         assert!(check_new_answer(false, b"", down.as_bytes())
             .unwrap_err()
             .contains("failed with exit status 1"));
+    }
+
+    #[test]
+    fn sysupdate_runs_one_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("aiw-sysupdate-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = dir.join("sysupdate.lock");
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let runs: Vec<_> = (0..3)
+            .map(|i| {
+                let (lock, order) = (lock.clone(), order.clone());
+                std::thread::spawn(move || {
+                    let _held = lock_at(&lock).unwrap();
+                    order.lock().unwrap().push(format!("start {i}"));
+                    std::thread::sleep(std::time::Duration::from_millis(150));
+                    order.lock().unwrap().push(format!("end {i}"));
+                })
+            })
+            .collect();
+        for r in runs {
+            r.join().unwrap();
+        }
+        let order = order.lock().unwrap();
+        assert_eq!(order.len(), 6);
+        for pair in order.chunks(2) {
+            assert_eq!(pair[0].replace("start", "end"), pair[1], "{order:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -389,7 +389,86 @@ fn clear_per_machine_state(tree: &Path) -> Result<()> {
     }
     std::fs::write(tree.join("etc/hostname"), b"aiware\n")?;
     let _ = std::fs::remove_file(tree.join("var/cache/ldconfig/aux-cache"));
+    // DKMS 3 makes a module signing key when it first builds; the modules are
+    // built already, and a key in the image would be every node's key.
+    for f in ["var/lib/dkms/mok.key", "var/lib/dkms/mok.pub"] {
+        let _ = std::fs::remove_file(tree.join(f));
+    }
+    per_node_snakeoil(tree)?;
+    let keys = private_keys(tree);
+    if !keys.is_empty() {
+        bail!(
+            "the image would carry private keys, the same on every node: {}. \
+             Make them on the node at first boot, or deliver them with launch data",
+            keys.iter()
+                .map(|k| format!("/{}", k.strip_prefix(tree).unwrap_or(k).display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     Ok(())
+}
+
+/// Where aiw-snakeoil-cert.service writes each node's own pair.
+const SNAKEOIL_DIR: &str = "/var/lib/aiwimg/ssl-cert";
+
+/// ssl-cert's "snakeoil" pair (PostgreSQL's TLS by default) was made when
+/// the package was installed: its paths become links to a pair each node
+/// makes on its first boot (agent/units/aiw-snakeoil-cert.service).
+fn per_node_snakeoil(tree: &Path) -> Result<()> {
+    let pairs = [
+        ("etc/ssl/private", "ssl-cert-snakeoil.key"),
+        ("etc/ssl/certs", "ssl-cert-snakeoil.pem"),
+    ];
+    if !tree.join(pairs[0].0).join(pairs[0].1).exists() {
+        return Ok(());
+    }
+    for (dir, name) in pairs {
+        let p = tree.join(dir).join(name);
+        let _ = std::fs::remove_file(&p);
+        std::os::unix::fs::symlink(format!("{SNAKEOIL_DIR}/{name}"), &p)
+            .with_context(|| format!("linking {}", p.display()))?;
+    }
+    // The OpenSSL hash link named after the baked certificate's subject.
+    for e in std::fs::read_dir(tree.join("etc/ssl/certs"))?.flatten() {
+        if std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "ssl-cert-snakeoil.pem") {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Files holding a PEM private key where packages and overlays put state
+/// (not /usr: libraries ship test vectors there).
+pub fn private_keys(tree: &Path) -> Vec<PathBuf> {
+    fn walk(p: &Path, found: &mut Vec<PathBuf>) {
+        let Ok(meta) = std::fs::symlink_metadata(p) else {
+            return;
+        };
+        if meta.is_dir() {
+            let mut entries: Vec<_> = std::fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            entries.sort();
+            for e in entries {
+                walk(&e, found);
+            }
+        } else if meta.is_file() && meta.len() < (1 << 20) {
+            let data = std::fs::read(p).unwrap_or_default();
+            let pem = b"PRIVATE KEY-----";
+            if data.windows(pem.len()).any(|w| w == pem) {
+                found.push(p.to_path_buf());
+            }
+        }
+    }
+    let mut found = Vec::new();
+    for d in ["etc", "var", "root", "home", "srv", "opt"] {
+        walk(&tree.join(d), &mut found);
+    }
+    found
 }
 
 /// `/var` of the image is a fresh partition made at first boot; what packages
@@ -536,4 +615,63 @@ fn set_unit_states(ctx: &BuildContext, tools: &ToolsTree, tree: &Path) -> Result
     args.extend(MASKED.iter().copied());
     tools.run("masking units no node needs", &args, &bind)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(tree: &Path, rel: &str, body: &str) {
+        let p = tree.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+
+    const KEY: &str =
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEI\n-----END PRIVATE KEY-----\n";
+
+    #[test]
+    fn baked_private_keys_are_found_outside_usr() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path();
+        put(t, "var/lib/dkms/mok.key", KEY);
+        put(t, "etc/app/tls.key", &KEY.replace("PRIVATE", "EC PRIVATE"));
+        put(t, "etc/app/tls.pem", "-----BEGIN CERTIFICATE-----\n");
+        put(t, "usr/lib/python3/dist-packages/x/tests/key.pem", KEY);
+        assert_eq!(
+            private_keys(t),
+            [t.join("etc/app/tls.key"), t.join("var/lib/dkms/mok.key")]
+        );
+    }
+
+    #[test]
+    fn the_snakeoil_pair_and_dkms_key_leave_the_image() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path();
+        put(t, "etc/machine-id", "0123\n");
+        put(t, "etc/ssh/ssh_host_ed25519_key", KEY);
+        put(t, "etc/ssl/private/ssl-cert-snakeoil.key", KEY);
+        put(
+            t,
+            "etc/ssl/certs/ssl-cert-snakeoil.pem",
+            "-----BEGIN CERTIFICATE-----\n",
+        );
+        std::os::unix::fs::symlink("ssl-cert-snakeoil.pem", t.join("etc/ssl/certs/62742064.0"))
+            .unwrap();
+        put(t, "var/lib/dkms/mok.key", KEY);
+        put(t, "var/lib/dkms/mok.pub", "cert");
+        clear_per_machine_state(t).unwrap();
+        assert!(private_keys(t).is_empty());
+        assert_eq!(
+            std::fs::read_link(t.join("etc/ssl/private/ssl-cert-snakeoil.key")).unwrap(),
+            Path::new("/var/lib/aiwimg/ssl-cert/ssl-cert-snakeoil.key")
+        );
+        assert!(!t.join("etc/ssl/certs/62742064.0").exists());
+        assert!(!t.join("var/lib/dkms/mok.pub").exists());
+
+        // An overlay's key is refused, by name.
+        put(t, "etc/aiware/license.key", KEY);
+        let err = clear_per_machine_state(t).unwrap_err().to_string();
+        assert!(err.contains("/etc/aiware/license.key"), "{err}");
+    }
 }
