@@ -181,6 +181,8 @@ pub fn spawn_checks(
             let Some(facts) = super::UpdateFacts::gather(&paths) else {
                 return;
             };
+            // What is installed changes under us too (`aiw-agent update apply`).
+            refresh_facts(&status, &facts);
             let offered = match super::sysupdate::check_new() {
                 Ok(v) => v,
                 Err(e) => {
@@ -220,11 +222,20 @@ pub fn spawn_checks(
                     continue;
                 }
             }
+            if let Some(after) = super::UpdateFacts::gather(&paths) {
+                refresh_facts(&status, &after);
+            }
             record(&status, &|c| c.reboot_for = Some(v.clone()));
             reboot_when_drained(&status, power.as_ref(), &v);
             return;
         }
     });
+}
+
+fn refresh_facts(status: &std::sync::Mutex<crate::status::Status>, facts: &super::UpdateFacts) {
+    if let Ok(mut st) = status.lock() {
+        st.update = Some(facts.clone());
+    }
 }
 
 /// Reboots once the controller has had a report saying the node drains and
