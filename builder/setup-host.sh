@@ -21,9 +21,17 @@ done
 [ "$(id -u)" = 0 ] || { echo "setup-host.sh: run as root (sudo $0 $*)" >&2; exit 1; }
 
 . /etc/os-release
-pkgs="mmdebstrap qemu-utils zstd bmap-tools dpkg util-linux ca-certificates musl-tools"
+# skopeo: `[[container_images]] pull` (images pulled by digest at build time).
+pkgs="mmdebstrap qemu-utils zstd bmap-tools dpkg util-linux ca-certificates musl-tools skopeo"
 if [ "$tests" = yes ]; then
-    pkgs="$pkgs qemu-system-x86 ovmf cloud-image-utils genisoimage openssh-client socat e2fsprogs dosfstools mtools postgresql-client redis-tools openssl curl gpg python3 busybox-static"
+    pkgs="$pkgs qemu-system-x86 ovmf cloud-image-utils genisoimage openssh-client socat e2fsprogs dosfstools mtools postgresql-client redis-tools openssl curl gpg python3 busybox-static docker-registry"
+    # docker-registry is for the tests, which start their own on 127.0.0.1.
+    # Its package would start one on every interface of a systemd host: mask
+    # that unit first (only when the package is not installed yet, so a
+    # registry someone runs on purpose is left alone).
+    if [ -d /run/systemd/system ] && ! dpkg-query -W -f '${Status}' docker-registry 2>/dev/null | grep -q "install ok installed"; then
+        systemctl mask docker-registry.service >/dev/null 2>&1 || true
+    fi
 fi
 # On bookworm these come from bookworm-backports (and must all come from the
 # same QEMU upload: qemu-system-x86 wants qemu-system-common of exactly its

@@ -54,6 +54,7 @@ cargo build --release -p aiwimg
 AIWIMG_BIN="$PWD/target/release/aiwimg"
 export AIWIMG_BIN
 cargo test --release -p qemu-tests --test build -- --test-threads=1 --nocapture
+cargo test --release -p qemu-tests --test registry_pull -- --nocapture
 disk
 
 section "slow: every output format, and publish aws against moto"
@@ -70,6 +71,8 @@ cargo test --release -p qemu-tests --test harness -- --test-threads=1
 AIWIMG_VM_SLOTS=2
 export AIWIMG_VM_SLOTS
 cargo test --release -p qemu-tests --test boot -- --test-threads=2 --nocapture
+# Secure Boot: OVMF's secboot firmware needs SMM; one VM at a time.
+cargo test --release -p qemu-tests --test secure_boot -- --nocapture
 disk
 section "slow: run modes"
 cargo test --release -p qemu-tests --test modes -- --test-threads=2 --nocapture

@@ -305,11 +305,20 @@ pub struct Entry {
 }
 
 impl Cache {
-    /// Every complete artifact, least recently used first. Folders that are
-    /// not stage slots (the apt archive cache, helpers' venvs) are not listed.
+    /// Every complete artifact, least recently used first: each slot (a
+    /// folder `<kind>/<key>/` with a `.done` marker: the stages, the pulled
+    /// images). Folders that are not slots (the apt archive cache, helpers'
+    /// venvs) have no such marker and are not listed.
     pub fn entries(&self) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
-        for stage in crate::pipeline::STAGES {
+        let mut kinds: Vec<_> = std::fs::read_dir(&self.root)?
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|k| !k.starts_with('.'))
+            .collect();
+        kinds.sort();
+        for stage in &kinds {
             let dir = self.root.join(stage);
             let Ok(rd) = std::fs::read_dir(&dir) else {
                 continue;

@@ -47,6 +47,15 @@ pub fn run(image: &Path, verify: bool, json: bool) -> Result<()> {
         println!("cmdline   {}", m.cmdline);
         println!("packages  {} installed", m.packages.len());
         println!("input     {}", m.input_hash);
+        match &m.secure_boot {
+            Some(sb) => println!(
+                "secure    signed for Secure Boot by {} (db certificate sha256 {}), enrollment {}",
+                sb.db_subject,
+                sb.db_cert_sha256,
+                sb.enroll.as_str()
+            ),
+            None => println!("secure    not signed for Secure Boot"),
+        }
         if let Some(parts) = &parts {
             println!("\npartitions (GPT of {}):", raw.as_ref().unwrap().display());
             println!(

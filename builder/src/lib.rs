@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod gpt;
 pub mod host;
+pub mod image_ref;
 pub mod inspect;
 pub mod manifest;
 pub mod openpgp;
@@ -11,6 +12,7 @@ pub mod pipeline;
 pub mod profile;
 pub mod publish;
 pub mod run;
+pub mod secure_boot;
 pub mod stages;
 pub mod tools;
 pub mod update;

@@ -24,6 +24,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the `build` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Build the image of a node profile (needs root).
@@ -55,6 +57,12 @@ enum Command {
         /// mirror for air-gapped builds): NAME=URL, repeatable.
         #[arg(long = "repo-mirror", value_name = "NAME=URL")]
         repo_mirrors: Vec<String>,
+        /// A registry the build may pull `[[container_images]] pull` images
+        /// from without verifying TLS (plain HTTP or a self-signed
+        /// certificate): HOST:PORT as in the image reference, repeatable. The
+        /// digest in the reference still pins what is pulled.
+        #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+        insecure_registries: Vec<String>,
         /// IMAGE_VERSION written to os-release and the file names.
         #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
         image_version: String,
@@ -85,6 +93,20 @@ enum Command {
         /// previous one, 1-9 (overrides the profile's `update_tries`).
         #[arg(long)]
         update_tries: Option<u32>,
+        /// Sign systemd-boot and the UKI for UEFI Secure Boot with this db
+        /// private key (PEM, no passphrase; read once, never copied into the
+        /// image, the cache or a log). Overrides the profile's `secure_boot_key`.
+        #[arg(long, requires = "secure_boot_cert", env = "AIWIMG_SECURE_BOOT_KEY")]
+        secure_boot_key: Option<PathBuf>,
+        /// The db certificate (PEM or DER) that goes with --secure-boot-key:
+        /// the one firmware must trust (README, "Secure Boot").
+        #[arg(long, requires = "secure_boot_key", env = "AIWIMG_SECURE_BOOT_CERT")]
+        secure_boot_cert: Option<PathBuf>,
+        /// Whether systemd-boot enrolls the certificate as PK, KEK and db on a
+        /// machine in setup mode: off (default), manual (a boot menu entry),
+        /// if-safe (by itself, in VMs only), force (by itself, anywhere).
+        #[arg(long, value_enum)]
+        secure_boot_enroll: Option<aiwimg::secure_boot::Enroll>,
     },
     /// List the node profiles with their run modes.
     Profiles {
@@ -269,6 +291,7 @@ fn real_main() -> Result<()> {
             cache_dir,
             mirror,
             repo_mirrors,
+            insecure_registries,
             image_version,
             locked,
             rebuild,
@@ -277,6 +300,9 @@ fn real_main() -> Result<()> {
             update_url,
             update_keyring,
             update_tries,
+            secure_boot_key,
+            secure_boot_cert,
+            secure_boot_enroll,
         } => {
             let project = find_project(cli.project)?;
             let mut mirrors = BTreeMap::new();
@@ -302,10 +328,14 @@ fn real_main() -> Result<()> {
                 rebuild,
                 agent_bin,
                 repo_mirrors: mirrors,
+                insecure_registries,
                 json,
                 update_url,
                 update_keyring,
                 update_tries,
+                secure_boot_key,
+                secure_boot_cert,
+                secure_boot_enroll,
             };
             let started = std::time::Instant::now();
             let r = pipeline::build(opts)?;

@@ -23,6 +23,9 @@ pub struct Manifest {
     /// labels and UUIDs. Absent in manifests from before A/B updates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<Layout>,
+    /// Set when systemd-boot and the UKI are signed for UEFI Secure Boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_boot: Option<crate::secure_boot::SecureBootInfo>,
     /// What the image's systemd-sysupdate is set to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdateInfo>,
@@ -34,9 +37,21 @@ pub struct Manifest {
     /// image config digest, tags; aiw-agent loads them at first boot.
     #[serde(default)]
     pub container_images: Vec<aiw_agent::modes::BakedImage>,
+    /// Which of them were pulled at build time, and from where.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pulled_images: Vec<PulledImage>,
     /// sha256 of the vendor's aiware-agent baked in (`vendor_agent`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vendor_agent: Option<String>,
+}
+
+/// A `[[container_images]] pull` entry as baked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PulledImage {
+    /// The reference, pinned by its manifest digest.
+    pub reference: String,
+    /// sha256 of the archive baked (as in `container_images`).
+    pub sha256: String,
 }
 
 /// The node's update settings baked in by the build.

@@ -7,7 +7,7 @@ use crate::manifest::{Manifest, ManifestFile, Package, UpdateInfo};
 use crate::pipeline::BuildContext;
 use crate::run::{run_cmd, Cmd};
 use crate::stages;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -103,6 +103,9 @@ pub fn write_all(ctx: &BuildContext, disk: &Slot, out: &Path) -> Result<Manifest
         }
     }
     files.extend(write_update(ctx, disk, &info, out)?);
+    if info.secure_boot.is_some() {
+        files.extend(write_secure_boot(disk, out)?);
+    }
     let packages = stages::rootfs::installed(disk)?
         .into_iter()
         .map(|(name, version)| Package { name, version })
@@ -121,6 +124,7 @@ pub fn write_all(ctx: &BuildContext, disk: &Slot, out: &Path) -> Result<Manifest
         root_erofs_size: info.root_size,
         partitions: info.partitions.clone(),
         layout: Some(info.layout.clone()),
+        secure_boot: info.secure_boot.clone(),
         update: Some(UpdateInfo {
             url: ctx.profile.update_url.clone(),
             tries: ctx.profile.update_tries,
@@ -130,6 +134,17 @@ pub fn write_all(ctx: &BuildContext, disk: &Slot, out: &Path) -> Result<Manifest
         packages,
         input_hash: disk.key.clone(),
         container_images: info_json.container_images,
+        pulled_images: ctx
+            .profile
+            .container_images
+            .iter()
+            .filter_map(|c| {
+                Some(crate::manifest::PulledImage {
+                    reference: c.pulled_from.clone()?,
+                    sha256: c.sha256.clone(),
+                })
+            })
+            .collect(),
         vendor_agent: info_json.vendor_agent,
     };
     std::fs::write(
@@ -190,7 +205,7 @@ pub fn up_to_date(ctx: &BuildContext, disk: &Slot, dir: &Path) -> Option<Manifes
         .files
         .iter()
         .map(|f| f.format.as_str())
-        .filter(|f| !f.starts_with("update"))
+        .filter(|f| !f.starts_with("update") && *f != SECURE_BOOT_FORMAT)
         .collect();
     had.sort_unstable();
     had.dedup();
@@ -209,6 +224,36 @@ pub fn up_to_date(ctx: &BuildContext, disk: &Slot, dir: &Path) -> Option<Manifes
         std::fs::metadata(dir.join(&f.name)).is_ok_and(|m| m.is_file() && m.len() == f.size)
     });
     intact.then_some(manifest)
+}
+
+/// The manifest's format of the Secure Boot files in `secureboot/`.
+const SECURE_BOOT_FORMAT: &str = "secure-boot";
+
+/// Copies the disk stage's enrollment files and certificate to
+/// `OUT/secureboot/`: what a platform's firmware needs (db.der for GCE and
+/// Azure, the .auth files for systemd-boot or by hand, the .esl list).
+fn write_secure_boot(disk: &Slot, out: &Path) -> Result<Vec<ManifestFile>> {
+    let from = disk.dir.join(crate::secure_boot::SLOT_DIR);
+    let to = out.join(crate::secure_boot::SLOT_DIR);
+    std::fs::create_dir_all(&to)?;
+    let mut names: Vec<String> = std::fs::read_dir(&from)
+        .with_context(|| format!("reading {}", from.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut files = Vec::new();
+    for n in names {
+        let dest = to.join(&n);
+        std::fs::copy(from.join(&n), &dest)?;
+        files.push(ManifestFile {
+            name: format!("{}/{n}", crate::secure_boot::SLOT_DIR),
+            format: SECURE_BOOT_FORMAT.into(),
+            sha256: sha256_file(&dest)?,
+            size: std::fs::metadata(&dest)?.len(),
+        });
+    }
+    Ok(files)
 }
 
 /// The format names a format's files carry in the manifest.

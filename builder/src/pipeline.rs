@@ -40,6 +40,8 @@ pub struct BuildOptions {
     pub agent_bin: Option<PathBuf>,
     /// `--repo-mirror NAME=URL`: a local mirror for a profile's third-party repository.
     pub repo_mirrors: BTreeMap<String, String>,
+    /// `--insecure-registry HOST:PORT`: pull from it without verifying TLS.
+    pub insecure_registries: Vec<String>,
     /// Print progress as JSON lines instead of text.
     pub json: bool,
     /// `--update-url`: overrides the profile's `update_url`.
@@ -48,6 +50,12 @@ pub struct BuildOptions {
     pub update_keyring: Option<PathBuf>,
     /// `--update-tries`: overrides the profile's `update_tries`.
     pub update_tries: Option<u32>,
+    /// `--secure-boot-key/--secure-boot-cert`: sign for UEFI Secure Boot
+    /// (override the profile's `secure_boot_key/secure_boot_cert`).
+    pub secure_boot_key: Option<PathBuf>,
+    pub secure_boot_cert: Option<PathBuf>,
+    /// `--secure-boot-enroll`: overrides the profile's `secure_boot_enroll`.
+    pub secure_boot_enroll: Option<crate::secure_boot::Enroll>,
 }
 
 /// What a stage did, for progress and for `--json`.
@@ -82,6 +90,8 @@ pub struct BuildContext {
     pub all_profiles: BTreeMap<String, Vec<String>>,
     /// The mirror in effect (command line over profile), None = mmdebstrap's default.
     pub mirror: Option<String>,
+    /// What the disk stage signs with; None: an unsigned image.
+    pub signing: Option<crate::secure_boot::SigningInput>,
 }
 
 impl BuildContext {
@@ -300,7 +310,9 @@ impl BuildContext {
             }
         }
         let mirror = opts.mirror.clone().or(profile.mirror.clone());
+        let signing = signing_input(&opts, &profile)?;
         Ok(BuildContext {
+            signing,
             cache: Cache::new(opts.cache_dir.clone())?,
             opts,
             profile,
@@ -311,13 +323,64 @@ impl BuildContext {
     }
 }
 
+/// The Secure Boot key pair in effect: the command line's over the profile's.
+fn signing_input(
+    opts: &BuildOptions,
+    profile: &Profile,
+) -> Result<Option<crate::secure_boot::SigningInput>> {
+    let key = opts
+        .secure_boot_key
+        .as_ref()
+        .or(profile.secure_boot_key.as_ref());
+    let cert = opts
+        .secure_boot_cert
+        .as_ref()
+        .or(profile.secure_boot_cert.as_ref());
+    let enroll = opts.secure_boot_enroll.or(profile.secure_boot_enroll);
+    match (key, cert) {
+        (Some(_), Some(_)) if profile.gpu => anyhow::bail!(
+            "profile {} carries NVIDIA's DKMS-built kernel modules, which aiwimg does not sign \
+             yet: under Secure Boot the kernel would refuse them and the node would have no \
+             GPU driver. Build it unsigned (issue 15, module signing, is open)",
+            profile.name
+        ),
+        (Some(k), Some(c)) => Ok(Some(crate::secure_boot::SigningInput::new(
+            k,
+            c,
+            enroll.unwrap_or(crate::secure_boot::Enroll::Off),
+        )?)),
+        (None, None) if profile.secure_boot => anyhow::bail!(
+            "profile {} has `secure_boot = true`: give the db key and certificate to sign \
+             with (--secure-boot-key FILE --secure-boot-cert FILE)",
+            profile.name
+        ),
+        (None, None) if enroll.is_some() => anyhow::bail!(
+            "--secure-boot-enroll / `secure_boot_enroll` needs a key to sign with \
+             (--secure-boot-key FILE --secure-boot-cert FILE)"
+        ),
+        (None, None) => Ok(None),
+        _ => anyhow::bail!(
+            "Secure Boot signing needs both the key and the certificate \
+             (--secure-boot-key FILE --secure-boot-cert FILE)"
+        ),
+    }
+}
+
 pub fn build(opts: BuildOptions) -> Result<BuildResult> {
-    let ctx = BuildContext::new(opts)?;
+    let mut ctx = BuildContext::new(opts)?;
     host::check_build_host(&ctx.opts)?;
     if let Some(m) = &ctx.mirror {
         host::check_mirror(m, &ctx.profile.suite)?;
     }
     stages::rootfs::check_repositories(&ctx.profile, &ctx.opts.repo_mirrors, &ctx.images_dir())?;
+    // Pulled images become archives (cached by digest) before the keys are
+    // computed, so the customize key covers them as it covers any archive.
+    let (pulled, _pulls_held) = stages::registry::resolve(
+        &ctx.cache,
+        &ctx.profile.registry_images,
+        &ctx.opts.insecure_registries,
+    )?;
+    ctx.profile.container_images.extend(pulled);
     // Reproducible timestamps for every tool that honours it.
     std::env::set_var(
         "SOURCE_DATE_EPOCH",

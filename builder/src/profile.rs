@@ -56,6 +56,14 @@ pub struct ProfileFile {
     pub update_tries: Option<u32>,
     /// Image carries the NVIDIA driver and container runtime.
     pub gpu: Option<bool>,
+    /// UEFI Secure Boot: `true` refuses to build the image unsigned. The key
+    /// and certificate come from `--secure-boot-key/--secure-boot-cert` or
+    /// from the two keys below (paths relative to `images/`).
+    pub secure_boot: Option<bool>,
+    pub secure_boot_key: Option<String>,
+    pub secure_boot_cert: Option<String>,
+    /// loader.conf's `secure-boot-enroll` (off, manual, if-safe, force).
+    pub secure_boot_enroll: Option<crate::secure_boot::Enroll>,
     /// Third-party apt repositories, each with a key pinned by fingerprint.
     #[serde(default)]
     pub repositories: Vec<Repository>,
@@ -73,10 +81,41 @@ pub struct ProfileFile {
     /// aiw-agent then configures the node and starts `aiware-agent.service`
     /// instead of joining the controller itself.
     pub vendor_agent: Option<VendorAgent>,
-    /// Container images baked in from docker-save or OCI archive files,
-    /// loaded into Docker at first boot (air-gapped nodes).
+    /// Container images baked in, loaded into Docker at first boot
+    /// (air-gapped nodes): from docker-save or OCI archive files, or pulled
+    /// at build time from a registry, pinned by digest.
     #[serde(default)]
-    pub container_images: Vec<ContainerImage>,
+    pub container_images: Vec<ContainerImageEntry>,
+}
+
+/// One `[[container_images]]` entry as written: either `archive` + `sha256`
+/// (+ `image_id`), or `pull` (+ `tag`, `image_id`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerImageEntry {
+    #[serde(default)]
+    pub archive: Option<PathBuf>,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub image_id: Option<String>,
+    #[serde(default)]
+    pub pull: Option<String>,
+    #[serde(default)]
+    pub tag: Option<String>,
+}
+
+/// `[[container_images]] pull = "NAME:TAG@sha256:…"`: pulled at build time
+/// (`stages::registry`), then baked like an archive.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RegistryImage {
+    /// A reference pinned by its manifest digest.
+    pub pull: String,
+    /// The name the image has in Docker on the node; default: the
+    /// reference's own NAME:TAG.
+    pub tag: Option<String>,
+    /// The image's config digest, checked when given.
+    pub image_id: Option<String>,
 }
 
 /// `vendor_agent = { binary = "...", sha256 = "..." }`.
@@ -89,9 +128,8 @@ pub struct VendorAgent {
     pub sha256: String,
 }
 
-/// One `[[container_images]]` entry.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+/// An archive to bake: a `[[container_images]] archive` entry, or a pulled image.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ContainerImage {
     /// A `docker save` or OCI image-layout tar; a relative path is relative to `images/`.
     pub archive: PathBuf,
@@ -99,8 +137,9 @@ pub struct ContainerImage {
     pub sha256: String,
     /// The image's config digest, `sha256:<64 hex>` (`docker image inspect -f
     /// '{{.Id}}'`): required for a docker-save archive, checked when given for OCI.
-    #[serde(default)]
     pub image_id: Option<String>,
+    /// The pinned reference it was pulled from (`pull` entries only).
+    pub pulled_from: Option<String>,
 }
 
 /// A third-party apt repository.
@@ -158,6 +197,12 @@ pub struct Profile {
     pub update_keyring: Option<PathBuf>,
     pub update_tries: u32,
     pub gpu: bool,
+    /// Refuse an unsigned build.
+    pub secure_boot: bool,
+    /// Resolved against `images/`.
+    pub secure_boot_key: Option<PathBuf>,
+    pub secure_boot_cert: Option<PathBuf>,
+    pub secure_boot_enroll: Option<crate::secure_boot::Enroll>,
     pub repositories: Vec<Repository>,
     pub build_only: Vec<String>,
     pub required_modules: Vec<String>,
@@ -165,7 +210,10 @@ pub struct Profile {
     /// Paths resolved against `images/`.
     pub vendor_agent: Option<VendorAgent>,
     /// Paths resolved against `images/`; parents' first, one per sha256.
+    /// Pulled images join them when the build resolves `registry_images`.
     pub container_images: Vec<ContainerImage>,
+    /// `pull` entries, parents' first, one per reference.
+    pub registry_images: Vec<RegistryImage>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,12 +258,17 @@ impl Profile {
             update_keyring: None,
             update_tries: 3,
             gpu: false,
+            secure_boot: false,
+            secure_boot_key: None,
+            secure_boot_cert: None,
+            secure_boot_enroll: None,
             repositories: Vec::new(),
             build_only: Vec::new(),
             required_modules: Vec::new(),
             docker_default_runtime: None,
             vendor_agent: None,
             container_images: Vec::new(),
+            registry_images: Vec::new(),
         };
         for (fname, f) in files {
             p.chain.push(fname.clone());
@@ -239,6 +292,14 @@ impl Profile {
                 p.update_keyring = Some(images_dir.join(k));
             }
             p.gpu = f.gpu.unwrap_or(p.gpu);
+            p.secure_boot = f.secure_boot.unwrap_or(p.secure_boot);
+            if let Some(k) = f.secure_boot_key {
+                p.secure_boot_key = Some(images_dir.join(k));
+            }
+            if let Some(c) = f.secure_boot_cert {
+                p.secure_boot_cert = Some(images_dir.join(c));
+            }
+            p.secure_boot_enroll = f.secure_boot_enroll.or(p.secure_boot_enroll);
             append_unique(&mut p.build_only, f.build_only);
             append_unique(&mut p.required_modules, f.required_modules);
             p.docker_default_runtime = f.docker_default_runtime.or(p.docker_default_runtime);
@@ -252,24 +313,17 @@ impl Profile {
                 v.binary = images_dir.join(&v.binary);
                 p.vendor_agent = Some(v);
             }
-            for mut c in f.container_images {
-                check_sha256(&c.sha256).map_err(|m| {
-                    invalid(format!(
-                        "[[container_images]] {}: sha256 {m}",
-                        c.archive.display()
-                    ))
-                })?;
-                if let Some(id) = &c.image_id {
-                    check_sha256(id.strip_prefix("sha256:").unwrap_or("")).map_err(|_| {
-                        invalid(format!(
-                            "[[container_images]] {}: image_id {id:?} is not sha256:<64 hex digits>",
-                            c.archive.display()
-                        ))
-                    })?;
+            for c in f.container_images {
+                match entry(c, images_dir).map_err(invalid)? {
+                    Baked::Archive(c) => {
+                        p.container_images.retain(|x| x.sha256 != c.sha256);
+                        p.container_images.push(c);
+                    }
+                    Baked::Pull(r) => {
+                        p.registry_images.retain(|x| x.pull != r.pull);
+                        p.registry_images.push(r);
+                    }
                 }
-                c.archive = images_dir.join(&c.archive);
-                p.container_images.retain(|x| x.sha256 != c.sha256);
-                p.container_images.push(c);
             }
             for repo in f.repositories {
                 let invalid = |message: String| ProfileError::Invalid {
@@ -426,6 +480,61 @@ fn append_unique(into: &mut Vec<String>, items: Vec<String>) {
 }
 
 /// 64 lower-case hex digits.
+enum Baked {
+    Archive(ContainerImage),
+    Pull(RegistryImage),
+}
+
+/// Checks one `[[container_images]]` entry: an archive or a pull, never both.
+fn entry(c: ContainerImageEntry, images_dir: &Path) -> Result<Baked, String> {
+    let name = match (&c.archive, &c.pull) {
+        (Some(a), None) => a.display().to_string(),
+        (None, Some(p)) => p.clone(),
+        _ => {
+            return Err(
+                "[[container_images]]: give either archive = \"FILE\" (with sha256) or \
+                 pull = \"NAME:TAG@sha256:…\""
+                    .into(),
+            )
+        }
+    };
+    if let Some(id) = &c.image_id {
+        check_sha256(id.strip_prefix("sha256:").unwrap_or("")).map_err(|_| {
+            format!("[[container_images]] {name}: image_id {id:?} is not sha256:<64 hex digits>")
+        })?;
+    }
+    if let Some(pull) = c.pull {
+        if c.sha256.is_some() {
+            return Err(format!(
+                "[[container_images]] {name}: a pulled image is pinned by the digest in `pull`; \
+                 `sha256` is for archive files"
+            ));
+        }
+        crate::image_ref::Pinned::parse(&pull)
+            .map_err(|e| format!("[[container_images]] pull: {e}"))?;
+        return Ok(Baked::Pull(RegistryImage {
+            pull,
+            tag: c.tag,
+            image_id: c.image_id,
+        }));
+    }
+    if c.tag.is_some() {
+        return Err(format!(
+            "[[container_images]] {name}: `tag` is for pulled images; an archive names its own"
+        ));
+    }
+    let sha256 = c
+        .sha256
+        .ok_or_else(|| format!("[[container_images]] {name}: sha256 of the file is missing"))?;
+    check_sha256(&sha256).map_err(|m| format!("[[container_images]] {name}: sha256 {m}"))?;
+    Ok(Baked::Archive(ContainerImage {
+        archive: images_dir.join(c.archive.unwrap_or_default()),
+        sha256,
+        image_id: c.image_id,
+        pulled_from: None,
+    }))
+}
+
 fn check_sha256(s: &str) -> Result<(), String> {
     if s.len() == 64
         && s.chars()
@@ -594,6 +703,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("image_id") && e.contains("sha256:<64"), "{e}");
+    }
+
+    #[test]
+    fn pulled_images_are_pinned_by_digest_and_never_mixed_with_archives() {
+        let sha = "ab".repeat(32);
+        let r = format!("127.0.0.1:5000/aiware/c:1@sha256:{sha}");
+        let d = dir_with(&[
+            (
+                "a",
+                &format!("description='a'\n[[container_images]]\npull='{r}'\ntag='aiware/c:1'"),
+            ),
+            // The child names the same reference again: one entry, the child's.
+            (
+                "b",
+                &format!("extends=['a']\n[[container_images]]\npull='{r}'"),
+            ),
+        ]);
+        let a = Profile::load(d.path(), "a", &table()).unwrap();
+        assert_eq!(a.registry_images.len(), 1);
+        assert_eq!(a.registry_images[0].tag.as_deref(), Some("aiware/c:1"));
+        assert!(a.container_images.is_empty());
+        let b = Profile::load(d.path(), "b", &table()).unwrap();
+        assert_eq!(b.registry_images.len(), 1);
+        assert_eq!(b.registry_images[0].tag, None);
+
+        for (body, want) in [
+            ("pull='x/y:1'".to_string(), "not pinned by digest"),
+            (
+                format!("pull='{r}'\nsha256='{sha}'"),
+                "`sha256` is for archive files",
+            ),
+            (format!("archive='x.tar'\npull='{r}'"), "either archive"),
+            ("tag='x:1'".to_string(), "either archive"),
+            (
+                format!("archive='x.tar'\nsha256='{sha}'\ntag='x:1'"),
+                "`tag` is for pulled",
+            ),
+            (
+                "archive='x.tar'".to_string(),
+                "sha256 of the file is missing",
+            ),
+        ] {
+            let d = dir_with(&[(
+                "p",
+                &format!("description='p'\n[[container_images]]\n{body}"),
+            )]);
+            let e = Profile::load(d.path(), "p", &table())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{body}: {e}");
+        }
     }
 
     #[test]

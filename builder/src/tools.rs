@@ -32,6 +32,16 @@ pub const TOOLS_PACKAGES: &[&str] = &[
     "util-linux",
     "gnupg",
     "sqv",
+    // Secure Boot: efitools' cert-to-efi-sig-list/sign-efi-sig-list for the
+    // enrollment files, openssl to check the key against its certificate,
+    // libfaketime to pin the signatures' signing time (reproducible builds),
+    // systemd-sbsign (systemd) signs the EFI binaries.
+    "efitools",
+    "openssl",
+    "faketime",
+    // virt-fw-vars: the UEFI variable store AWS takes at RegisterImage
+    // (`--uefi-data`) with our PK, KEK and db in it.
+    "python3-virt-firmware",
 ];
 
 pub const TOOLS_SUITE: &str = "trixie";

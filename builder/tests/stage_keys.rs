@@ -3,6 +3,7 @@
 
 use aiwimg::outputs::Format;
 use aiwimg::pipeline::{BuildContext, BuildOptions, Plan};
+use aiwimg::secure_boot::Enroll;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -56,10 +57,14 @@ fn opts(project: &Path, cache: &Path) -> BuildOptions {
         rebuild: false,
         agent_bin: None,
         repo_mirrors: BTreeMap::new(),
+        insecure_registries: Vec::new(),
         json: false,
         update_url: None,
         update_keyring: None,
         update_tries: None,
+        secure_boot_key: None,
+        secure_boot_cert: None,
+        secure_boot_enroll: None,
     }
 }
 
@@ -225,6 +230,52 @@ fn each_input_changes_exactly_the_stages_it_feeds() {
     let mut ov = o();
     ov.image_version = "1.1".into();
     assert_eq!(changed(&base, &keys(ov)), ["customize", "disk"]);
+}
+
+#[test]
+fn secure_boot_signing_feeds_only_the_disk_by_its_certificate_never_the_key_path() {
+    let p = project_copy();
+    let cache = tempfile::tempdir().unwrap();
+    let o = || opts(p.path(), cache.path());
+    let base = keys(o());
+    let d = tempfile::tempdir().unwrap();
+    let cert_pem =
+        |b: &str| format!("-----BEGIN CERTIFICATE-----\n{b}\n-----END CERTIFICATE-----\n");
+    std::fs::write(d.path().join("db.crt"), cert_pem("MIIBAA==")).unwrap();
+    std::fs::write(d.path().join("other.crt"), cert_pem("MIIBAQ==")).unwrap();
+    for k in ["db.key", "moved.key"] {
+        std::fs::write(d.path().join(k), "KEY").unwrap();
+    }
+    let signed = |key: &str, cert: &str, enroll: Option<Enroll>| {
+        let mut s = o();
+        s.secure_boot_key = Some(d.path().join(key));
+        s.secure_boot_cert = Some(d.path().join(cert));
+        s.secure_boot_enroll = enroll;
+        keys(s)
+    };
+    let a = signed("db.key", "db.crt", None);
+    assert_eq!(changed(&base, &a), ["disk"]);
+    // The key file's path is not an input; the certificate and the mode are.
+    assert_eq!(
+        changed(&a, &signed("moved.key", "db.crt", None)),
+        Vec::<&str>::new()
+    );
+    assert_eq!(changed(&a, &signed("db.key", "other.crt", None)), ["disk"]);
+    assert_eq!(
+        changed(&a, &signed("db.key", "db.crt", Some(Enroll::IfSafe))),
+        ["disk"]
+    );
+
+    // `secure_boot = true` refuses an unsigned build; a GPU profile refuses to be signed.
+    append(&p.path().join("images/engine.toml"), "secure_boot = true\n");
+    let e = BuildContext::new(o()).err().unwrap().to_string();
+    assert!(e.contains("--secure-boot-key"), "{e}");
+    let mut g = o();
+    g.profile = "engine-gpu".into();
+    g.secure_boot_key = Some(d.path().join("db.key"));
+    g.secure_boot_cert = Some(d.path().join("db.crt"));
+    let e = BuildContext::new(g).err().unwrap().to_string();
+    assert!(e.contains("does not sign"), "{e}");
 }
 
 /// A docker-save archive of one tiny image; returns (bytes, config digest).

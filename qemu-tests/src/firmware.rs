@@ -61,6 +61,29 @@ impl Ovmf {
         )
     }
 
+    /// OVMF built with Secure Boot (and SMM): `AIWIMG_OVMF_SECBOOT_CODE` when
+    /// set, else Debian's `OVMF_CODE_4M.secboot.fd`; the vars template is the
+    /// empty one (setup mode: no keys enrolled).
+    pub fn locate_secure_boot() -> Result<Self> {
+        let code = std::env::var("AIWIMG_OVMF_SECBOOT_CODE")
+            .unwrap_or_else(|_| "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd".into());
+        let vars = std::env::var("AIWIMG_OVMF_VARS")
+            .unwrap_or_else(|_| "/usr/share/OVMF/OVMF_VARS_4M.fd".into());
+        let o = Ovmf {
+            code: code.into(),
+            vars: vars.into(),
+        };
+        if !o.code.is_file() || !o.vars.is_file() {
+            bail!(
+                "OVMF with Secure Boot not found ({} and {}): install the `ovmf` package \
+                 or set AIWIMG_OVMF_SECBOOT_CODE and AIWIMG_OVMF_VARS",
+                o.code.display(),
+                o.vars.display()
+            );
+        }
+        Ok(o)
+    }
+
     /// The two pflash drives: code read-only, `vars_copy` writable.
     pub fn pflash_args(&self, vars_copy: &Path) -> Vec<String> {
         vec![

@@ -23,6 +23,7 @@ pub mod docker_archive;
 pub mod edge_controller;
 pub mod firmware;
 pub mod http_request;
+pub mod local_registry;
 pub mod netdev;
 pub mod node;
 pub mod process;

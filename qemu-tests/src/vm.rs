@@ -91,6 +91,12 @@ pub struct VmSpec {
     pub extra_drives: Vec<ExtraDrive>,
     pub user_net: Option<UserNet>,
     pub lan_nics: Vec<SocketNic>,
+    /// UEFI Secure Boot enforced by the firmware: OVMF's secboot build, which
+    /// needs SMM, with its vars write-protected outside SMM.
+    pub secure_boot: bool,
+    /// The vars file copied for this VM instead of OVMF's empty template (e.g.
+    /// another VM's, with keys enrolled).
+    pub vars_template: Option<PathBuf>,
 }
 
 /// Files of one VM, all inside its directory (the QMP socket lives in the
@@ -135,7 +141,12 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, accel: Accel, ovmf: &Ovmf) -> V
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-name", &spec.name, "-nodefaults", "-no-user-config"]);
-    push(&["-machine", "q35"]);
+    if spec.secure_boot {
+        push(&["-machine", "q35,smm=on"]);
+        push(&["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+    } else {
+        push(&["-machine", "q35"]);
+    }
     push(&accel.qemu_args());
     push(&[
         "-m",
@@ -318,6 +329,15 @@ impl VmBuilder {
         Ok(self)
     }
 
+    /// Boots with Secure Boot enforced by the firmware; `vars` (a vars file
+    /// with keys enrolled) or, when None, OVMF's empty vars: setup mode, in
+    /// which systemd-boot may enroll the image's keys.
+    pub fn secure_boot(mut self, vars: Option<&Path>) -> Self {
+        self.spec.secure_boot = true;
+        self.spec.vars_template = vars.map(Path::to_path_buf);
+        self
+    }
+
     pub fn lan(mut self, nic: SocketNic) -> Self {
         self.spec.lan_nics.push(nic);
         self
@@ -397,9 +417,13 @@ impl VmBuilder {
             Duration::from_secs(60),
         )
         .context("creating the copy-on-write overlay")?;
-        let ovmf = Ovmf::locate()?;
-        std::fs::copy(&ovmf.vars, &paths.vars)
-            .with_context(|| format!("copying {}", ovmf.vars.display()))?;
+        let ovmf = if self.spec.secure_boot {
+            Ovmf::locate_secure_boot()?
+        } else {
+            Ovmf::locate()?
+        };
+        let vars = self.spec.vars_template.as_ref().unwrap_or(&ovmf.vars);
+        std::fs::copy(vars, &paths.vars).with_context(|| format!("copying {}", vars.display()))?;
         if let Some(ud) = &self.spec.user_data {
             let hostname = self.spec.name.clone();
             nocloud_seed(
@@ -485,6 +509,8 @@ impl Vm {
                 extra_drives: Vec::new(),
                 user_net: Some(UserNet::new()),
                 lan_nics: Vec::new(),
+                secure_boot: false,
+                vars_template: None,
             },
             dir: case_dir.join(name),
             user_data: None,
@@ -874,7 +900,25 @@ mod tests {
             }],
             user_net: Some(net),
             lan_nics: Vec::new(),
+            secure_boot: false,
+            vars_template: None,
         }
+    }
+
+    #[test]
+    fn secure_boot_machines_have_smm_and_protected_vars() {
+        let paths = VmPaths::new("/w/t".into());
+        let plain = qemu_args(&spec(), &paths, Accel::Tcg, &ovmf());
+        assert_eq!(after(&plain, "-machine"), ["q35"]);
+        assert!(after(&plain, "-global").is_empty());
+        let mut sb = spec();
+        sb.secure_boot = true;
+        let args = qemu_args(&sb, &paths, Accel::Tcg, &ovmf());
+        assert_eq!(after(&args, "-machine"), ["q35,smm=on"]);
+        assert_eq!(
+            after(&args, "-global"),
+            ["driver=cfi.pflash01,property=secure,value=on"]
+        );
     }
 
     fn ovmf() -> Ovmf {

@@ -1,8 +1,9 @@
 //! Issues 8 and 11: a three-node cluster in QEMU. A controller VM (the
 //! `controller` profile plus, as a user bakes their own images in, the
 //! `aiware-controller` image: a TEST DOUBLE made locally from the Edge API test
-//! controller, pinned in the profile's `[[container_images]]`, loaded into
-//! Docker at first boot and run by aiw-agent as the controller mode's
+//! controller, pushed to a real registry on the host's loopback (Debian's
+//! `docker-registry`) and pulled by the build from there, pinned by digest in
+//! the profile's `[[container_images]] pull`, loaded into Docker at first boot and run by aiw-agent as the controller mode's
 //! container) and two engine VMs on one private LAN of QEMU socket netdevs on
 //! 127.0.0.1 (`LoopbackLan`), static addresses from user-data (`write_files`
 //! of a systemd-networkd file), each VM keeping its restricted user net for
@@ -32,6 +33,7 @@ use qemu_tests::docker_archive::{
     HELLO_TAG, TASK_BUSYBOX, TASK_TAG,
 };
 use qemu_tests::edge_controller::{container_of, launch_ids, LAUNCH_LABEL};
+use qemu_tests::local_registry::LocalRegistry;
 use qemu_tests::netdev::{LoopbackLan, SocketNic};
 use qemu_tests::node::{TEST_INIT_TOKEN, TEST_LICENSE};
 use qemu_tests::test_images::{
@@ -39,7 +41,6 @@ use qemu_tests::test_images::{
 };
 use qemu_tests::{TestCase, UserData, Vm};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -98,10 +99,15 @@ fn run(what: &str, cmd: &mut Command) -> Result<()> {
 }
 
 /// A copy of the project with profile `controller-edge`: the controller plus
-/// the `aiware-controller` image (the edge-test-controller in a docker-save
-/// archive) in `[[container_images]]`, pinned by sha256 and image id, as a
-/// user bakes the vendor's images for an air-gapped site.
-fn project_with_controller_image(dest: &Path, bin: &Path) -> Result<PathBuf> {
+/// the `aiware-controller` image (the edge-test-controller) in
+/// `[[container_images]]`, pulled at build time from `registry` and pinned by
+/// its manifest digest, as a user bakes the vendor's images from their own
+/// registry for an air-gapped site.
+fn project_with_controller_image(
+    dest: &Path,
+    bin: &Path,
+    registry: &LocalRegistry,
+) -> Result<PathBuf> {
     let ws = workspace_root();
     let _ = std::fs::remove_dir_all(dest);
     std::fs::create_dir_all(dest.join("agent"))?;
@@ -119,9 +125,10 @@ fn project_with_controller_image(dest: &Path, bin: &Path) -> Result<PathBuf> {
         )?;
     }
     let (archive, image_id) = controller_image_archive(bin)?;
-    let archive_name = "edge-test-controller.tar";
-    std::fs::write(dest.join("images").join(archive_name), &archive)?;
-    let sha256 = hex::encode(Sha256::digest(&archive));
+    let archive_path = dest.join("edge-test-controller.tar");
+    std::fs::write(&archive_path, &archive)?;
+    let digest = registry.push_archive(&archive_path, CONTROLLER_TAG)?;
+    let (name, tag) = CONTROLLER_TAG.split_once(':').context("CONTROLLER_TAG")?;
     std::fs::write(
         dest.join("images").join(format!("{PROFILE}.toml")),
         format!(
@@ -129,9 +136,10 @@ fn project_with_controller_image(dest: &Path, bin: &Path) -> Result<PathBuf> {
              description = \"Controller node + aiware-controller image: the Edge API test controller (TEST DOUBLE)\"\n\
              extends = [\"controller\"]\n\n\
              [[container_images]]\n\
-             archive = \"{archive_name}\"\n\
-             sha256 = \"{sha256}\"\n\
-             image_id = \"{image_id}\"\n"
+             pull = \"{}/{name}:{tag}@{digest}\"\n\
+             tag = \"{CONTROLLER_TAG}\"\n\
+             image_id = \"{image_id}\"\n",
+            registry.addr
         ),
     )?;
     Ok(dest.to_path_buf())
@@ -148,14 +156,20 @@ fn controller_edge_image() -> Result<TestImage> {
     let lock = std::fs::File::create(out_dir.join(format!(".{PROFILE}.lock")))?;
     lock.lock()?;
     let bin = build_edge_test_controller()?;
-    let project =
-        project_with_controller_image(&qemu_tests_root().join("controller-edge-project"), &bin)?;
+    let registry = LocalRegistry::start(&qemu_tests_root().join("controller-edge-registry"))?;
+    let project = project_with_controller_image(
+        &qemu_tests_root().join("controller-edge-project"),
+        &bin,
+        &registry,
+    )?;
     let agent = build_agent()?;
     let mut cmd = builder_command(PROFILE, &out_dir);
     cmd.arg("--project")
         .arg(&project)
         .arg("--agent-bin")
-        .arg(agent);
+        .arg(agent)
+        .arg("--insecure-registry")
+        .arg(&registry.addr);
     eprintln!("qemu-tests: building image {PROFILE:?}: {cmd:?}");
     let started = Instant::now();
     run("building the controller-edge image", &mut cmd)?;
@@ -163,6 +177,19 @@ fn controller_edge_image() -> Result<TestImage> {
         "qemu-tests: image {PROFILE:?} ready in {:.0?}",
         started.elapsed()
     );
+    // The manifest says which baked image came from which pinned reference.
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join(PROFILE).join("manifest.json"))?)?;
+    let pulled = &manifest["pulled_images"];
+    let reference = pulled[0]["reference"].as_str().unwrap_or_default();
+    ensure!(
+        pulled.as_array().map(Vec::len) == Some(1)
+            && reference.starts_with(&registry.addr)
+            && reference.contains("@sha256:")
+            && manifest["container_images"][0]["sha256"] == pulled[0]["sha256"],
+        "manifest.json does not list the pulled controller image: {pulled}"
+    );
+    eprintln!("qemu-tests: {PROFILE} bakes {reference} (pulled at build time, pinned by digest)");
     load(&out_dir.join(PROFILE))
 }
 

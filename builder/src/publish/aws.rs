@@ -50,6 +50,8 @@ struct Image {
     size: u64,
     sha256: String,
     manifest: Manifest,
+    /// A signed image's UEFI variable store (`secureboot/aws-uefi-data.b64`).
+    uefi_data: Option<String>,
 }
 
 fn locate(image: &Path) -> Result<Image> {
@@ -87,12 +89,65 @@ fn locate(image: &Path) -> Result<Image> {
             f.size
         );
     }
+    let uefi_data = match &manifest.secure_boot {
+        Some(_) => Some(uefi_data(&dir, &manifest)?),
+        None => None,
+    };
     Ok(Image {
         path,
         size,
         sha256: f.sha256.clone(),
         manifest: manifest.clone(),
+        uefi_data,
     })
+}
+
+/// The UEFI variable store of a signed image, checked against the manifest.
+fn uefi_data(dir: &Path, manifest: &Manifest) -> Result<String> {
+    use crate::secure_boot::{AWS_UEFI_DATA, SLOT_DIR};
+    let name = format!("{SLOT_DIR}/{AWS_UEFI_DATA}");
+    let f = manifest.files.iter().find(|f| f.name == name).ok_or_else(|| {
+        anyhow!(
+            "{} is signed for Secure Boot but its manifest lists no {name}: rebuild it with this aiwimg",
+            dir.display()
+        )
+    })?;
+    let path = dir.join(&name);
+    if crate::cache::sha256_file(&path)? != f.sha256 {
+        bail!("{} changed since the image was built", path.display());
+    }
+    Ok(std::fs::read_to_string(&path)?.trim().to_string())
+}
+
+/// RegisterImage's parameters (UEFI boot; with Secure Boot, the variable
+/// store holding our PK, KEK and db).
+fn register_params(
+    name: &str,
+    description: &str,
+    snapshot: &str,
+    uefi_data: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    let mut p = vec![
+        ("Name", name.to_string()),
+        ("Description", description.to_string()),
+        ("Architecture", "x86_64".into()),
+        ("VirtualizationType", "hvm".into()),
+        ("BootMode", "uefi".into()),
+        ("EnaSupport", "true".into()),
+        ("ImdsSupport", "v2.0".into()),
+        ("RootDeviceName", "/dev/xvda".into()),
+        ("BlockDeviceMapping.1.DeviceName", "/dev/xvda".into()),
+        ("BlockDeviceMapping.1.Ebs.SnapshotId", snapshot.to_string()),
+        ("BlockDeviceMapping.1.Ebs.VolumeType", "gp3".into()),
+        (
+            "BlockDeviceMapping.1.Ebs.DeleteOnTermination",
+            "true".into(),
+        ),
+    ];
+    if let Some(d) = uefi_data {
+        p.push(("UefiData", d.to_string()));
+    }
+    p
 }
 
 /// Upload progress, persisted after every stored block.
@@ -320,6 +375,13 @@ pub fn publish(opts: &PublishOptions) -> Result<String> {
         ec2: Endpoint::new("ec2", &region, endpoint_url.as_deref())?,
     };
     let m = &image.manifest;
+    if let Some(sb) = &m.secure_boot {
+        eprintln!(
+            "Secure Boot: the AMI gets the image's UEFI variable store (PK, KEK and db: {}); \
+             its instances boot with Secure Boot on",
+            sb.db_subject
+        );
+    }
     let name = opts
         .name
         .clone()
@@ -439,26 +501,8 @@ pub fn publish(opts: &PublishOptions) -> Result<String> {
         delay = (delay * 2).min(Duration::from_secs(15));
     }
 
-    let xml = aws.ec2(
-        "RegisterImage",
-        &[
-            ("Name", name.clone()),
-            ("Description", description),
-            ("Architecture", "x86_64".into()),
-            ("VirtualizationType", "hvm".into()),
-            ("BootMode", "uefi".into()),
-            ("EnaSupport", "true".into()),
-            ("ImdsSupport", "v2.0".into()),
-            ("RootDeviceName", "/dev/xvda".into()),
-            ("BlockDeviceMapping.1.DeviceName", "/dev/xvda".into()),
-            ("BlockDeviceMapping.1.Ebs.SnapshotId", snapshot.clone()),
-            ("BlockDeviceMapping.1.Ebs.VolumeType", "gp3".into()),
-            (
-                "BlockDeviceMapping.1.Ebs.DeleteOnTermination",
-                "true".into(),
-            ),
-        ],
-    )?;
+    let params = register_params(&name, &description, &snapshot, image.uefi_data.as_deref());
+    let xml = aws.ec2("RegisterImage", &params)?;
     let ami = xml_tag(&xml, "imageId")
         .ok_or_else(|| anyhow!("RegisterImage answered without imageId: {xml}"))?;
     let _ = std::fs::remove_file(&spath);
@@ -552,4 +596,24 @@ fn upload_blocks(
         )));
     }
     Ok((checksums, sent.into_inner()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signed_image_is_registered_with_its_uefi_variable_store() {
+        let plain = register_params("n", "d", "snap-1", None);
+        assert!(plain.iter().all(|(k, _)| *k != "UefiData"));
+        assert!(plain.contains(&("BootMode", "uefi".to_string())));
+        let signed = register_params("n", "d", "snap-1", Some("QU1aTlVFRkk="));
+        assert_eq!(
+            signed
+                .iter()
+                .find(|(k, _)| *k == "UefiData")
+                .map(|(_, v)| v.as_str()),
+            Some("QU1aTlVFRkk=")
+        );
+    }
 }

@@ -438,6 +438,7 @@ pub mod tests {
             archive: archive.clone(),
             sha256: sha(&bytes),
             image_id: Some(cid.clone()),
+            pulled_from: None,
         };
         let checked = check_archive(&entry).unwrap();
         assert_eq!(checked.sha256, sha(&bytes));
@@ -476,6 +477,7 @@ pub mod tests {
             archive,
             sha256: sha(&bytes),
             image_id: None,
+            pulled_from: None,
         })
         .unwrap();
         let junk = write(d.path(), "j.tar", &tar_of(&[("x", b"y")]));
@@ -492,6 +494,7 @@ pub mod tests {
             archive: archive.clone(),
             sha256: sha(&one),
             image_id: Some(cid1),
+            pulled_from: None,
         };
         let key = |images: &[ContainerImage]| -> Result<String> {
             let mut k = KeyBuilder::new("customize");
@@ -533,6 +536,7 @@ pub mod tests {
             archive: write(d.path(), "c.tar", &bytes),
             sha256: sha(&bytes),
             image_id: Some(cid),
+            pulled_from: None,
         };
         // Without a vendor agent: our unit keeps its alias.
         install(&tree, std::slice::from_ref(&entry), None).unwrap();

@@ -18,6 +18,7 @@
 
 use crate::cache::{KeyBuilder, Slot};
 use crate::pipeline::BuildContext;
+use crate::secure_boot::{self as sb, SecureBootInfo, StagedKeys};
 use crate::stages::customize::uuid_from_key;
 use crate::tools::{Bind, ToolsTree};
 use crate::update;
@@ -28,9 +29,16 @@ use std::path::Path;
 const MIB: u64 = 1 << 20;
 
 pub fn slot(ctx: &BuildContext, tools: &Slot, custom: &Slot, initrd: &Slot) -> Slot {
-    let key = KeyBuilder::new("disk")
+    let mut k = KeyBuilder::new("disk");
+    // The certificate identifies the signer (the key is checked against it
+    // when signing); never a path.
+    if let Some(s) = &ctx.signing {
+        k.field("secure-boot-cert", &s.cert_sha256)
+            .field("secure-boot-enroll", s.enroll.as_str());
+    }
+    let key = k
         // Bump when make() changes what it produces from the same inputs.
-        .field("recipe", "4")
+        .field("recipe", "5")
         .key("tools", &tools.key)
         .key("customize", &custom.key)
         .key("initrd", &initrd.key)
@@ -76,6 +84,9 @@ pub struct DiskInfo {
     pub root_size: u64,
     pub partitions: Vec<PartitionInfo>,
     pub layout: Layout,
+    /// Set when the EFI binaries are signed for Secure Boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_boot: Option<SecureBootInfo>,
 }
 
 /// The A/B layout: equal slots, fixed per profile, and where root A's data
@@ -250,7 +261,10 @@ pub fn make(
             .field("name", &ctx.image_name())
             .finish(),
     );
-    let binds = [
+    // The key's private copy, bound at /keys only while this stage runs.
+    let staged = ctx.signing.as_ref().map(StagedKeys::new).transpose()?;
+    let tree = rootfs.dir.join("tree");
+    let mut binds = vec![
         Bind {
             host: tmp,
             inside: "/work",
@@ -264,10 +278,17 @@ pub fn make(
             inside: "/initrd",
         },
         Bind {
-            host: &rootfs.dir.join("tree"),
+            host: &tree,
             inside: "/image",
         },
     ];
+    if let Some(k) = &staged {
+        binds.push(k.bind());
+    }
+    let subject = match &staged {
+        Some(_) => Some(sb::check_pair(tools, &binds)?),
+        None => None,
+    };
     let repart = |what: &str, image: &str, extra: &[&str]| -> Result<Vec<RepartRow>> {
         let mut args = vec![
             "systemd-repart",
@@ -342,7 +363,10 @@ pub fn make(
     }
     // No `default`: systemd-boot must pick the newest good UKI by itself, so
     // that a version whose tries ran out falls back to the previous one.
-    std::fs::write(espdir.join("loader/loader.conf"), "timeout 0\neditor no\n")?;
+    std::fs::write(
+        espdir.join("loader/loader.conf"),
+        sb::loader_conf(ctx.signing.as_ref().map(|s| s.enroll)),
+    )?;
     std::fs::write(
         espdir.join("aiware/README.txt"),
         "Bare metal: put the node's launch data in this folder as `user-data`\r\n\
@@ -360,23 +384,48 @@ pub fn make(
         ],
         &binds,
     )?;
+    let epoch = ctx.profile.source_date_epoch;
     let uki_out = format!("--output=/work/esp/EFI/Linux/{uki}");
     let cmdline_arg = format!("--cmdline={cmdline}");
     let uname = format!("--uname={kver}");
-    tools.run(
-        "making the unified kernel image (ukify)",
-        &[
-            "ukify",
-            "build",
-            "--linux=/initrd/vmlinuz",
-            "--initrd=/initrd/initrd.img",
-            &cmdline_arg,
-            "--os-release=@/custom/os-release",
-            &uname,
-            &uki_out,
-        ],
-        &binds,
-    )?;
+    let mut ukify = vec![
+        "ukify",
+        "build",
+        "--linux=/initrd/vmlinuz",
+        "--initrd=/initrd/initrd.img",
+        &cmdline_arg,
+        "--os-release=@/custom/os-release",
+        &uname,
+        &uki_out,
+    ];
+    let secure_boot = match (&ctx.signing, subject) {
+        (Some(s), Some(subject)) => {
+            ukify.extend_from_slice(sb::UKIFY_SIGN_ARGS);
+            sb::run_signing(
+                tools,
+                "making and signing the unified kernel image (ukify)",
+                &ukify,
+                &binds,
+                epoch,
+            )?;
+            let mut signed = sb::sign_boot_loader(tools, &binds, epoch)?;
+            signed.push(format!("EFI/Linux/{uki}"));
+            // The owner GUID of the enrolled entries: the certificate's own.
+            let owner = uuid_from_key(&s.cert_sha256);
+            let auth_files = sb::write_enrollment(tools, &binds, epoch, &owner)?;
+            Some(SecureBootInfo {
+                db_cert_sha256: s.cert_sha256.clone(),
+                db_subject: subject,
+                signed,
+                enroll: s.enroll,
+                auth_files,
+            })
+        }
+        _ => {
+            tools.run("making the unified kernel image (ukify)", &ukify, &binds)?;
+            None
+        }
+    };
     let uki_path = espdir.join("EFI/Linux").join(&uki);
     check_esp_room(esp, std::fs::metadata(&uki_path)?.len())?;
     // Kept beside disk.raw: the outputs stage serves it as the update's UKI.
@@ -431,6 +480,7 @@ pub fn make(
             root_label: labels.0,
             verity_label: labels.1,
         },
+        secure_boot,
     };
     std::fs::write(tmp.join("disk.json"), serde_json::to_string_pretty(&info)?)?;
     // The package list travels with the disk, so a cached disk needs nothing

@@ -3,6 +3,7 @@ pub mod baked;
 pub mod customize;
 pub mod disk;
 pub mod initrd;
+pub mod registry;
 pub mod rootfs;
 pub mod tools_stage;
 
