@@ -87,10 +87,16 @@ impl SigningInput {
             key: key.to_path_buf(),
             cert: cert.to_path_buf(),
             enroll,
-            cert_sha256: hex::encode(Sha256::digest(&cert_der)),
+            cert_sha256: cert_sha256(&cert_der),
             cert_der,
         })
     }
+}
+
+/// How a certificate is named in cache keys, disk.json and the manifest:
+/// the sha256 of its DER.
+pub fn cert_sha256(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
 }
 
 /// The DER of a certificate given as PEM (the first CERTIFICATE block) or DER.

@@ -18,7 +18,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use qemu_tests::node::{joining_user_data, node_vm, start_controller, wait_for_hosts};
-use qemu_tests::process::run_checked;
+use qemu_tests::process::{run_checked, run_with_limit, CmdOutput};
 use qemu_tests::test_images::{builder_command, image_for, load, qemu_tests_root, TestImage};
 use qemu_tests::{Deadline, DiskFormat, TestCase, Vm};
 use std::path::{Path, PathBuf};
@@ -140,6 +140,18 @@ fn with_changed_uki(image: &TestImage, dest: &Path) -> Result<String> {
     Ok(word)
 }
 
+/// `aiwimg inspect --verify DIR`: its exit status and what it printed.
+fn inspect_verify(dir: &Path) -> Result<CmdOutput> {
+    let mut cmd = Command::new(qemu_tests::test_images::aiwimg_bin()?);
+    cmd.arg("inspect").arg("--verify").arg(dir);
+    let out = run_with_limit(&mut cmd, None, Duration::from_secs(300))?;
+    ensure!(
+        !out.timed_out,
+        "aiwimg inspect --verify took over 5 minutes"
+    );
+    Ok(out)
+}
+
 /// Boots `disk` on Secure Boot firmware with `vars`; expects the firmware or
 /// systemd-boot to refuse it and no kernel to start. Returns the refusal line.
 fn refused(case: &TestCase, name: &str, disk: &Path, vars: &Path, dl: &Deadline) -> Result<String> {
@@ -204,6 +216,20 @@ fn signed_image_enrolls_its_keys_boots_enforced_and_changed_or_unsigned_ukis_are
         out.stdout, b"AMZNUEFI",
         "aws-uefi-data.b64 is not an AWS varstore"
     );
+    // `aiwimg inspect --verify` checks every signed EFI binary on the ESP
+    // against the db certificate (sbverify).
+    let said = inspect_verify(&signed.dir).unwrap();
+    assert!(
+        said.success(),
+        "inspect --verify of the signed image failed:\n{}",
+        said.stderr
+    );
+    let verified = said
+        .stderr
+        .lines()
+        .filter(|l| l.contains("Secure Boot signature verified"))
+        .count();
+    assert_eq!(verified, 3, "inspect --verify:\n{}", said.stderr);
     TestCase::run("secure-boot", Duration::from_secs(1500), |case| {
         let dl = case.deadline();
         let controller = start_controller()?;
@@ -244,11 +270,43 @@ fn signed_image_enrolls_its_keys_boots_enforced_and_changed_or_unsigned_ukis_are
         let vars = case.dir().join("enrolled-vars.fd");
         std::fs::copy(&vm.paths().vars, &vars)?;
 
-        let tampered = case.dir().join("changed-uki.raw");
+        // The changed disk in an output folder of its own, beside the signed
+        // image's manifest and certificate: what `inspect --verify` reads.
+        let tampered_dir = case.dir().join("changed-uki");
+        std::fs::create_dir_all(tampered_dir.join("secureboot"))?;
+        std::fs::copy(
+            signed.dir.join("manifest.json"),
+            tampered_dir.join("manifest.json"),
+        )?;
+        std::fs::copy(
+            signed.dir.join("secureboot/db.crt"),
+            tampered_dir.join("secureboot/db.crt"),
+        )?;
+        let tampered = tampered_dir.join(signed.disk.file_name().context("disk name")?);
         let word = with_changed_uki(&signed, &tampered)?;
+        let said = inspect_verify(&tampered_dir)?;
+        ensure!(
+            !said.success(),
+            "inspect --verify passed a disk whose UKI was changed:\n{}",
+            said.stderr
+        );
+        let uki_refused = said
+            .stderr
+            .lines()
+            .find(|l| l.contains("EFI/Linux/") && l.contains("does not verify"))
+            .with_context(|| {
+                format!(
+                    "inspect --verify did not name the UKI's signature:\n{}",
+                    said.stderr
+                )
+            })?;
+        eprintln!(
+            "qemu-tests: inspect --verify on the changed UKI: {}",
+            uki_refused.trim()
+        );
         let line = refused(case, "changed-uki", &tampered, &vars, dl)?;
         eprintln!("qemu-tests: UKI with {word:?}: refused: {line}");
-        std::fs::remove_file(&tampered)?;
+        std::fs::remove_dir_all(&tampered_dir)?;
 
         let line = refused(case, "unsigned", &unsigned.disk, &vars, dl)?;
         eprintln!("qemu-tests: the unsigned image: refused: {line}");

@@ -56,7 +56,9 @@ impl AgentInput {
                 p.join("agent/Cargo.toml"),
                 p.join("agent/units"),
                 p.join("agent/templates"),
-                p.join("Cargo.lock"),
+                // [profile.release] and [workspace.dependencies] (versions
+                // and features the agent inherits).
+                p.join("Cargo.toml"),
             ],
         })
     }
@@ -72,6 +74,15 @@ impl AgentInput {
                     let rel = f.strip_prefix(project).unwrap_or(f);
                     k.path(&format!("agent:{}", rel.display()), f)?;
                 }
+                let lock = std::fs::read_to_string(project.join("Cargo.lock"))
+                    .context("reading Cargo.lock")?;
+                let manifest = std::fs::read_to_string(project.join("agent/Cargo.toml"))
+                    .context("reading agent/Cargo.toml")?;
+                k.list(
+                    "agent:locked-packages",
+                    &agent_locked_packages(&lock, &manifest)?,
+                );
+                k.field("agent:rustc", &rustc_version()?);
             }
         }
         Ok(())
@@ -102,6 +113,122 @@ impl AgentInput {
             }
         }
     }
+}
+
+/// The packages of Cargo.lock the agent's build can use: every package
+/// reachable from `aiw-agent` through the lock's dependency lists, as
+/// `name version source checksum`. The lock lists each package's
+/// dependencies for every platform and feature, so this is a superset of
+/// what the musl build links (never a miss), yet a change to a builder or
+/// test dependency leaves every image's customize stage cached.
+/// The lock lists a workspace member's dev-dependencies among its
+/// dependencies; `agent_manifest` (agent/Cargo.toml) says which of the
+/// agent's are for its tests only, and those are not followed.
+fn agent_locked_packages(lock: &str, agent_manifest: &str) -> Result<Vec<String>> {
+    let manifest: toml::Value =
+        toml::from_str(agent_manifest).context("agent/Cargo.toml is not TOML")?;
+    let names = |table: Option<&toml::Value>| -> Vec<String> {
+        table
+            .and_then(|t| t.as_table())
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| {
+                v.get("package")
+                    .and_then(|p| p.as_str())
+                    .unwrap_or(k)
+                    .to_string()
+            })
+            .collect()
+    };
+    let mut built = names(manifest.get("dependencies"));
+    built.extend(names(manifest.get("build-dependencies")));
+    for t in manifest
+        .get("target")
+        .and_then(|t| t.as_table())
+        .into_iter()
+        .flatten()
+    {
+        built.extend(names(t.1.get("dependencies")));
+        built.extend(names(t.1.get("build-dependencies")));
+    }
+    let tests_only: Vec<String> = names(manifest.get("dev-dependencies"))
+        .into_iter()
+        .filter(|n| !built.contains(n))
+        .collect();
+    let doc: toml::Value = toml::from_str(lock).context("Cargo.lock is not TOML")?;
+    let pkgs = doc
+        .get("package")
+        .and_then(|p| p.as_array())
+        .context("Cargo.lock has no [[package]] entries")?;
+    let field =
+        |p: &toml::Value, f: &str| p.get(f).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    // A dependency is named `name` when one version is locked, else
+    // `name version` (and `name version (source)` when that is ambiguous too).
+    let find = |dep: &str| -> Option<usize> {
+        let mut words = dep.split_whitespace();
+        let name = words.next()?;
+        let version = words.next();
+        pkgs.iter().position(|p| {
+            field(p, "name") == name && version.is_none_or(|v| field(p, "version") == v)
+        })
+    };
+    let start = pkgs
+        .iter()
+        .position(|p| field(p, "name") == "aiw-agent")
+        .context("Cargo.lock has no aiw-agent package")?;
+    let mut seen = vec![false; pkgs.len()];
+    let mut todo = vec![start];
+    seen[start] = true;
+    while let Some(i) = todo.pop() {
+        let deps = pkgs[i].get("dependencies").and_then(|d| d.as_array());
+        for dep in deps.into_iter().flatten().filter_map(|d| d.as_str()) {
+            let name = dep.split_whitespace().next().unwrap_or(dep);
+            if i == start && tests_only.iter().any(|t| t == name) {
+                continue;
+            }
+            let j = find(dep).with_context(|| {
+                format!(
+                    "Cargo.lock: {dep} (a dependency of {}) is not locked",
+                    field(&pkgs[i], "name")
+                )
+            })?;
+            if !seen[j] {
+                seen[j] = true;
+                todo.push(j);
+            }
+        }
+    }
+    let mut out: Vec<String> = pkgs
+        .iter()
+        .zip(&seen)
+        .filter(|(_, s)| **s)
+        .map(|(p, _)| {
+            format!(
+                "{} {} {} {}",
+                field(p, "name"),
+                field(p, "version"),
+                field(p, "source"),
+                field(p, "checksum")
+            )
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The toolchain that builds the agent: another rustc makes another binary.
+fn rustc_version() -> Result<String> {
+    let out = std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV (the agent is built from source)")?;
+    if !out.status.success() {
+        bail!(
+            "rustc -vV failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slot> {
@@ -625,6 +752,98 @@ mod tests {
         let p = tree.join(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, body).unwrap();
+    }
+
+    /// A lock in Cargo's own form: the agent uses a (two versions of b, so
+    /// named with their version) and nothing of the builder's d.
+    const LOCK: &str = r#"
+version = 4
+
+[[package]]
+name = "aiw-agent"
+version = "0.1.0"
+dependencies = ["a", "b 2.0.0", "t"]
+
+[[package]]
+name = "t"
+version = "1.0.0"
+source = "registry+https://example.invalid/index"
+checksum = "tt"
+
+[[package]]
+name = "aiwimg"
+version = "0.1.0"
+dependencies = ["aiw-agent", "d"]
+
+[[package]]
+name = "a"
+version = "1.0.0"
+source = "registry+https://example.invalid/index"
+checksum = "aa"
+dependencies = ["b 1.0.0"]
+
+[[package]]
+name = "b"
+version = "1.0.0"
+source = "registry+https://example.invalid/index"
+checksum = "b1"
+
+[[package]]
+name = "b"
+version = "2.0.0"
+source = "registry+https://example.invalid/index"
+checksum = "b2"
+
+[[package]]
+name = "d"
+version = "1.0.0"
+source = "registry+https://example.invalid/index"
+checksum = "dd"
+"#;
+
+    /// t is for the agent's tests only.
+    const MANIFEST: &str =
+        "[dependencies]\na = \"1\"\nbee = { package = \"b\", version = \"2\" }\n\
+        [dev-dependencies]\nt = \"1\"\na = \"1\"\n";
+
+    #[test]
+    fn agent_key_covers_the_agents_locked_packages_and_no_others() {
+        let got = agent_locked_packages(LOCK, MANIFEST).unwrap();
+        let names: Vec<&str> = got.iter().map(|l| l.split(' ').next().unwrap()).collect();
+        assert_eq!(names, ["a", "aiw-agent", "b", "b"], "{got:?}");
+        assert!(got
+            .iter()
+            .any(|l| l.starts_with("b 1.0.0 ") && l.ends_with(" b1")));
+        // A builder dependency moving on leaves the agent's packages as they are.
+        let builder_moved = LOCK.replace("checksum = \"dd\"", "checksum = \"d2\"");
+        assert_eq!(
+            agent_locked_packages(&builder_moved, MANIFEST).unwrap(),
+            got
+        );
+        // An agent dependency moving on (even one reached through another) does not.
+        let agent_moved = LOCK.replace("checksum = \"b1\"", "checksum = \"b9\"");
+        assert_ne!(agent_locked_packages(&agent_moved, MANIFEST).unwrap(), got);
+        // A dependency missing from the lock is an error, not a smaller key.
+        let broken = LOCK.replace("dependencies = [\"b 1.0.0\"]", "dependencies = [\"c\"]");
+        assert!(agent_locked_packages(&broken, MANIFEST).is_err());
+    }
+
+    #[test]
+    fn the_workspace_lock_gives_the_agent_without_builder_or_tests() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let lock = std::fs::read_to_string(format!("{root}/Cargo.lock")).unwrap();
+        let manifest = std::fs::read_to_string(format!("{root}/agent/Cargo.toml")).unwrap();
+        let got = agent_locked_packages(&lock, &manifest).unwrap();
+        let has = |n: &str| got.iter().any(|l| l.split(' ').next() == Some(n));
+        assert!(
+            has("aiw-agent") && has("bollard") && has("serde"),
+            "{got:?}"
+        );
+        // Its test-only dependencies (qemu-tests, which brings the builder).
+        assert!(
+            !has("aiwimg") && !has("qemu-tests") && !has("rcgen"),
+            "{got:?}"
+        );
     }
 
     const KEY: &str =
