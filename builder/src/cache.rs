@@ -325,8 +325,14 @@ impl Cache {
             };
             for e in rd.flatten() {
                 let key = e.file_name().to_string_lossy().into_owned();
+                // Entries are folders; the file_type of a directory listing
+                // needs no stat, so apt-archives' thousands of .debs cost
+                // nothing here.
+                if key.starts_with('.') || !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
                 let done = e.path().join(".done");
-                if key.starts_with('.') || !done.is_file() {
+                if !done.is_file() {
                     continue;
                 }
                 out.push(Entry {

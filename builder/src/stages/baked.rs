@@ -232,7 +232,7 @@ pub fn check_archive(c: &ContainerImage) -> Result<CheckedArchive> {
     Ok(a)
 }
 
-fn check_pins(c: &ContainerImage, a: &CheckedArchive, where_: &str) -> Result<()> {
+pub(crate) fn check_pins(c: &ContainerImage, a: &CheckedArchive, where_: &str) -> Result<()> {
     match &c.image_id {
         Some(id) if *id != a.image_id => bail!(
             "{where_}: the image's config digest is {}, the profile pins image_id {id}",

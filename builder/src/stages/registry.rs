@@ -25,6 +25,8 @@ use std::process::Command;
 
 /// The file a pull slot holds.
 const ARCHIVE: &str = "image.tar";
+/// Its sha256, written when it is pulled.
+const ARCHIVE_SHA256: &str = "image.tar.sha256";
 
 /// The name the image gets in Docker on the node: the entry's `tag`, else
 /// the reference's own `NAME:TAG`.
@@ -72,28 +74,37 @@ pub fn resolve(
             let tls_verify = !pinned
                 .registry_host()
                 .is_some_and(|h| insecure.iter().any(|i| i == h));
-            slot.fill(|tmp| pull(&pinned, &tag, tls_verify, &tmp.join(ARCHIVE)))
-                .with_context(|| where_.clone())?;
+            slot.fill(|tmp| {
+                let archive = tmp.join(ARCHIVE);
+                pull(&pinned, &tag, tls_verify, &archive)?;
+                // Hashed once, when pulled: the slot never changes afterwards.
+                std::fs::write(tmp.join(ARCHIVE_SHA256), sha256_file(&archive)?)?;
+                Ok(())
+            })
+            .with_context(|| where_.clone())?;
         }
         if let Some(lock) = slot.hold()? {
             held.push(lock);
         }
         let archive = slot.dir.join(ARCHIVE);
         let a = super::baked::inspect_archive(&archive).with_context(|| where_.clone())?;
-        if let Some(id) = &image.image_id {
-            if *id != a.image_id {
-                bail!(
-                    "{where_}: the image's config digest is {}, the profile pins image_id {id}",
-                    a.image_id
-                );
-            }
-        }
-        out.push(ContainerImage {
-            sha256: sha256_file(&archive)?,
+        // What the pull recorded; a slot from before it did is hashed now.
+        // The customize key hashes the file again as read then
+        // (baked::check_archive), so a changed cache entry is still caught.
+        let sha256 = match std::fs::read_to_string(slot.dir.join(ARCHIVE_SHA256)) {
+            Ok(s) => s.trim().to_string(),
+            Err(_) => sha256_file(&archive)?,
+        };
+        let entry = ContainerImage {
+            sha256,
             archive,
-            image_id: Some(a.image_id),
+            // The profile's pin when it has one (checked against the archive
+            // just below), else what the pulled image is.
+            image_id: Some(image.image_id.clone().unwrap_or_else(|| a.image_id.clone())),
             pulled_from: Some(image.pull.clone()),
-        });
+        };
+        super::baked::check_pins(&entry, &a, &where_)?;
+        out.push(entry);
     }
     Ok((out, held))
 }
