@@ -339,9 +339,10 @@ fn signing_input(
     let enroll = opts.secure_boot_enroll.or(profile.secure_boot_enroll);
     match (key, cert) {
         (Some(_), Some(_)) if profile.gpu => anyhow::bail!(
-            "profile {} carries NVIDIA's DKMS-built kernel modules, which aiwimg does not sign \
-             yet: under Secure Boot the kernel would refuse them and the node would have no \
-             GPU driver. Build it unsigned (issue 15, module signing, is open)",
+            "profile {} carries NVIDIA's DKMS-built kernel modules: under Secure Boot the \
+             kernel loads only modules signed by its own keys or a MOK enrolled through shim \
+             (never by the db key that signs the UKI), so the node would have no GPU driver. \
+             Build it unsigned (README, \"GPU nodes under Secure Boot\")",
             profile.name
         ),
         (Some(k), Some(c)) => Ok(Some(crate::secure_boot::SigningInput::new(
