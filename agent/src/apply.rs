@@ -116,6 +116,9 @@ impl Applier<'_> {
                 self.paths.state_dir().display()
             ));
         }
+        // Data disks first: the mode directories below, Docker's data and
+        // the swap file may live on them.
+        errs.extend(self.storage(s));
         for m in &modes {
             let Some(spec) = self.table.get(m) else {
                 continue;
@@ -224,6 +227,40 @@ impl Applier<'_> {
         if let Err(e) = self.units.enable_and_start(&wanted) {
             errs.push(format!("starting mode services: {e}"));
         }
+        errs
+    }
+
+    /// cloud-config `disk_setup`, `fs_setup`, `mounts` ([`crate::storage`]).
+    /// Docker and containerd are stopped while their data folder is mounted
+    /// over (the image starts Docker at boot beside the agent); the mode
+    /// services started below bring Docker back on the mounted disk.
+    fn storage(&self, s: &Settings) -> Vec<String> {
+        if s.storage.is_empty() || !self.real_system {
+            return Vec::new();
+        }
+        let mut errs = Vec::new();
+        if crate::storage::mounts_under_docker(&s.storage) {
+            let units: Vec<String> = ["docker.socket", "docker.service", "containerd.service"]
+                .iter()
+                .map(|u| u.to_string())
+                .collect();
+            if units.iter().any(|u| self.units.active_state(u) == "active") {
+                crate::log::info("storage: stopping Docker while its data folder is mounted");
+                if let Err(e) = self.units.stop_and_disable(&units) {
+                    errs.push(format!("stopping Docker before mounting its data: {e}"));
+                }
+            }
+        }
+        let (done, problems) = crate::storage::apply(
+            &s.storage,
+            &crate::storage::SystemDevices,
+            &self.paths.at("/"),
+            &self.paths.run_dir(),
+        );
+        for d in done {
+            crate::log::info(&d);
+        }
+        errs.extend(problems);
         errs
     }
 

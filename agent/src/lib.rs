@@ -28,6 +28,7 @@ pub mod platform;
 pub mod services;
 pub mod settings;
 pub mod status;
+pub mod storage;
 pub mod swap;
 pub mod systemd;
 pub mod tls;

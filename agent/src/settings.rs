@@ -137,6 +137,9 @@ pub struct Settings {
     /// cloud-config `swap`: a swap file on /var.
     #[serde(default)]
     pub swap: Option<crate::swap::Swap>,
+    /// cloud-config `disk_setup`, `fs_setup`, `mounts`: applied first.
+    #[serde(default)]
+    pub storage: crate::storage::Storage,
     pub warnings: Vec<String>,
     /// The launch this came from (cloud instance-id, NoCloud instance-id, or a digest).
     pub instance_id: Option<String>,
@@ -165,6 +168,7 @@ impl Settings {
             ssh_authorized_keys: u.ssh_authorized_keys,
             write_files: u.write_files,
             swap: u.swap,
+            storage: u.storage,
             warnings,
             instance_id,
         }
@@ -240,6 +244,7 @@ impl Settings {
             "ssh_authorized_keys": self.ssh_authorized_keys.len(),
             "write_files": files,
             "swap": self.swap,
+            "storage": self.storage,
             "instance_id": self.instance_id,
             "warnings": self.warnings.iter().map(|w| crate::log::scrub_url_userinfo(w)).collect::<Vec<_>>(),
         })
@@ -404,6 +409,7 @@ pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
             ));
         }
     }
+    errs.extend(crate::storage::validate(&s.storage));
     for k in &s.ssh_authorized_keys {
         let kind = k.split_whitespace().next().unwrap_or("");
         if !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-")) {

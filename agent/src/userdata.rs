@@ -25,6 +25,9 @@ pub struct UserData {
     /// cloud-config `swap`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swap: Option<crate::swap::Swap>,
+    /// cloud-config `disk_setup`, `fs_setup` and `mounts`.
+    #[serde(default, skip_serializing_if = "crate::storage::Storage::is_empty")]
+    pub storage: crate::storage::Storage,
     /// What the parser skipped or guessed, for the operator.
     pub warnings: Vec<String>,
     /// The formats met, outermost first (e.g. `gzip`, `cloud-config`).
@@ -437,6 +440,20 @@ fn take_document(doc: &Value, out: &mut UserData, what: &str) -> Result<(), Pars
                     maxsize: size("maxsize")?,
                 });
             }
+            "disk_setup" => out
+                .storage
+                .disks
+                .extend(crate::storage::parse_disk_setup(val, what).map_err(perr)?),
+            "fs_setup" => out
+                .storage
+                .filesystems
+                .extend(crate::storage::parse_fs_setup(val, what).map_err(perr)?),
+            "mounts" => out.storage.mounts.extend(
+                crate::storage::parse_mounts(val, map.get("mount_default_fields"), what)
+                    .map_err(perr)?,
+            ),
+            // Read with `mounts`.
+            "mount_default_fields" => {}
             other => out.warnings.push(format!(
                 "{what}: key `{other}` is not used by aiwimg images (ignored)"
             )),

@@ -42,6 +42,8 @@ fn valid_files() {
         ("archive.yaml", "registry"),
         ("twice.mime", "registry"),
         ("no-edge-path.env", "engine"),
+        ("data-disk.yaml", "engine"),
+        ("data-disk-mbr.yaml", "engine"),
     ] {
         let (code, out, err) = check(f);
         assert_eq!(code, 0, "{f}: {out}{err}");
@@ -72,6 +74,8 @@ fn invalid_files_say_why() {
         ("unknown-mode.env", "unknown mode \"ftp\""),
         ("engine-no-controller.yaml", "needs AIWARE_CONTROLLER"),
         ("write-etc.yaml", "read-only"),
+        ("data-disk-mkfs-cmd.yaml", "runs no commands from user-data"),
+        ("data-disk-etc.yaml", "mount under /opt/aiware or /var"),
         ("bad-url.env", "must start with http://"),
         ("controller-userinfo.env", "user name or password"),
         (

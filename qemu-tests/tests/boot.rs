@@ -1243,3 +1243,117 @@ fn host_terminates(
     );
     Ok(())
 }
+
+/// cloud-config `disk_setup`, `fs_setup` and `mounts` (issue 13): a blank
+/// data disk as the guide recommends for engines, in cloud-init's forms.
+const DATA_DISK_YAML: &str = "disk_setup:
+  /dev/vdb:
+    table_type: gpt
+    layout: [60, 40]
+    overwrite: false
+fs_setup:
+  - label: aiware
+    filesystem: ext4
+    device: /dev/vdb
+    partition: auto
+  - label: docker
+    filesystem: ext4
+    device: /dev/vdb
+    partition: 2
+mounts:
+  - [ LABEL=aiware, /opt/aiware, ext4, \"defaults,nofail\", \"0\", \"2\" ]
+  - [ LABEL=docker, /var/lib/docker, ext4, \"defaults,nofail\", \"0\", \"2\" ]";
+
+/// What is mounted at `point` in the guest: `SOURCE FSTYPE LABEL`.
+fn mounted(vm: &Vm, point: &str, dl: &Deadline) -> Result<String> {
+    Ok(vm
+        .check(&format!("findmnt -n -o SOURCE,FSTYPE,LABEL {point}"), dl)?
+        .trim()
+        .to_string())
+}
+
+/// The data disk's layout on this boot, and that nothing failed applying it.
+fn data_disk_in_place(vm: &Vm, dl: &Deadline) -> Result<()> {
+    let opt = mounted(vm, "/var/opt/aiware", dl)?;
+    ensure!(opt == "/dev/vdb1 ext4 aiware", "/opt/aiware: {opt:?}");
+    let docker = mounted(vm, "/var/lib/docker", dl)?;
+    ensure!(
+        docker == "/dev/vdb2 ext4 docker",
+        "/var/lib/docker: {docker:?}"
+    );
+    // Docker runs on it: started again after the mount, its data there.
+    assert_active(vm, &["docker.service"], dl)?;
+    let root = vm.check("docker info -f '{{.DockerRootDir}}'", dl)?;
+    ensure!(root.trim() == "/var/lib/docker", "DockerRootDir {root:?}");
+    vm.check(
+        "test -d /var/lib/docker/image && test -d /var/opt/aiware/engine",
+        dl,
+    )?;
+    let status = agent_status(vm, dl)?;
+    ensure!(
+        status["last_error"].is_null() && status["settings_valid"] == true,
+        "aiw-agent status: last_error {} valid {}",
+        status["last_error"],
+        status["settings_valid"]
+    );
+    Ok(())
+}
+
+#[test]
+fn engine_data_disk_from_cloud_config() {
+    let image = image("engine");
+    TestCase::run("engine-data-disk", DEFAULT_BUDGET, |case| {
+        let dl = case.deadline();
+        let disk = case.dir().join("data.raw");
+        std::fs::File::create(&disk)?.set_len(2 << 30)?;
+        let controller = start_controller()?;
+        let mut vm = node_vm(case.dir(), "data-disk", &image, Some(&controller))?
+            .drive(qemu_tests::ExtraDrive {
+                path: disk.clone(),
+                format: qemu_tests::DiskFormat::Raw,
+                bus: qemu_tests::DriveBus::Virtio,
+                read_only: false,
+            })
+            .user_data(joining_user_data("data-disk-1", "engine").raw_yaml(DATA_DISK_YAML))
+            .start()?;
+        boot_ready(case, &mut vm)?;
+        wait_for_hosts(&controller, 1, dl)?;
+        data_disk_in_place(&vm, dl)?;
+        let parts = vm.check("lsblk -n -o NAME,SIZE,PARTTYPENAME /dev/vdb", dl)?;
+        eprintln!("qemu-tests: data disk:\n{}", parts.trim_end());
+        let first = vm.check(
+            "journalctl -b -u aiw-agent -o cat | grep -E '^(disk_setup|fs_setup|mounts) '",
+            dl,
+        )?;
+        eprintln!("qemu-tests: first boot:\n{}", first.trim_end());
+        ensure!(
+            first.contains("GPT table written") && first.contains("made ext4 labelled docker"),
+            "first boot did not lay the disk out:\n{first}"
+        );
+        vm.check("echo kept > /opt/aiware/marker && sync", dl)?;
+
+        // A second boot changes nothing: kept, mounted again, data there.
+        let again = vm.reboot(dl)?;
+        ensure!(
+            matches!(again, AgentReport::Ready(_)),
+            "second boot: {again:?}"
+        );
+        case.timing("reboot to ready", vm.since_boot());
+        vm.wait_ssh(dl)?;
+        data_disk_in_place(&vm, dl)?;
+        ensure!(
+            vm.check("cat /opt/aiware/marker", dl)?.trim() == "kept",
+            "marker lost"
+        );
+        let second = vm.check(
+            "journalctl -b -u aiw-agent -o cat | grep -E '^(disk_setup|fs_setup|mounts) '",
+            dl,
+        )?;
+        eprintln!("qemu-tests: second boot:\n{}", second.trim_end());
+        ensure!(
+            !second.contains("written") && !second.contains("made "),
+            "the second boot partitioned or formatted again:\n{second}"
+        );
+        healthy(case, &vm)
+    });
+}
