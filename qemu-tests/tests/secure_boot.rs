@@ -261,6 +261,16 @@ fn signed_image_enrolls_its_keys_boots_enforced_and_changed_or_unsigned_ukis_are
             bootctl.contains("enabled (user)"),
             "bootctl status: {bootctl}"
         );
+        // Nothing on the node replaces the signed boot loader with the
+        // image's unsigned one (systemd-boot-update after an A/B update).
+        let sbu = vm.check(
+            "systemctl is-enabled systemd-boot-update.service || true",
+            dl,
+        )?;
+        ensure!(
+            sbu.trim() == "masked",
+            "systemd-boot-update.service is {sbu:?}"
+        );
         eprintln!(
             "qemu-tests: signed: {}; lockdown {}",
             bootctl.trim(),

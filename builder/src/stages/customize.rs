@@ -28,11 +28,16 @@ const ALWAYS_ENABLED: &[&str] = &["systemd-networkd.service", "systemd-resolved.
 /// pulls it in as a dependency); e2scrub checks ext4 on LVM snapshots and a
 /// node has no LVM (its reaper took 3-12 s of a TCG boot); the dpkg database
 /// is part of the read-only root, a daily backup of it to /var is noise.
+/// systemd-boot-update copies the image's systemd-boot over the ESP's when
+/// it is newer: after an A/B update that would put an unsigned boot loader
+/// in place of the one the build signed (and Secure Boot would refuse the
+/// next boot); the ESP's boot loader is the build's, changed by no node.
 const MASKED: &[&str] = &[
     "modprobe@drm.service",
     "e2scrub_reap.service",
     "e2scrub_all.timer",
     "dpkg-db-backup.timer",
+    "systemd-boot-update.service",
 ];
 
 /// Where the agent binary comes from: built from `agent/`, or given.
@@ -236,7 +241,7 @@ pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slo
     let mut k = KeyBuilder::new("customize");
     k.key("rootfs", &rootfs.key)
         // Bump when make() changes what it produces from the same inputs.
-        .field("recipe", "5")
+        .field("recipe", "6")
         .field("overlay-context", &overlay_context(ctx).to_string())
         .list("overlays", &p.overlays)
         .field("image-version", &ctx.opts.image_version)
