@@ -1322,7 +1322,7 @@ fn engine_data_disk_from_cloud_config() {
         let parts = vm.check("lsblk -n -o NAME,SIZE,PARTTYPENAME /dev/vdb", dl)?;
         eprintln!("qemu-tests: data disk:\n{}", parts.trim_end());
         let first = vm.check(
-            "journalctl -b -u aiw-agent -o cat | grep -E '^(disk_setup|fs_setup|mounts) '",
+            "journalctl -b -u aiw-agent -o cat | grep -E 'aiw-agent: (disk_setup|fs_setup|mounts) '",
             dl,
         )?;
         eprintln!("qemu-tests: first boot:\n{}", first.trim_end());
@@ -1346,7 +1346,7 @@ fn engine_data_disk_from_cloud_config() {
             "marker lost"
         );
         let second = vm.check(
-            "journalctl -b -u aiw-agent -o cat | grep -E '^(disk_setup|fs_setup|mounts) '",
+            "journalctl -b -u aiw-agent -o cat | grep -E 'aiw-agent: (disk_setup|fs_setup|mounts) '",
             dl,
         )?;
         eprintln!("qemu-tests: second boot:\n{}", second.trim_end());
