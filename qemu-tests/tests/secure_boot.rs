@@ -282,7 +282,9 @@ fn signed_image_enrolls_its_keys_boots_enforced_and_changed_or_unsigned_ukis_are
 
         // The changed disk in an output folder of its own, beside the signed
         // image's manifest and certificate: what `inspect --verify` reads.
-        let tampered_dir = case.dir().join("changed-uki");
+        // (Not `changed-uki/`: that is the VM's own folder below, which its
+        // start empties.)
+        let tampered_dir = case.dir().join("changed-uki-image");
         std::fs::create_dir_all(tampered_dir.join("secureboot"))?;
         std::fs::copy(
             signed.dir.join("manifest.json"),
