@@ -119,6 +119,8 @@ impl Applier<'_> {
         // Data disks first: the mode directories below, Docker's data and
         // the swap file may live on them.
         errs.extend(self.storage(s));
+        // Before any service starts: they read the zone and the trusted CAs.
+        errs.extend(self.os_config(s));
         for m in &modes {
             let Some(spec) = self.table.get(m) else {
                 continue;
@@ -278,6 +280,82 @@ impl Applier<'_> {
             match self.hostname(h) {
                 Ok(how) => crate::log::info(&format!("hostname {h} (from {from}): {how}")),
                 Err(e) => errs.push(e),
+            }
+        }
+        // Invalid users are left out, the others still made.
+        let bad = crate::users::validate(&s.users);
+        if bad.is_empty() {
+            let (done, problems) =
+                crate::users::apply(&s.users, &self.paths.at("/"), self.real_system);
+            done.iter().for_each(|d| crate::log::info(d));
+            errs.extend(problems);
+        }
+        errs
+    }
+
+    /// cloud-config `ntp`, `timezone`, `ca_certs` ([`crate::os_config`]):
+    /// each into the /run file the image's /etc links to.
+    fn os_config(&self, s: &Settings) -> Vec<String> {
+        use crate::os_config as os;
+        let mut errs = Vec::new();
+        let at = |p: &str| self.paths.at(p);
+        if let Some(tz) = &s.timezone {
+            match os::zone_file(tz, &at("/")) {
+                Ok(file) => match os::replace_with_link(&at(os::LOCALTIME), &file) {
+                    Ok(()) => crate::log::info(&format!("timezone {tz}")),
+                    Err(e) => errs.push(format!("cannot set the time zone {tz}: {e}")),
+                },
+                Err(e) => errs.push(e),
+            }
+        }
+        if let Some(c) = &s.ca_certs {
+            let image = std::fs::read_to_string(at(os::IMAGE_CA_BUNDLE)).unwrap_or_default();
+            match os::replace_with_file(&at(os::CA_BUNDLE), os::ca_bundle(c, &image).as_bytes()) {
+                Ok(()) => crate::log::info(&format!(
+                    "ca_certs: {} certificate(s) trusted{}",
+                    c.trusted.len(),
+                    if c.remove_defaults {
+                        ", the image's own removed"
+                    } else {
+                        " beside the image's own"
+                    }
+                )),
+                Err(e) => errs.push(format!("cannot write {}: {e}", os::CA_BUNDLE)),
+            }
+        }
+        if let Some(n) = &s.ntp {
+            let unit = "systemd-timesyncd.service".to_string();
+            let dropin = at(os::TIMESYNCD_DROPIN);
+            match os::timesyncd_dropin(n) {
+                Some(text) => {
+                    let r = os::replace_with_file(&dropin, text.as_bytes())
+                        .map_err(|e| format!("cannot write {}: {e}", os::TIMESYNCD_DROPIN))
+                        .and_then(|()| {
+                            if self.real_system {
+                                self.units.try_restart(&unit)
+                            } else {
+                                Ok(())
+                            }
+                        });
+                    match r {
+                        Ok(()) => crate::log::info(&format!(
+                            "ntp: systemd-timesyncd asks {}",
+                            if n.servers.is_empty() {
+                                "the image's default servers".to_string()
+                            } else {
+                                n.servers.join(", ")
+                            }
+                        )),
+                        Err(e) => errs.push(format!("ntp: {e}")),
+                    }
+                }
+                None => {
+                    let _ = std::fs::remove_file(&dropin);
+                    match self.units.stop_and_disable(&[unit]) {
+                        Ok(()) => crate::log::info("ntp: disabled, systemd-timesyncd stopped"),
+                        Err(e) => errs.push(format!("ntp: stopping systemd-timesyncd: {e}")),
+                    }
+                }
             }
         }
         errs

@@ -140,6 +140,16 @@ pub struct Settings {
     /// cloud-config `disk_setup`, `fs_setup`, `mounts`: applied first.
     #[serde(default)]
     pub storage: crate::storage::Storage,
+    /// cloud-config `users`: accounts in /run/userdb, homes on /var.
+    #[serde(default)]
+    pub users: Vec<crate::users::User>,
+    /// cloud-config `ntp`, `timezone`, `ca_certs` ([`crate::os_config`]).
+    #[serde(default)]
+    pub ntp: Option<crate::os_config::Ntp>,
+    #[serde(default)]
+    pub timezone: Option<String>,
+    #[serde(default)]
+    pub ca_certs: Option<crate::os_config::CaCerts>,
     pub warnings: Vec<String>,
     /// The launch this came from (cloud instance-id, NoCloud instance-id, or a digest).
     pub instance_id: Option<String>,
@@ -169,6 +179,10 @@ impl Settings {
             write_files: u.write_files,
             swap: u.swap,
             storage: u.storage,
+            users: u.users,
+            ntp: u.ntp,
+            timezone: u.timezone,
+            ca_certs: u.ca_certs,
             warnings,
             instance_id,
         }
@@ -245,6 +259,10 @@ impl Settings {
             "write_files": files,
             "swap": self.swap,
             "storage": self.storage,
+            "users": self.users.iter().map(|u| json!({"name": u.name, "groups": u.groups, "sudo": !u.sudo.is_empty(), "ssh_authorized_keys": u.ssh_authorized_keys.len()})).collect::<Vec<_>>(),
+            "ntp": self.ntp,
+            "timezone": self.timezone,
+            "ca_certs": self.ca_certs.as_ref().map(|c| json!({"trusted": c.trusted.len(), "remove_defaults": c.remove_defaults})),
             "instance_id": self.instance_id,
             "warnings": self.warnings.iter().map(|w| crate::log::scrub_url_userinfo(w)).collect::<Vec<_>>(),
         })
@@ -410,16 +428,30 @@ pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
         }
     }
     errs.extend(crate::storage::validate(&s.storage));
+    errs.extend(crate::users::validate(&s.users));
+    errs.extend(crate::os_config::validate(
+        s.ntp.as_ref(),
+        s.timezone.as_deref(),
+        s.ca_certs.as_ref(),
+    ));
     for k in &s.ssh_authorized_keys {
-        let kind = k.split_whitespace().next().unwrap_or("");
-        if !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-")) {
-            let short: String = k.chars().take(20).collect();
-            errs.push(format!(
-                "ssh_authorized_keys entry {short:?}… is not an OpenSSH public key (ssh-ed25519 AAAA…)"
-            ));
+        if let Err(e) = check_public_key(k) {
+            errs.push(e);
         }
     }
     errs
+}
+
+/// An `ssh_authorized_keys` entry must look like an OpenSSH public key.
+pub fn check_public_key(k: &str) -> Result<(), String> {
+    let kind = k.split_whitespace().next().unwrap_or("");
+    if kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-") {
+        return Ok(());
+    }
+    let short: String = k.chars().take(20).collect();
+    Err(format!(
+        "ssh_authorized_keys entry {short:?}… is not an OpenSSH public key (ssh-ed25519 AAAA…)"
+    ))
 }
 
 /// `write_files` may only write to the writable parts of the image.

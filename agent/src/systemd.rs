@@ -10,6 +10,8 @@ pub trait UnitControl {
     fn stop_and_disable(&self, units: &[String]) -> Result<(), String>;
     /// `active`, `inactive`, `failed`, ... or `unknown`.
     fn active_state(&self, unit: &str) -> String;
+    /// Restarts the unit if it runs (a changed configuration read again).
+    fn try_restart(&self, unit: &str) -> Result<(), String>;
 }
 
 /// Asks logind to `PowerOff` or `Reboot` (what `systemctl poweroff|reboot`
@@ -124,6 +126,12 @@ impl UnitControl for DbusSystemd {
             .and_then(|v| String::try_from(v).ok())
             .unwrap_or_else(|| "unknown".into())
     }
+
+    fn try_restart(&self, unit: &str) -> Result<(), String> {
+        self.call("TryRestartUnit", &(unit, "replace"))
+            .map(|_| ())
+            .map_err(|e| format!("{unit}: {e}"))
+    }
 }
 
 impl DbusSystemd {
@@ -194,6 +202,13 @@ impl UnitControl for RecordingUnits {
             .cloned()
             .unwrap_or_else(|| "inactive".into())
     }
+    fn try_restart(&self, unit: &str) -> Result<(), String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("try-restart {unit}"));
+        Ok(())
+    }
 }
 
 /// Used where there is no system bus (e.g. `status` as a user): reports unknown.
@@ -208,5 +223,8 @@ impl UnitControl for NoSystemd {
     }
     fn active_state(&self, _: &str) -> String {
         "unknown".into()
+    }
+    fn try_restart(&self, _: &str) -> Result<(), String> {
+        Err(self.0.clone())
     }
 }

@@ -33,7 +33,7 @@ pub fn controller_ca(value: &str) -> Result<Vec<CertificateDer<'static>>, String
     Ok(certs)
 }
 
-fn parse_pem(text: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn parse_pem(text: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     CertificateDer::pem_slice_iter(text)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{e:?}"))

@@ -28,6 +28,16 @@ pub struct UserData {
     /// cloud-config `disk_setup`, `fs_setup` and `mounts`.
     #[serde(default, skip_serializing_if = "crate::storage::Storage::is_empty")]
     pub storage: crate::storage::Storage,
+    /// cloud-config `users`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<crate::users::User>,
+    /// cloud-config `ntp`, `timezone`, `ca_certs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ntp: Option<crate::os_config::Ntp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certs: Option<crate::os_config::CaCerts>,
     /// What the parser skipped or guessed, for the operator.
     pub warnings: Vec<String>,
     /// The formats met, outermost first (e.g. `gzip`, `cloud-config`).
@@ -454,12 +464,106 @@ fn take_document(doc: &Value, out: &mut UserData, what: &str) -> Result<(), Pars
             ),
             // Read with `mounts`.
             "mount_default_fields" => {}
+            "users" => {
+                let u = crate::users::parse_users(val, what, &mut out.warnings).map_err(perr)?;
+                out.users.extend(u);
+            }
+            "ntp" => {
+                out.ntp =
+                    Some(crate::os_config::parse_ntp(val, what, &mut out.warnings).map_err(perr)?)
+            }
+            "timezone" => {
+                let tz = val.as_str().ok_or_else(|| {
+                    perr(format!(
+                        "{what}: timezone must be a name such as Europe/Berlin"
+                    ))
+                })?;
+                out.timezone = Some(tz.trim().to_string());
+            }
+            "runcmd" | "bootcmd" => out.warnings.extend(commands_refused(key, val, what)),
+            "packages"
+            | "package_update"
+            | "package_upgrade"
+            | "package_reboot_if_required"
+            | "apt" => out.warnings.push(format!(
+                "{what}: `{key}` ignored: aiwimg images are immutable and install no packages \
+                 at boot; packages are baked in at build time (the profile's `packages`)"
+            )),
+            "ca_certs" | "ca-certs" => {
+                out.ca_certs = Some(crate::os_config::parse_ca_certs(val, what).map_err(perr)?)
+            }
             other => out.warnings.push(format!(
                 "{what}: key `{other}` is not used by aiwimg images (ignored)"
             )),
         }
     }
     Ok(())
+}
+
+/// `runcmd`/`bootcmd`: nothing runs; each command that a declarative key
+/// replaces is named with that key.
+fn commands_refused(key: &str, val: &Value, what: &str) -> Vec<String> {
+    const INSTEAD: &[(&[&str], &str)] = &[
+        (
+            &[
+                "mkfs",
+                "mkfs.ext4",
+                "mkfs.xfs",
+                "parted",
+                "sgdisk",
+                "sfdisk",
+                "fdisk",
+                "mount",
+            ],
+            "disk_setup, fs_setup and mounts",
+        ),
+        (
+            &["mkswap", "swapon", "fallocate"],
+            "swap (or fs_setup with filesystem: swap)",
+        ),
+        (&["useradd", "adduser", "usermod"], "users"),
+        (&["timedatectl", "ln"], "timezone (or ntp)"),
+        (&["update-ca-certificates"], "ca_certs"),
+        (&["hostnamectl", "hostname"], "hostname"),
+        (
+            &["apt", "apt-get", "dpkg"],
+            "the profile's `packages`, baked in at build time",
+        ),
+        (
+            &["export"],
+            "AIWARE_* settings (KEY=VALUE user-data or the `aiware:` map)",
+        ),
+    ];
+    let mut out = vec![format!(
+        "{what}: `{key}` ignored: user-data is parsed, never executed, on aiwimg images"
+    )];
+    let Value::Array(cmds) = val else {
+        return out;
+    };
+    for c in cmds {
+        let line = match c {
+            Value::String(s) => s.clone(),
+            Value::Array(a) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => continue,
+        };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let program = words
+            .iter()
+            .find(|w| !matches!(**w, "sudo" | "-E"))
+            .map(|w| w.rsplit('/').next().unwrap_or(w))
+            .unwrap_or("");
+        if let Some((_, instead)) = INSTEAD.iter().find(|(progs, _)| {
+            progs.contains(&program) || (program.starts_with("mkfs.") && progs.contains(&"mkfs"))
+        }) {
+            let shown: String = line.chars().take(60).collect();
+            out.push(format!("{what}: `{shown}` in {key}: use {instead} instead"));
+        }
+    }
+    out
 }
 
 /// `mode` → `AIWARE_MODE`, `AIWARE_MODE` stays.

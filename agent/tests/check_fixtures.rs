@@ -44,6 +44,8 @@ fn valid_files() {
         ("no-edge-path.env", "engine"),
         ("data-disk.yaml", "engine"),
         ("data-disk-mbr.yaml", "engine"),
+        ("users-time-trust.yaml", "engine"),
+        ("runcmd-instead.yaml", "engine"),
     ] {
         let (code, out, err) = check(f);
         assert_eq!(code, 0, "{f}: {out}{err}");
@@ -76,6 +78,7 @@ fn invalid_files_say_why() {
         ("write-etc.yaml", "read-only"),
         ("data-disk-mkfs-cmd.yaml", "runs no commands from user-data"),
         ("data-disk-etc.yaml", "mount under /opt/aiware or /var"),
+        ("users-bad.yaml", "\"Admin\" is not a user name"),
         ("bad-url.env", "must start with http://"),
         ("controller-userinfo.env", "user name or password"),
         (
@@ -131,6 +134,39 @@ fn odd_input_gets_warnings_that_say_what_happens() {
     );
     let w = warnings("nested.mime");
     assert_eq!(w, "[]", "nested parts read as text: {w}");
+    let w = warnings("runcmd-instead.yaml");
+    for want in [
+        "`runcmd` ignored: user-data is parsed, never executed",
+        "`mkswap /dev/vdc` in bootcmd: use swap",
+        "`mkfs.ext4 -L aiware /dev/nvme1n1` in runcmd: use disk_setup, fs_setup and mounts",
+        "`mount /dev/nvme1n1 /opt/aiware` in runcmd: use disk_setup",
+        "`useradd -m ops` in runcmd: use users",
+        "`timedatectl set-timezone Europe/Berlin` in runcmd: use timezone",
+        "`sudo update-ca-certificates` in runcmd: use ca_certs",
+        "`packages` ignored: aiwimg images are immutable",
+    ] {
+        assert!(w.contains(want), "{want}: {w}");
+    }
+    assert!(!w.contains("echo hello"), "{w}");
+    let (_, out, _) = check("users-time-trust.yaml");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let s = &v["settings"];
+    assert_eq!(s["users"][0]["name"], "ops", "{out}");
+    assert_eq!(
+        s["users"][0]["groups"],
+        serde_json::json!(["docker", "adm"])
+    );
+    assert_eq!(s["users"][1]["sudo"], true);
+    assert_eq!(s["timezone"], "Europe/Berlin");
+    assert_eq!(
+        s["ntp"]["servers"],
+        serde_json::json!(["10.0.0.2", "0.pool.corp.example", "1.pool.corp.example"])
+    );
+    assert_eq!(s["ca_certs"]["trusted"], 1);
+    assert!(
+        s["warnings"].to_string().contains("`default` adds no user"),
+        "{out}"
+    );
     let (_, out, _) = check("controller-userinfo.env");
     assert!(
         out.contains("https://<redacted>@controller.example"),

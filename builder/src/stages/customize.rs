@@ -241,7 +241,7 @@ pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slo
     let mut k = KeyBuilder::new("customize");
     k.key("rootfs", &rootfs.key)
         // Bump when make() changes what it produces from the same inputs.
-        .field("recipe", "6")
+        .field("recipe", "7")
         .field("overlay-context", &overlay_context(ctx).to_string())
         .list("overlays", &p.overlays)
         .field("image-version", &ctx.opts.image_version)
@@ -333,6 +333,7 @@ pub fn make(
     crate::update::install(&ctx.profile, &tree)?;
     write_os_release(ctx, &tree)?;
     clear_per_machine_state(&tree)?;
+    point_launch_configured_files_at_run(&tree)?;
     // apt's record of which packages came in as dependencies reflects how they
     // were asked for (--locked names every one), not what is installed, and apt
     // never runs on the immutable image: without it a --locked build is
@@ -537,6 +538,44 @@ fn clear_per_machine_state(tree: &Path) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+    }
+    Ok(())
+}
+
+/// The image's CA bundle, as ca-certificates made it at build time.
+pub const IMAGE_CA_BUNDLE: &str = "usr/share/aiwimg/ca-certificates.crt";
+
+/// Files of the read-only /etc that cloud-config sets per node become links
+/// into /run, where the agent writes them at boot; tmpfiles.d
+/// (overlays/base/usr/lib/tmpfiles.d/aiware.conf) points each at the image's
+/// own default first, so the node is whole before the agent runs or without
+/// it. `/etc/localtime` is a link in the base overlay (timezone); here:
+/// - the CA bundle (`ca_certs`): moved to [`IMAGE_CA_BUNDLE`], its path a link
+///   to /run/aiware/ca-certificates.crt;
+/// - `/home` (`users`): a link to /var/home, as on Fedora CoreOS and Flatcar,
+///   so a user's home is persistent and at the path cloud-init gives it.
+fn point_launch_configured_files_at_run(tree: &Path) -> Result<()> {
+    let bundle = tree.join("etc/ssl/certs/ca-certificates.crt");
+    let meta = std::fs::symlink_metadata(&bundle)
+        .context("the image has no /etc/ssl/certs/ca-certificates.crt (package ca-certificates)")?;
+    if meta.is_file() {
+        let kept = tree.join(IMAGE_CA_BUNDLE);
+        std::fs::create_dir_all(kept.parent().unwrap())?;
+        std::fs::rename(&bundle, &kept)?;
+        std::os::unix::fs::symlink("/run/aiware/ca-certificates.crt", &bundle)?;
+    }
+    let home = tree.join("home");
+    if std::fs::symlink_metadata(&home).is_ok_and(|m| m.is_dir()) {
+        // Only an empty /home: nothing the packages put there is hidden.
+        std::fs::remove_dir(&home).context("/home of the image is not empty")?;
+    }
+    if std::fs::symlink_metadata(&home).is_err() {
+        std::os::unix::fs::symlink("var/home", &home)?;
+    }
+    // sudo refuses rule files others can write; git keeps no modes but x.
+    let sudoers = tree.join("etc/sudoers.d/50-aiwimg");
+    if sudoers.is_file() {
+        std::fs::set_permissions(&sudoers, std::fs::Permissions::from_mode(0o440))?;
     }
     Ok(())
 }
@@ -849,6 +888,43 @@ checksum = "dd"
             !has("aiwimg") && !has("qemu-tests") && !has("rcgen"),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn launch_configured_files_link_into_run_with_the_image_defaults_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path();
+        put(t, "etc/ssl/certs/ca-certificates.crt", "BUNDLE");
+        put(
+            t,
+            "etc/sudoers.d/50-aiwimg",
+            "@includedir /run/aiware/sudoers.d\n",
+        );
+        std::fs::create_dir_all(t.join("home")).unwrap();
+        point_launch_configured_files_at_run(t).unwrap();
+        let link = |p: &str| std::fs::read_link(t.join(p)).unwrap();
+        assert_eq!(
+            link("etc/ssl/certs/ca-certificates.crt"),
+            Path::new("/run/aiware/ca-certificates.crt")
+        );
+        assert_eq!(
+            std::fs::read_to_string(t.join(IMAGE_CA_BUNDLE)).unwrap(),
+            "BUNDLE"
+        );
+        assert_eq!(link("home"), Path::new("var/home"));
+        let mode = std::fs::metadata(t.join("etc/sudoers.d/50-aiwimg"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o440);
+        // Again on the same tree (nothing to move): unchanged, no error.
+        point_launch_configured_files_at_run(t).unwrap();
+        assert_eq!(link("home"), Path::new("var/home"));
+        // A /home a package filled is not hidden.
+        let d2 = tempfile::tempdir().unwrap();
+        put(d2.path(), "etc/ssl/certs/ca-certificates.crt", "B");
+        put(d2.path(), "home/someone/.profile", "x");
+        assert!(point_launch_configured_files_at_run(d2.path()).is_err());
     }
 
     const KEY: &str =

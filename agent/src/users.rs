@@ -1,0 +1,709 @@
+//! cloud-config `users`: login accounts for people, on a node whose /etc is
+//! read-only.
+//!
+//! cloud-init runs `useradd`, which writes /etc/passwd; here each user is a
+//! JSON user record in /run/userdb (systemd's drop-in user database, read by
+//! nss-systemd, which the image's nsswitch.conf lists after `files`), written
+//! again at every boot from the launch data. What must last is on /var: the
+//! home (/home is a link to /var/home) and so the user's files and the UID
+//! that owns them. A user's UID is the owner of an existing home, the `uid`
+//! given, or the lowest free one from 1000; each user gets a group of their
+//! own name with the same number, as `useradd` does on Debian.
+//!
+//! Keys go to `~/.ssh/authorized_keys` (the first `AuthorizedKeysFile` of
+//! the image's sshd), added when missing, as cloud-init does. `sudo` rules go
+//! to /run/aiware/sudoers.d (included by the image's /etc/sudoers.d). Password
+//! keys are refused: SSH takes keys only, and no password is ever stored.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gecos: Option<String>,
+    /// Supplementary groups (`groups: [docker, adm]` or `groups: docker, adm`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// sudoers rules, e.g. `ALL=(ALL) NOPASSWD:ALL`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sudo: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub homedir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_create_home: bool,
+}
+
+impl User {
+    pub fn home(&self) -> String {
+        self.homedir
+            .clone()
+            .unwrap_or_else(|| format!("/home/{}", self.name))
+    }
+}
+
+/// The first UID (and GID) of the accounts made here, as Debian's adduser.
+const FIRST_UID: u32 = 1000;
+const LAST_UID: u32 = 59999;
+const DEFAULT_SHELL: &str = "/bin/bash";
+/// Where the records go; nss-systemd reads them (no daemon needed).
+pub const USERDB_DIR: &str = "/run/userdb";
+pub const SUDOERS_DIR: &str = "/run/aiware/sudoers.d";
+
+/// Parses cloud-config `users`; what it cannot honour becomes a warning.
+pub fn parse_users(v: &Value, what: &str, warnings: &mut Vec<String>) -> Result<Vec<User>, String> {
+    let items: Vec<&Value> = match v {
+        Value::Null => return Ok(Vec::new()),
+        Value::Array(a) => a.iter().collect(),
+        // cloud-init also takes a comma-separated string of names.
+        Value::String(_) | Value::Object(_) => vec![v],
+        _ => return Err(format!("{what}: users must be a list")),
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("{what}: users[{i}]");
+        match item {
+            Value::String(s) => {
+                for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    if name == "default" {
+                        warnings.push(format!(
+                            "{at}: `default` adds no user on aiwimg images: the image's \
+                             login is root, with the keys of `ssh_authorized_keys`"
+                        ));
+                    } else {
+                        out.push(User {
+                            name: name.to_string(),
+                            ..User::default()
+                        });
+                    }
+                }
+            }
+            Value::Object(m) => out.push(parse_user(m, &at, warnings)?),
+            _ => return Err(format!("{at}: each user is a name or a map with `name`")),
+        }
+    }
+    Ok(out)
+}
+
+fn parse_user(
+    m: &serde_json::Map<String, Value>,
+    at: &str,
+    warnings: &mut Vec<String>,
+) -> Result<User, String> {
+    let string = |k: &str| -> Result<Option<String>, String> {
+        match m.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(format!("{at}: `{k}` must be a string")),
+        }
+    };
+    let list = |k: &str| -> Result<Vec<String>, String> {
+        match m.get(k) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(Vec::new()),
+            Some(Value::String(s)) => Ok(vec![s.clone()]),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| format!("{at}: `{k}` entries must be strings"))
+                })
+                .collect(),
+            Some(_) => Err(format!("{at}: `{k}` must be a string or a list of strings")),
+        }
+    };
+    let name = string("name")?.ok_or_else(|| format!("{at}: `name` is missing"))?;
+    let mut user = User {
+        name,
+        gecos: string("gecos")?,
+        groups: list("groups")?
+            .iter()
+            .flat_map(|g| g.split(','))
+            .map(|g| g.trim().to_string())
+            .filter(|g| !g.is_empty())
+            .collect(),
+        ssh_authorized_keys: list("ssh_authorized_keys")?
+            .into_iter()
+            .map(|k| k.trim().to_string())
+            .collect(),
+        sudo: list("sudo")?,
+        shell: string("shell")?,
+        homedir: string("homedir")?,
+        uid: None,
+        no_create_home: m
+            .get("no_create_home")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    };
+    user.uid = match m.get("uid") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(
+            n.as_u64()
+                .and_then(|u| u32::try_from(u).ok())
+                .ok_or_else(|| format!("{at}: uid {n} is not a user number"))?,
+        ),
+        Some(Value::String(s)) => Some(
+            s.parse()
+                .map_err(|_| format!("{at}: uid {s:?} is not a user number"))?,
+        ),
+        Some(_) => return Err(format!("{at}: uid must be a number")),
+    };
+    for (k, v) in m {
+        match k.as_str() {
+            "name"
+            | "gecos"
+            | "groups"
+            | "ssh_authorized_keys"
+            | "sudo"
+            | "shell"
+            | "homedir"
+            | "uid"
+            | "no_create_home" => {}
+            // Locking the password is all there is: none is ever set.
+            "lock_passwd" => {
+                if v == &Value::Bool(false) {
+                    warnings.push(format!(
+                        "{at}: lock_passwd: false has no effect: users of aiwimg images \
+                         log in with SSH keys only and have no password"
+                    ));
+                }
+            }
+            "passwd" | "hashed_passwd" | "plain_text_passwd" => warnings.push(format!(
+                "{at}: `{k}` ignored: users of aiwimg images log in with SSH keys only \
+                 (ssh_authorized_keys); no password is stored"
+            )),
+            "ssh_import_id" => warnings.push(format!(
+                "{at}: `ssh_import_id` ignored: the node fetches no keys from key servers; \
+                 list them in ssh_authorized_keys"
+            )),
+            "primary_group" => warnings.push(format!(
+                "{at}: `primary_group` ignored: each user's primary group is one of their \
+                 own name; list other groups in `groups`"
+            )),
+            other => warnings.push(format!(
+                "{at}: `{other}` is not used by aiwimg images (ignored)"
+            )),
+        }
+    }
+    Ok(user)
+}
+
+fn valid_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_lowercase() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+/// Problems that stop the users being made (checked with the other settings).
+pub fn validate(users: &[User]) -> Vec<String> {
+    let mut errs = Vec::new();
+    let mut seen = BTreeSet::new();
+    for u in users {
+        let n = &u.name;
+        if !valid_name(n) {
+            errs.push(format!(
+                "users: {n:?} is not a user name (lower-case letters, digits, '_' and '-', \
+                 starting with a letter, at most 32)"
+            ));
+            continue;
+        }
+        if !seen.insert(n.clone()) {
+            errs.push(format!("users: {n} is listed twice"));
+        }
+        if let Some(uid) = u.uid {
+            if !(FIRST_UID..=LAST_UID).contains(&uid) {
+                errs.push(format!(
+                    "users: {n}: uid {uid} is outside {FIRST_UID}-{LAST_UID}, the range of people's accounts"
+                ));
+            }
+        }
+        for g in &u.groups {
+            if !valid_name(g) {
+                errs.push(format!("users: {n}: {g:?} is not a group name"));
+            }
+        }
+        let home = u.home();
+        let writable = ["/home/", "/var/"].iter().any(|p| home.starts_with(p));
+        if !writable || home.split('/').any(|c| c == "..") || home.ends_with('/') {
+            errs.push(format!(
+                "users: {n}: homedir {home:?} must be under /home or /var (the root is read-only)"
+            ));
+        }
+        if let Some(sh) = &u.shell {
+            if !sh.starts_with('/') || sh.contains(char::is_whitespace) {
+                errs.push(format!("users: {n}: shell {sh:?} must be an absolute path"));
+            }
+        }
+        for r in &u.sudo {
+            if r.contains('\n') || r.trim().is_empty() {
+                errs.push(format!(
+                    "users: {n}: each sudo rule is one line such as \"ALL=(ALL) NOPASSWD:ALL\""
+                ));
+            }
+        }
+        for k in &u.ssh_authorized_keys {
+            if let Err(e) = crate::settings::check_public_key(k) {
+                errs.push(format!("users: {n}: {e}"));
+            }
+        }
+        if let Some(g) = &u.gecos {
+            if g.contains(['\n', ':']) {
+                errs.push(format!("users: {n}: gecos may not hold ':' or a new line"));
+            }
+        }
+    }
+    errs
+}
+
+/// The names and numbers of /etc/passwd or /etc/group under `root`.
+fn etc_entries(root: &Path, file: &str) -> Vec<(String, u32)> {
+    std::fs::read_to_string(root.join("etc").join(file))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            Some((f.first()?.to_string(), f.get(2)?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A user with the numbers chosen for this node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Account {
+    pub user: User,
+    pub uid: u32,
+}
+
+/// UIDs: an existing home's owner (so files keep their owner across boots
+/// and launches; `homes_owned` is false where homes are not chowned, in
+/// tests), else `uid`, else the lowest free from 1000.
+pub fn assign_uids(users: &[User], root: &Path, homes_owned: bool) -> Result<Vec<Account>, String> {
+    let passwd = etc_entries(root, "passwd");
+    let group = etc_entries(root, "group");
+    let mut taken: BTreeSet<u32> = passwd.iter().chain(&group).map(|(_, n)| *n).collect();
+    let mut out: Vec<Option<u32>> = Vec::new();
+    for u in users {
+        if let Some((_, id)) = passwd.iter().find(|(n, _)| *n == u.name) {
+            return Err(format!(
+                "users: {} is already an account of the image (uid {id}); root's keys are \
+                 the top-level ssh_authorized_keys",
+                u.name
+            ));
+        }
+        if group.iter().any(|(n, _)| *n == u.name) {
+            return Err(format!(
+                "users: {} is the name of one of the image's groups; choose another name",
+                u.name
+            ));
+        }
+        let owner = std::fs::metadata(root.join(u.home().trim_start_matches('/')))
+            .ok()
+            .map(|m| m.uid())
+            .filter(|id| homes_owned && *id >= FIRST_UID);
+        let id = owner.or(u.uid);
+        if let Some(id) = id {
+            if !taken.insert(id) {
+                return Err(format!("users: {}: uid {id} is used already", u.name));
+            }
+        }
+        out.push(id);
+    }
+    let mut next = FIRST_UID;
+    users
+        .iter()
+        .zip(out)
+        .map(|(u, id)| {
+            let uid = match id {
+                Some(id) => id,
+                None => {
+                    while taken.contains(&next) {
+                        next += 1;
+                    }
+                    if next > LAST_UID {
+                        return Err("users: no free uid left".to_string());
+                    }
+                    taken.insert(next);
+                    next
+                }
+            };
+            Ok(Account {
+                user: u.clone(),
+                uid,
+            })
+        })
+        .collect()
+}
+
+/// The user record (https://systemd.io/USER_RECORD) of an account.
+pub fn user_record(a: &Account, shell_exists: impl Fn(&str) -> bool) -> Value {
+    let shell = a
+        .user
+        .shell
+        .clone()
+        .unwrap_or_else(|| DEFAULT_SHELL.to_string());
+    let shell = if shell_exists(&shell) {
+        shell
+    } else {
+        "/bin/sh".to_string()
+    };
+    let mut r = serde_json::json!({
+        "userName": a.user.name,
+        "uid": a.uid,
+        "gid": a.uid,
+        "homeDirectory": a.user.home(),
+        "shell": shell,
+        "disposition": "regular",
+        "memberOf": a.user.groups,
+    });
+    if let Some(g) = &a.user.gecos {
+        r["realName"] = Value::String(g.clone());
+    }
+    r
+}
+
+/// Writes the records, sudo rules, homes and keys. Returns what was done and
+/// the problems met; `chown` is false in tests run without privileges.
+pub fn apply(users: &[User], root: &Path, chown: bool) -> (Vec<String>, Vec<String>) {
+    let mut done = Vec::new();
+    let mut problems = Vec::new();
+    let userdb = root.join(USERDB_DIR.trim_start_matches('/'));
+    let sudoers = root.join(SUDOERS_DIR.trim_start_matches('/'));
+    // This boot's records replace any written earlier in it.
+    for dir in [&userdb, &sudoers] {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    if users.is_empty() {
+        return (done, problems);
+    }
+    let accounts = match assign_uids(users, root, chown) {
+        Ok(a) => a,
+        Err(e) => return (done, vec![e]),
+    };
+    let known_groups: BTreeSet<String> = etc_entries(root, "group")
+        .into_iter()
+        .map(|(n, _)| n)
+        .chain(users.iter().map(|u| u.name.clone()))
+        .collect();
+    for a in &accounts {
+        match write_account(a, root, &userdb, &sudoers, &known_groups, chown) {
+            Ok(d) => done.push(d),
+            Err(e) => problems.push(format!("users: {}: {e}", a.user.name)),
+        }
+    }
+    (done, problems)
+}
+
+fn write_account(
+    a: &Account,
+    root: &Path,
+    userdb: &Path,
+    sudoers: &Path,
+    known_groups: &BTreeSet<String>,
+    chown: bool,
+) -> Result<String, String> {
+    let u = &a.user;
+    let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(userdb)
+        .map_err(|e| io("cannot create /run/userdb", e))?;
+    let exists = |p: &str| root.join(p.trim_start_matches('/')).is_file();
+    let record = user_record(a, exists);
+    let put = |file: String, body: String| {
+        std::fs::write(userdb.join(&file), body).map_err(|e| io(&format!("writing {file}"), e))
+    };
+    let link = |file: String, to: String| {
+        let p = userdb.join(&file);
+        let _ = std::fs::remove_file(&p);
+        std::os::unix::fs::symlink(to, p).map_err(|e| io(&format!("linking {file}"), e))
+    };
+    put(format!("{}.user", u.name), record.to_string() + "\n")?;
+    link(format!("{}.user", a.uid), format!("{}.user", u.name))?;
+    let group = serde_json::json!({"groupName": u.name, "gid": a.uid, "disposition": "regular"});
+    put(format!("{}.group", u.name), group.to_string() + "\n")?;
+    link(format!("{}.group", a.uid), format!("{}.group", u.name))?;
+    let mut missing = Vec::new();
+    for g in &u.groups {
+        if known_groups.contains(g) {
+            put(format!("{}:{g}.membership", u.name), String::new())?;
+        } else {
+            missing.push(g.as_str());
+        }
+    }
+    let mut what = vec![format!("uid {}", a.uid)];
+    if !u.sudo.is_empty() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(sudoers)
+            .map_err(|e| io("cannot create the sudo rules' folder", e))?;
+        let text: String = u.sudo.iter().map(|r| format!("{} {r}\n", u.name)).collect();
+        // sudo skips names with a '.', and reads only files others cannot write.
+        let f = sudoers.join(format!("90-user-{}", u.name));
+        std::fs::write(&f, text).map_err(|e| io("writing the sudo rules", e))?;
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o440))
+            .map_err(|e| io("chmod the sudo rules", e))?;
+        what.push("sudo".into());
+    }
+    if !u.no_create_home {
+        let home = root.join(u.home().trim_start_matches('/'));
+        let made = !home.exists();
+        let ssh = home.join(".ssh");
+        for (d, mode) in [(&home, 0o700), (&ssh, 0o700)] {
+            if !d.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(mode)
+                    .create(d)
+                    .map_err(|e| io(&format!("cannot create {}", d.display()), e))?;
+                own(d, a.uid, chown)?;
+            }
+        }
+        let added = add_keys(&ssh.join("authorized_keys"), &u.ssh_authorized_keys)?;
+        own(&ssh.join("authorized_keys"), a.uid, chown)?;
+        what.push(format!(
+            "home {}{}",
+            u.home(),
+            if made { " made" } else { " kept" }
+        ));
+        what.push(format!(
+            "{} of {} keys added",
+            added,
+            u.ssh_authorized_keys.len()
+        ));
+    } else if !u.ssh_authorized_keys.is_empty() {
+        what.push("no home: its keys have nowhere to go".into());
+    }
+    if !missing.is_empty() {
+        what.push(format!(
+            "not in groups the image lacks: {}",
+            missing.join(", ")
+        ));
+    }
+    Ok(format!("users: {} ({})", u.name, what.join(", ")))
+}
+
+fn own(p: &Path, uid: u32, chown: bool) -> Result<(), String> {
+    if chown {
+        std::os::unix::fs::chown(p, Some(uid), Some(uid))
+            .map_err(|e| format!("chown {}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Adds each key not there yet (a key the user added by hand stays).
+fn add_keys(file: &Path, keys: &[String]) -> Result<usize, String> {
+    let mut text = std::fs::read_to_string(file).unwrap_or_default();
+    let have: BTreeSet<String> = text.lines().map(|l| l.trim().to_string()).collect();
+    let mut added = 0;
+    for k in keys {
+        if !have.contains(k) {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(k);
+            text.push('\n');
+            added += 1;
+        }
+    }
+    std::fs::write(file, &text).map_err(|e| format!("writing {}: {e}", file.display()))?;
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("chmod {}: {e}", file.display()))?;
+    Ok(added)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml(s: &str) -> Value {
+        serde_yaml::from_str(s).unwrap()
+    }
+
+    const DOC: &str = "
+- default
+- name: ops
+  gecos: Night Operator
+  groups: [docker, adm]
+  sudo: ALL=(ALL) NOPASSWD:ALL
+  shell: /bin/bash
+  lock_passwd: true
+  ssh_authorized_keys:
+    - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOps ops@laptop
+- name: audit
+  groups: docker, adm
+  sudo: false
+  passwd: $6$abc
+- build, ci
+";
+
+    #[test]
+    fn cloud_init_forms_are_read() {
+        let mut w = Vec::new();
+        let u = parse_users(&yaml(DOC), "cloud-config", &mut w).unwrap();
+        let names: Vec<&str> = u.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["ops", "audit", "build", "ci"]);
+        assert_eq!(u[0].groups, ["docker", "adm"]);
+        assert_eq!(u[1].groups, ["docker", "adm"]);
+        assert_eq!(u[0].sudo, ["ALL=(ALL) NOPASSWD:ALL"]);
+        assert!(u[1].sudo.is_empty());
+        assert_eq!(u[0].gecos.as_deref(), Some("Night Operator"));
+        assert_eq!(u[0].home(), "/home/ops");
+        let w = w.join("\n");
+        assert!(w.contains("`default` adds no user"), "{w}");
+        assert!(w.contains("`passwd` ignored"), "{w}");
+        assert!(validate(&u).is_empty(), "{:?}", validate(&u));
+    }
+
+    #[test]
+    fn bad_users_are_refused_with_the_reason() {
+        let mut w = Vec::new();
+        let u = parse_users(
+            &yaml(
+                "- name: Root!\n- name: a\n  homedir: /etc/a\n- name: b\n  uid: 0\n- name: b\n  sudo: \"x\\ny\"\n- name: c\n  ssh_authorized_keys: [hello]",
+            ),
+            "c",
+            &mut w,
+        )
+        .unwrap();
+        let e = validate(&u).join("\n");
+        for want in [
+            "\"Root!\" is not a user name",
+            "homedir \"/etc/a\" must be under /home or /var",
+            "uid 0 is outside",
+            "b is listed twice",
+            "each sudo rule is one line",
+            "c: ",
+        ] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        assert!(parse_users(&yaml("- [a]"), "c", &mut w).is_err());
+        assert!(parse_users(&yaml("- gecos: x"), "c", &mut w)
+            .unwrap_err()
+            .contains("`name` is missing"));
+    }
+
+    fn system(root: &Path) {
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/bash\n_apt:x:42:65534::/nonexistent:/usr/sbin/nologin\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("etc/group"),
+            "root:x:0:\nadm:x:4:\ndocker:x:1000:\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::write(root.join("bin/bash"), "").unwrap();
+    }
+
+    #[test]
+    fn records_memberships_sudo_and_keys_are_written_and_kept_across_boots() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        system(root);
+        let mut w = Vec::new();
+        let users = parse_users(&yaml(DOC), "c", &mut w).unwrap();
+        let (done, problems) = apply(&users, root, false);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(done.len(), 4, "{done:?}");
+        let db = root.join("run/userdb");
+        let rec: Value =
+            serde_json::from_str(&std::fs::read_to_string(db.join("ops.user")).unwrap()).unwrap();
+        // 1000 is the docker group's: the first free number is 1001.
+        assert_eq!(rec["uid"], 1001);
+        assert_eq!(rec["gid"], 1001);
+        assert_eq!(rec["homeDirectory"], "/home/ops");
+        assert_eq!(rec["realName"], "Night Operator");
+        assert_eq!(rec["shell"], "/bin/bash");
+        assert_eq!(
+            std::fs::read_link(db.join("1001.user")).unwrap(),
+            Path::new("ops.user")
+        );
+        assert!(db.join("ops:docker.membership").is_file());
+        assert!(db.join("ops:adm.membership").is_file());
+        assert!(db.join("ops.group").is_file() && db.join("1001.group").is_symlink());
+        let sudo = std::fs::read_to_string(root.join("run/aiware/sudoers.d/90-user-ops")).unwrap();
+        assert_eq!(sudo, "ops ALL=(ALL) NOPASSWD:ALL\n");
+        assert!(!root.join("run/aiware/sudoers.d/90-user-audit").exists());
+        let keys = root.join("home/ops/.ssh/authorized_keys");
+        assert_eq!(
+            std::fs::read_to_string(&keys).unwrap(),
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOps ops@laptop\n"
+        );
+        let uids: Vec<u32> = ["audit", "build", "ci"]
+            .iter()
+            .map(|n| {
+                let r: Value = serde_json::from_str(
+                    &std::fs::read_to_string(db.join(format!("{n}.user"))).unwrap(),
+                )
+                .unwrap();
+                r["uid"].as_u64().unwrap() as u32
+            })
+            .collect();
+        assert_eq!(uids, [1002, 1003, 1004]);
+
+        // A key added by hand stays; the next boot writes the same again.
+        std::fs::write(
+            &keys,
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOps ops@laptop\nssh-rsa AAAAB3 mine\n",
+        )
+        .unwrap();
+        std::fs::remove_dir_all(root.join("run")).unwrap();
+        let (done, problems) = apply(&users, root, false);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(
+            done[0].contains("home /home/ops kept") && done[0].contains("0 of 1 keys added"),
+            "{done:?}"
+        );
+        assert!(std::fs::read_to_string(&keys).unwrap().contains("mine"));
+        // Dropped from the launch data: its records go (its home stays).
+        let (_, problems) = apply(&users[..1], root, false);
+        assert!(problems.is_empty());
+        assert!(!db.join("audit.user").exists() && root.join("home/audit").is_dir());
+    }
+
+    #[test]
+    fn names_of_the_image_are_not_taken_over() {
+        let d = tempfile::tempdir().unwrap();
+        system(d.path());
+        for n in ["root", "docker"] {
+            let u = [User {
+                name: n.into(),
+                ..User::default()
+            }];
+            let (_, problems) = apply(&u, d.path(), false);
+            assert!(
+                problems.len() == 1 && problems[0].contains(n),
+                "{problems:?}"
+            );
+        }
+        // A uid given that the image uses is refused too.
+        let u = [User {
+            name: "x".into(),
+            uid: Some(1000),
+            ..User::default()
+        }];
+        assert!(apply(&u, d.path(), false).1[0].contains("uid 1000 is used"));
+    }
+}
