@@ -227,11 +227,16 @@ pub fn replace_with_link(path: &Path, target: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Replaces `path` with a file holding `body` (mode 0644), atomically.
+/// Replaces `path` with a file holding `body` (mode 0644, its folder made
+/// 0755: services read these as their own users, e.g. systemd-timesync),
+/// atomically.
 pub fn replace_with_file(path: &Path, body: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
+        if !d.is_dir() {
+            std::fs::create_dir_all(d)?;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+        }
     }
     let tmp = path.with_extension("new");
     std::fs::write(&tmp, body)?;
@@ -242,6 +247,7 @@ pub fn replace_with_file(path: &Path, body: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn yaml(s: &str) -> Value {
         serde_yaml::from_str(s).unwrap()
@@ -349,6 +355,10 @@ mod tests {
             std::fs::read_link(&p).unwrap(),
             Path::new("/usr/share/zoneinfo/Asia/Tokyo")
         );
+        let f = d.path().join("conf.d/50.conf");
+        replace_with_file(&f, b"[Time]").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(f.parent().unwrap()), mode(&f)), (0o755, 0o644));
         let b = d.path().join("ca.crt");
         std::os::unix::fs::symlink("/nowhere", &b).unwrap();
         replace_with_file(&b, b"X").unwrap();

@@ -420,15 +420,21 @@ fn write_account(
 ) -> Result<String, String> {
     let u = &a.user;
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
+    // Readable by everyone, as /etc/passwd is: each process resolves names
+    // itself (nss-systemd reads the files in the caller). The agent's umask
+    // is 0077, so modes are set, not asked for.
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o755)
         .create(userdb)
+        .and_then(|()| std::fs::set_permissions(userdb, std::fs::Permissions::from_mode(0o755)))
         .map_err(|e| io("cannot create /run/userdb", e))?;
     let exists = |p: &str| root.join(p.trim_start_matches('/')).is_file();
     let record = user_record(a, exists);
     let put = |file: String, body: String| {
-        std::fs::write(userdb.join(&file), body).map_err(|e| io(&format!("writing {file}"), e))
+        let p = userdb.join(&file);
+        std::fs::write(&p, body)
+            .and_then(|()| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)))
+            .map_err(|e| io(&format!("writing {file}"), e))
     };
     let link = |file: String, to: String| {
         let p = userdb.join(&file);
@@ -641,6 +647,15 @@ mod tests {
             Path::new("ops.user")
         );
         assert!(db.join("ops:docker.membership").is_file());
+        // Every process reads them (its own name lookups), whatever the umask.
+        for f in ["", "ops.user", "ops.group", "ops:adm.membership"] {
+            let mode = std::fs::metadata(db.join(f)).unwrap().permissions().mode();
+            assert_eq!(
+                mode & 0o777,
+                if f.is_empty() { 0o755 } else { 0o644 },
+                "{f}"
+            );
+        }
         assert!(db.join("ops:adm.membership").is_file());
         assert!(db.join("ops.group").is_file() && db.join("1001.group").is_symlink());
         let sudo = std::fs::read_to_string(root.join("run/aiware/sudoers.d/90-user-ops")).unwrap();

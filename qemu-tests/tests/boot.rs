@@ -1307,22 +1307,36 @@ fn engine_data_disk_from_cloud_config() {
         let disk = case.dir().join("data.raw");
         std::fs::File::create(&disk)?.set_len(2 << 30)?;
         let controller = start_controller()?;
-        let mut vm = node_vm(case.dir(), "data-disk", &image, Some(&controller))?
+        // The controller over https from a private CA the node is given only
+        // in cloud-config `ca_certs` (no AIWARE_CONTROLLER_CA): the agent
+        // trusts what the system trusts.
+        let addr = CONTROLLER_GUEST_ADDR;
+        let front = TlsFront::start(controller.addr(), &[&addr.to_string()])?;
+        let mut builder = node_vm(case.dir(), "data-disk", &image, None)?
+            .guest_forward(addr, 443, front.addr().port())?
             .drive(qemu_tests::ExtraDrive {
                 path: disk.clone(),
                 format: qemu_tests::DiskFormat::Raw,
                 bus: qemu_tests::DriveBus::Virtio,
                 read_only: false,
-            })
-            .user_data(joining_user_data("data-disk-1", "engine").raw_yaml(DATA_DISK_YAML))
-            .start()?;
+            });
+        let key = builder.ssh_public_key()?;
+        let ud = UserData::cloud_config()
+            .hostname("data-disk-1")
+            .setting("AIWARE_MODE", "engine")
+            .setting("AIWARE_LICENSE", TEST_LICENSE)
+            .setting("AIWARE_CONTROLLER", &format!("https://{addr}/edge/v1"))
+            .setting("AIWARE_INIT_TOKEN", TEST_INIT_TOKEN)
+            .raw_yaml(DATA_DISK_YAML)
+            .raw_yaml(&os_config_yaml(&key, front.ca_pem()));
+        let mut vm = builder.user_data(ud).start()?;
         boot_ready(case, &mut vm)?;
         wait_for_hosts(&controller, 1, dl)?;
         data_disk_in_place(&vm, dl)?;
         let parts = vm.check("lsblk -n -o NAME,SIZE,PARTTYPENAME /dev/vdb", dl)?;
         eprintln!("qemu-tests: data disk:\n{}", parts.trim_end());
         let first = vm.check(
-            "journalctl -b -u aiw-agent -o cat | grep -E 'aiw-agent: (disk_setup|fs_setup|mounts) '",
+            "journalctl -b -u aiw-agent -o cat | grep -E 'aiw-agent: (disk_setup|fs_setup|mounts|users|ntp|timezone|ca_certs)[: ]'",
             dl,
         )?;
         eprintln!("qemu-tests: first boot:\n{}", first.trim_end());
@@ -1330,7 +1344,13 @@ fn engine_data_disk_from_cloud_config() {
             first.contains("GPT table written") && first.contains("made ext4 labelled docker"),
             "first boot did not lay the disk out:\n{first}"
         );
+        ensure!(
+            first.contains("users: ops (uid ") && first.contains("home /home/ops made"),
+            "first boot did not make the user:\n{first}"
+        );
+        let ops = os_config_in_place(&vm, dl)?;
         vm.check("echo kept > /opt/aiware/marker && sync", dl)?;
+        ops.check("echo mine > ~/notes && sync", dl)?;
 
         // A second boot changes nothing: kept, mounted again, data there.
         let again = vm.reboot(dl)?;
@@ -1346,14 +1366,100 @@ fn engine_data_disk_from_cloud_config() {
             "marker lost"
         );
         let second = vm.check(
-            "journalctl -b -u aiw-agent -o cat | grep -E 'aiw-agent: (disk_setup|fs_setup|mounts) '",
+            "journalctl -b -u aiw-agent -o cat | grep -E 'aiw-agent: (disk_setup|fs_setup|mounts|users) '",
             dl,
         )?;
         eprintln!("qemu-tests: second boot:\n{}", second.trim_end());
         ensure!(
             !second.contains("written") && !second.contains("made "),
-            "the second boot partitioned or formatted again:\n{second}"
+            "the second boot partitioned, formatted or made a home again:\n{second}"
+        );
+        let ops = os_config_in_place(&vm, dl)?;
+        ensure!(
+            ops.check("cat ~/notes", dl)?.trim() == "mine",
+            "the user's file in their home is lost"
         );
         healthy(case, &vm)
     });
+}
+
+/// cloud-config `users`, `ntp`, `timezone` and `ca_certs` (issue 13): a
+/// user `ops` who logs in with `key`, in groups docker and adm, with sudo;
+/// time servers; Berlin's zone; `ca_pem` trusted.
+fn os_config_yaml(key: &str, ca_pem: &str) -> String {
+    let ca: String = ca_pem
+        .trim()
+        .lines()
+        .map(|l| format!("      {l}\n"))
+        .collect();
+    format!(
+        "users:
+  - default
+  - name: ops
+    gecos: Night Operator
+    groups: docker, adm
+    sudo: ALL=(ALL) NOPASSWD:ALL
+    lock_passwd: true
+    ssh_authorized_keys:
+      - {key}
+ntp:
+  servers: [10.0.2.123]
+  pools: [pool.aiwimg-test.invalid]
+timezone: Europe/Berlin
+ca_certs:
+  trusted:
+    - |
+{ca}"
+    )
+}
+
+/// The user logs in with their key into a home on /var, is in their groups
+/// and may sudo; the zone is Berlin's; timesyncd asks the servers given; the
+/// system's CA bundle holds the image's CAs and the one given. Returns an
+/// SSH connection as the user.
+fn os_config_in_place(vm: &Vm, dl: &Deadline) -> Result<qemu_tests::ssh::GuestSsh> {
+    let entry = vm.check("getent passwd ops", dl)?;
+    ensure!(
+        entry.contains(":Night Operator:/home/ops:/bin/bash"),
+        "getent passwd ops: {entry:?}"
+    );
+    let mut ops = vm.ssh()?.clone();
+    ops.user = "ops".into();
+    let id = ops.check("id -nG && pwd && readlink -f ~ && sudo -n id -u", dl)?;
+    eprintln!("qemu-tests: as ops: {}", id.trim().replace('\n', " | "));
+    let lines: Vec<&str> = id.lines().collect();
+    ensure!(
+        lines.len() == 4
+            && lines[0].split(' ').any(|g| g == "docker")
+            && lines[0].split(' ').any(|g| g == "adm")
+            && lines[1] == "/home/ops"
+            && lines[2] == "/var/home/ops"
+            && lines[3] == "0",
+        "ops: groups, home or sudo wrong: {id:?}"
+    );
+    ops.check("docker ps -q >/dev/null", dl)?;
+    let tz = vm.check("readlink -f /etc/localtime; date +%z", dl)?;
+    ensure!(
+        tz.starts_with("/usr/share/zoneinfo/Europe/Berlin\n")
+            && matches!(tz.lines().nth(1), Some("+0100" | "+0200")),
+        "time zone: {tz:?}"
+    );
+    let ntp = vm.check(
+        "systemctl is-active systemd-timesyncd && timedatectl show-timesync -p SystemNTPServers --value",
+        dl,
+    )?;
+    ensure!(
+        ntp.contains("10.0.2.123 pool.aiwimg-test.invalid"),
+        "timesyncd's servers: {ntp:?}"
+    );
+    let cas = vm.check(
+        "grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt; grep -c 'BEGIN CERTIFICATE' /usr/share/aiwimg/ca-certificates.crt",
+        dl,
+    )?;
+    let n: Vec<usize> = cas.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    ensure!(
+        n.len() == 2 && n[1] > 100 && n[0] == n[1] + 1,
+        "CA bundle: {cas:?} (the system's, then the image's)"
+    );
+    Ok(ops)
 }
