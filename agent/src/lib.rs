@@ -9,6 +9,7 @@
 //! A/B image updates (systemd-sysupdate) and the boot health check.
 pub mod agent;
 pub mod apply;
+pub mod cloud_values;
 pub mod containers;
 pub mod controller;
 pub mod datasource;

@@ -41,22 +41,6 @@ pub const LOCALTIME: &str = "/run/aiware/localtime";
 pub const ZONEINFO: &str = "/usr/share/zoneinfo";
 pub const TIMESYNCD_DROPIN: &str = "/run/systemd/timesyncd.conf.d/50-aiware.conf";
 
-fn strings(v: Option<&Value>, what: &str) -> Result<Vec<String>, String> {
-    match v {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| format!("{what} entries must be strings"))
-            })
-            .collect(),
-        Some(_) => Err(format!("{what} must be a list of strings")),
-    }
-}
-
 /// cloud-config `ntp: {enabled, ntp_client, servers, pools, …}`.
 pub fn parse_ntp(v: &Value, what: &str, warnings: &mut Vec<String>) -> Result<Ntp, String> {
     let Value::Object(m) = v else {
@@ -72,10 +56,15 @@ pub fn parse_ntp(v: &Value, what: &str, warnings: &mut Vec<String>) -> Result<Nt
     };
     let mut ntp = Ntp {
         enabled: m.get("enabled").and_then(Value::as_bool).unwrap_or(true),
-        servers: strings(m.get("servers"), &format!("{what}: ntp.servers"))?,
+        servers: crate::cloud_values::string_list(
+            m.get("servers"),
+            &format!("{what}: ntp.servers"),
+        )?,
     };
-    ntp.servers
-        .extend(strings(m.get("pools"), &format!("{what}: ntp.pools"))?);
+    ntp.servers.extend(crate::cloud_values::string_list(
+        m.get("pools"),
+        &format!("{what}: ntp.pools"),
+    )?);
     for (k, v) in m {
         match k.as_str() {
             "enabled" | "servers" | "pools" => {}
@@ -110,7 +99,10 @@ pub fn parse_ca_certs(v: &Value, what: &str) -> Result<CaCerts, String> {
             .or_else(|| m.get("remove-defaults"))
             .and_then(Value::as_bool)
             .unwrap_or(false),
-        trusted: strings(m.get("trusted"), &format!("{what}: ca_certs.trusted"))?,
+        trusted: crate::cloud_values::string_list(
+            m.get("trusted"),
+            &format!("{what}: ca_certs.trusted"),
+        )?,
     };
     for k in m.keys() {
         if !matches!(

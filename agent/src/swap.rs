@@ -142,20 +142,7 @@ pub fn ensure(path: &std::path::Path, bytes: u64, real_system: bool) -> Result<S
 }
 
 fn run(cmd: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run {cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd} {:?} exited with {}: {}",
-            args,
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    crate::storage::run_tool(cmd, args)
 }
 
 #[cfg(test)]

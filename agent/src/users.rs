@@ -107,21 +107,7 @@ fn parse_user(
             Some(_) => Err(format!("{at}: `{k}` must be a string")),
         }
     };
-    let list = |k: &str| -> Result<Vec<String>, String> {
-        match m.get(k) {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(Vec::new()),
-            Some(Value::String(s)) => Ok(vec![s.clone()]),
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|x| {
-                    x.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| format!("{at}: `{k}` entries must be strings"))
-                })
-                .collect(),
-            Some(_) => Err(format!("{at}: `{k}` must be a string or a list of strings")),
-        }
-    };
+    let list = |k: &str| crate::cloud_values::string_list(m.get(k), &format!("{at}: `{k}`"));
     let name = string("name")?.ok_or_else(|| format!("{at}: `name` is missing"))?;
     let mut user = User {
         name,
@@ -294,6 +280,25 @@ pub fn assign_uids(users: &[User], root: &Path, homes_owned: bool) -> Result<Vec
     let passwd = etc_entries(root, "passwd");
     let group = etc_entries(root, "group");
     let mut taken: BTreeSet<u32> = passwd.iter().chain(&group).map(|(_, n)| *n).collect();
+    // A home left by a user no longer in the launch data keeps its number:
+    // a new user must not become the owner of someone else's files.
+    let homes_of_others: BTreeSet<u32> = if homes_owned {
+        std::fs::read_dir(root.join("var/home"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                !users
+                    .iter()
+                    .any(|u| Path::new(&u.home()).file_name() == Some(&e.file_name()))
+            })
+            .filter_map(|e| e.metadata().ok().map(|m| m.uid()))
+            .filter(|id| *id >= FIRST_UID)
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    taken.extend(homes_of_others);
     let mut out: Vec<Option<u32>> = Vec::new();
     for u in users {
         if let Some((_, id)) = passwd.iter().find(|(n, _)| *n == u.name) {
@@ -449,7 +454,10 @@ fn write_account(
     let mut missing = Vec::new();
     for g in &u.groups {
         if known_groups.contains(g) {
-            put(format!("{}:{g}.membership", u.name), String::new())?;
+            // Not empty: systemd reads an empty drop-in as masked, and the
+            // membership would be skipped.
+            let m = serde_json::json!({"userName": u.name, "groupName": g});
+            put(format!("{}:{g}.membership", u.name), m.to_string() + "\n")?;
         } else {
             missing.push(g.as_str());
         }
@@ -647,6 +655,13 @@ mod tests {
             Path::new("ops.user")
         );
         assert!(db.join("ops:docker.membership").is_file());
+        // An empty one would be read as masked (no membership).
+        assert!(
+            std::fs::metadata(db.join("ops:adm.membership"))
+                .unwrap()
+                .len()
+                > 0
+        );
         // Every process reads them (its own name lookups), whatever the umask.
         for f in ["", "ops.user", "ops.group", "ops:adm.membership"] {
             let mode = std::fs::metadata(db.join(f)).unwrap().permissions().mode();
@@ -696,6 +711,34 @@ mod tests {
         let (_, problems) = apply(&users[..1], root, false);
         assert!(problems.is_empty());
         assert!(!db.join("audit.user").exists() && root.join("home/audit").is_dir());
+    }
+
+    #[test]
+    fn a_new_user_never_gets_the_number_of_a_home_left_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        system(root);
+        let gone = root.join("var/home/ops");
+        std::fs::create_dir_all(&gone).unwrap();
+        if std::os::unix::fs::chown(&gone, Some(1001), Some(1001)).is_err() {
+            eprintln!("not root: chown is not possible, the case is not run");
+            return;
+        }
+        let dev = User {
+            name: "dev".into(),
+            homedir: Some("/var/home/dev".into()),
+            ..User::default()
+        };
+        let a = assign_uids(std::slice::from_ref(&dev), root, true).unwrap();
+        assert_eq!(a[0].uid, 1002, "1000 is docker's, 1001 ops's home's");
+        // ops again: their own home's number.
+        let ops = User {
+            name: "ops".into(),
+            homedir: Some("/var/home/ops".into()),
+            ..User::default()
+        };
+        let a = assign_uids(&[dev, ops], root, true).unwrap();
+        assert_eq!((a[0].uid, a[1].uid), (1002, 1001));
     }
 
     #[test]

@@ -769,6 +769,29 @@ impl Vm {
         self.spawn()
     }
 
+    /// Powers the VM off and on again with the same disks but new launch
+    /// data: a NoCloud seed with `ud` (the test's SSH key added) under a new
+    /// `instance_id`, as when a disk is launched again as another instance.
+    pub fn relaunch(&mut self, ud: UserData, instance_id: &str, deadline: &Deadline) -> Result<()> {
+        self.shutdown(deadline.cap(Duration::from_secs(120)))?;
+        let text = match &self.ssh {
+            Some(ssh) => {
+                let public = std::fs::read_to_string(ssh.key.with_extension("pub"))
+                    .context("reading the test's SSH public key")?;
+                ud.ssh_key(public.trim()).render()
+            }
+            None => ud.render(),
+        };
+        self.spec.instance_id = instance_id.to_string();
+        self.spec.user_data = Some(text.clone());
+        nocloud_seed(
+            &self.paths.seed_dir,
+            &text,
+            &nocloud_meta_data(instance_id, &self.spec.name),
+        )?;
+        self.spawn()
+    }
+
     /// Kills QEMU at once.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -1299,6 +1299,12 @@ fn data_disk_in_place(vm: &Vm, dl: &Deadline) -> Result<()> {
     Ok(())
 }
 
+/// Issue 13's declarative cloud-config on one engine: a blank virtio disk
+/// laid out by `disk_setup`/`fs_setup`/`mounts` (/opt/aiware and Docker's
+/// data on it), a user from `users` who logs in with their key, `ntp`,
+/// `timezone`, and a controller over https trusted through `ca_certs` only.
+/// A reboot changes nothing; the same disks launched as another instance
+/// with another layout keep every byte it does not name.
 #[test]
 fn engine_data_disk_from_cloud_config() {
     let image = image("engine");
@@ -1379,19 +1385,105 @@ fn engine_data_disk_from_cloud_config() {
             ops.check("cat ~/notes", dl)?.trim() == "mine",
             "the user's file in their home is lost"
         );
+
+        // The same disks launched as another instance with another layout:
+        // applied from scratch, and what it does not name is left alone.
+        let other = UserData::cloud_config()
+            .hostname("data-disk-2")
+            .setting("AIWARE_MODE", "engine")
+            .setting("AIWARE_LICENSE", TEST_LICENSE)
+            .setting("AIWARE_CONTROLLER", &format!("https://{addr}/edge/v1"))
+            .setting("AIWARE_INIT_TOKEN", TEST_INIT_TOKEN)
+            .raw_yaml(OTHER_LAYOUT_YAML)
+            .raw_yaml(&format!(
+                "users:\n  - name: dev\n    ssh_authorized_keys: [{key}]\n{}",
+                ca_certs_yaml(front.ca_pem())
+            ));
+        vm.relaunch(other, "data-disk-other-instance", dl)?;
+        let third = vm.wait_for_agent(dl)?;
+        ensure!(
+            matches!(third, AgentReport::Ready(_)),
+            "as another instance: {third:?}"
+        );
+        vm.wait_ssh(dl)?;
+        let log = vm.check(
+            "journalctl -b -u aiw-agent -o cat | grep -E 'aiw-agent: (disk_setup|fs_setup|mounts|users)[: ]'",
+            dl,
+        )?;
+        eprintln!("qemu-tests: as another instance:\n{}", log.trim_end());
+        ensure!(
+            !log.contains("written") && !log.contains("made ext4"),
+            "another instance partitioned or formatted a disk with data:\n{log}"
+        );
+        let opt = mounted(&vm, "/var/opt/aiware", dl)?;
+        let mnt = mounted(&vm, "/mnt", dl)?;
+        ensure!(
+            opt == "/dev/vdb1 ext4 aiware" && mnt == "/dev/vdb2 ext4 docker",
+            "the other layout: /opt/aiware {opt:?}, /mnt {mnt:?}"
+        );
+        let found = vm.check(
+            "cat /opt/aiware/marker; test -d /mnt/image && echo docker-data; \
+             cat /var/home/ops/notes; getent passwd ops || echo no-ops; getent passwd dev | cut -d: -f6; \
+             findmnt -n /var/lib/docker || echo docker-on-var",
+            dl,
+        )?;
+        ensure!(
+            found.split_whitespace().collect::<Vec<_>>()
+                == [
+                    "kept",
+                    "docker-data",
+                    "mine",
+                    "no-ops",
+                    "/home/dev",
+                    "docker-on-var"
+                ],
+            "after the relaunch: {found:?}"
+        );
+        let mut dev = vm.ssh()?.clone();
+        dev.user = "dev".into();
+        ensure!(
+            dev.check("id -un", dl)?.trim() == "dev",
+            "dev cannot log in"
+        );
+        // Not the owner of the home ops left behind.
+        let owners = vm.check("stat -c %u /var/home/ops; id -u dev", dl)?;
+        let owners: Vec<&str> = owners.split_whitespace().collect();
+        ensure!(
+            owners.len() == 2 && owners[0] != owners[1],
+            "dev got the number of ops's home: {owners:?}"
+        );
+        ensure!(
+            dev.run("cat /var/home/ops/notes", dl)?.status != Some(0),
+            "dev can read ops's files"
+        );
         healthy(case, &vm)
     });
+}
+
+/// The data disk as another instance sees it: the same table and file
+/// systems asked for differently (kept: `overwrite` is false), Docker's old
+/// partition mounted aside on /mnt, Docker back on /var.
+const OTHER_LAYOUT_YAML: &str = "disk_setup:
+  /dev/vdb: {table_type: gpt, layout: [50, 50], overwrite: false}
+fs_setup:
+  - {label: scratch, filesystem: ext4, device: /dev/vdb, partition: 2}
+mounts:
+  - [ LABEL=aiware, /opt/aiware, ext4, \"defaults,nofail\", \"0\", \"2\" ]
+  - [ LABEL=docker, /mnt, ext4, \"defaults,nofail\", \"0\", \"2\" ]";
+
+fn ca_certs_yaml(ca_pem: &str) -> String {
+    let ca: String = ca_pem
+        .trim()
+        .lines()
+        .map(|l| format!("      {l}\n"))
+        .collect();
+    format!("ca_certs:\n  trusted:\n    - |\n{ca}")
 }
 
 /// cloud-config `users`, `ntp`, `timezone` and `ca_certs` (issue 13): a
 /// user `ops` who logs in with `key`, in groups docker and adm, with sudo;
 /// time servers; Berlin's zone; `ca_pem` trusted.
 fn os_config_yaml(key: &str, ca_pem: &str) -> String {
-    let ca: String = ca_pem
-        .trim()
-        .lines()
-        .map(|l| format!("      {l}\n"))
-        .collect();
     format!(
         "users:
   - default
@@ -1406,10 +1498,8 @@ ntp:
   servers: [10.0.2.123]
   pools: [pool.aiwimg-test.invalid]
 timezone: Europe/Berlin
-ca_certs:
-  trusted:
-    - |
-{ca}"
+{}",
+        ca_certs_yaml(ca_pem)
     )
 }
 
@@ -1425,7 +1515,7 @@ fn os_config_in_place(vm: &Vm, dl: &Deadline) -> Result<qemu_tests::ssh::GuestSs
     );
     let mut ops = vm.ssh()?.clone();
     ops.user = "ops".into();
-    let id = ops.check("id -nG && pwd && readlink -f ~ && sudo -n id -u", dl)?;
+    let id = ops.check("id -nG && echo $HOME && readlink -f ~ && sudo -n id -u", dl)?;
     eprintln!("qemu-tests: as ops: {}", id.trim().replace('\n', " | "));
     let lines: Vec<&str> = id.lines().collect();
     ensure!(
