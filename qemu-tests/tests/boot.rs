@@ -1262,7 +1262,10 @@ fs_setup:
     partition: 2
 mounts:
   - [ LABEL=aiware, /opt/aiware, ext4, \"defaults,nofail\", \"0\", \"2\" ]
-  - [ LABEL=docker, /var/lib/docker, ext4, \"defaults,nofail\", \"0\", \"2\" ]";
+  - [ LABEL=docker, /var/lib/docker, ext4, \"defaults,nofail\", \"0\", \"2\" ]
+swap:
+  filename: /var/swap.img
+  size: 64M";
 
 /// What is mounted at `point` in the guest: `SOURCE FSTYPE LABEL`.
 fn mounted(vm: &Vm, point: &str, dl: &Deadline) -> Result<String> {
@@ -1355,6 +1358,7 @@ fn engine_data_disk_from_cloud_config() {
             "first boot did not make the user:\n{first}"
         );
         let ops = os_config_in_place(&vm, dl)?;
+        let swap_inode = swap_on(&vm, dl)?;
         vm.check("echo kept > /opt/aiware/marker && sync", dl)?;
         ops.check("echo mine > ~/notes && sync", dl)?;
 
@@ -1381,6 +1385,10 @@ fn engine_data_disk_from_cloud_config() {
             "the second boot partitioned, formatted or made a home again:\n{second}"
         );
         let ops = os_config_in_place(&vm, dl)?;
+        ensure!(
+            swap_on(&vm, dl)? == swap_inode,
+            "the swap file was made again"
+        );
         ensure!(
             ops.check("cat ~/notes", dl)?.trim() == "mine",
             "the user's file in their home is lost"
