@@ -246,7 +246,7 @@ impl<'a> Agent<'a> {
         st.updated_unix = now_unix();
         let json = serde_json::to_vec_pretty(&*st).unwrap_or_default();
         drop(st);
-        let _ = apply::write_private(&self.cfg.paths.status_file(), &json, 0o644);
+        let _ = crate::files::write_private(&self.cfg.paths.status_file(), &json, 0o644);
     }
 
     fn error(&self, e: &str) {
@@ -926,7 +926,7 @@ impl<'a> Agent<'a> {
                         let file = paths.prometheus_sd_dir().join("aiware-hosts.json");
                         if let Err(e) =
                             std::fs::create_dir_all(paths.prometheus_sd_dir()).and_then(|_| {
-                                apply::write_private(
+                                crate::files::write_private(
                                     &file,
                                     serde_json::to_string_pretty(&t)
                                         .unwrap_or_default()

@@ -2,6 +2,7 @@
 //! kernel modules, SSH keys and hostname (user-data's and the platform's), write_files, rendered config files and
 //! the mode services. Settings flow one way: settings → files → units.
 
+use crate::files::write_private;
 use crate::modes::ModeTable;
 use crate::paths::Paths;
 use crate::settings::Settings;
@@ -10,29 +11,6 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
-
-/// Writes `data` to `path` atomically with `mode`, creating the parent directory.
-pub fn write_private(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-}
 
 pub fn save_settings(paths: &Paths, s: &Settings) -> std::io::Result<()> {
     let dir = paths.state_dir();
@@ -121,6 +99,7 @@ impl Applier<'_> {
         errs.extend(self.storage(s));
         // Before any service starts: they read the zone and the trusted CAs.
         errs.extend(self.os_config(s));
+        errs.extend(self.registry_trust(s));
         for m in &modes {
             let Some(spec) = self.table.get(m) else {
                 continue;
@@ -282,7 +261,9 @@ impl Applier<'_> {
                 Err(e) => errs.push(e),
             }
         }
-        // Invalid users are left out, the others still made.
+        // Checked again here: this runs for invalid settings too (where
+        // `settings::validate` already refused the launch), and any invalid
+        // user leaves them all out, as one bad entry may be a typo of another.
         let bad = crate::users::validate(&s.users);
         if bad.is_empty() {
             let (done, problems) =
@@ -301,7 +282,7 @@ impl Applier<'_> {
         let at = |p: &str| self.paths.at(p);
         if let Some(tz) = &s.timezone {
             match os::zone_file(tz, &at("/")) {
-                Ok(file) => match os::replace_with_link(&at(os::LOCALTIME), &file) {
+                Ok(file) => match crate::files::replace_with_link(&at(os::LOCALTIME), &file) {
                     Ok(()) => crate::log::info(&format!("timezone {tz}")),
                     Err(e) => errs.push(format!("cannot set the time zone {tz}: {e}")),
                 },
@@ -310,7 +291,10 @@ impl Applier<'_> {
         }
         if let Some(c) = &s.ca_certs {
             let image = std::fs::read_to_string(at(os::IMAGE_CA_BUNDLE)).unwrap_or_default();
-            match os::replace_with_file(&at(os::CA_BUNDLE), os::ca_bundle(c, &image).as_bytes()) {
+            match crate::files::write_public(
+                &at(os::CA_BUNDLE),
+                os::ca_bundle(c, &image).as_bytes(),
+            ) {
                 Ok(()) => crate::log::info(&format!(
                     "ca_certs: {} certificate(s) trusted{}",
                     c.trusted.len(),
@@ -328,10 +312,14 @@ impl Applier<'_> {
             let dropin = at(os::TIMESYNCD_DROPIN);
             match os::timesyncd_dropin(n) {
                 Some(text) => {
-                    let r = os::replace_with_file(&dropin, text.as_bytes())
+                    // Already written this boot (the agent ran again): timesyncd
+                    // has read it. /run is new at every boot, so a boot's first
+                    // run always restarts timesyncd, which started before it.
+                    let same = std::fs::read_to_string(&dropin).is_ok_and(|t| t == text);
+                    let r = crate::files::write_public(&dropin, text.as_bytes())
                         .map_err(|e| format!("cannot write {}: {e}", os::TIMESYNCD_DROPIN))
                         .and_then(|()| {
-                            if self.real_system {
+                            if self.real_system && !same {
                                 self.units.try_restart(&unit)
                             } else {
                                 Ok(())
@@ -359,6 +347,43 @@ impl Applier<'_> {
             }
         }
         errs
+    }
+
+    /// Docker's trusted registries ([`crate::registry_trust`]): the image's
+    /// daemon.json, with the one plain-HTTP registry the launch allows.
+    fn registry_trust(&self, s: &Settings) -> Vec<String> {
+        use crate::registry_trust as rt;
+        let Ok(image) = std::fs::read_to_string(self.paths.at(rt::IMAGE_DAEMON_JSON)) else {
+            return Vec::new(); // an image without Docker
+        };
+        let registry = rt::cluster_registry(s);
+        let plain = registry
+            .as_ref()
+            .filter(|r| r.plain_http)
+            .map(|r| r.authority.as_str());
+        let text = match rt::daemon_json(&image, plain) {
+            Ok(t) => t,
+            Err(e) => return vec![e],
+        };
+        let file = self.paths.at(rt::DAEMON_JSON);
+        let json = |t: &str| serde_json::from_str::<serde_json::Value>(t).ok();
+        // What Docker read at its start (tmpfiles' link to the image's file,
+        // or this boot's earlier write): nothing to do when it is the same.
+        let current = std::fs::read_to_string(&file).ok();
+        if current.as_deref().and_then(json) != json(&text) {
+            if let Err(e) = crate::files::write_public(&file, text.as_bytes()) {
+                return vec![format!("cannot write {}: {e}", rt::DAEMON_JSON)];
+            }
+            let docker = "docker.service";
+            let state = self.units.active_state(docker);
+            if matches!(state.as_str(), "active" | "activating" | "reloading") {
+                if let Err(e) = self.units.try_reload(docker) {
+                    return vec![format!("registry trust: reloading Docker: {e}")];
+                }
+            }
+        }
+        crate::log::info(&rt::describe(registry.as_ref()));
+        Vec::new()
     }
 
     fn ssh_keys(&self, keys: &[String]) -> Result<(), String> {
@@ -477,6 +502,56 @@ mod tests {
             permissions: 0o644,
             append: false,
         }
+    }
+
+    #[test]
+    fn docker_reloads_only_when_the_launch_changes_its_trusted_registries() {
+        use crate::registry_trust::{DAEMON_JSON, IMAGE_DAEMON_JSON};
+        let d = tempfile::tempdir().unwrap();
+        let paths = Paths::new(d.path());
+        let image = r#"{"data-root": "/var/lib/docker", "log-driver": "journald"}"#;
+        crate::files::write_public(&paths.at(IMAGE_DAEMON_JSON), image.as_bytes()).unwrap();
+        // What tmpfiles makes at boot: the link to the image's own file.
+        std::fs::create_dir_all(paths.at("/run/aiware")).unwrap();
+        std::os::unix::fs::symlink(paths.at(IMAGE_DAEMON_JSON), paths.at(DAEMON_JSON)).unwrap();
+        let table = ModeTable {
+            common: Default::default(),
+            modes: Default::default(),
+        };
+        let units = crate::systemd::RecordingUnits::default();
+        units
+            .states
+            .lock()
+            .unwrap()
+            .insert("docker.service".into(), "active".into());
+        let applier = Applier {
+            paths: &paths,
+            table: &table,
+            units: &units,
+            real_system: false,
+        };
+        let launch = |text: &str| {
+            Settings::from_user_data(crate::userdata::parse(text.as_bytes()).unwrap(), None)
+        };
+        // TLS only, as the image already is: the link stays, no reload.
+        let tls = launch("AIWARE_CONTROLLER=https://edge.example/edge/v1\n");
+        assert!(applier.registry_trust(&tls).is_empty());
+        assert!(paths.at(DAEMON_JSON).is_symlink());
+        assert!(units.calls.lock().unwrap().is_empty());
+        // One plain-HTTP registry: written, Docker reloaded once.
+        let http = launch("AIWARE_REGISTRY=http://10.0.0.7:5000\n");
+        assert!(applier.registry_trust(&http).is_empty());
+        let written = std::fs::read_to_string(paths.at(DAEMON_JSON)).unwrap();
+        assert!(written.contains("\"10.0.0.7:5000\"") && written.contains("journald"));
+        assert_eq!(*units.calls.lock().unwrap(), ["try-reload docker.service"]);
+        // The agent run again in the same boot: nothing new for Docker.
+        assert!(applier.registry_trust(&http).is_empty());
+        assert_eq!(units.calls.lock().unwrap().len(), 1);
+        // The image's own file is never touched.
+        assert_eq!(
+            std::fs::read_to_string(paths.at(IMAGE_DAEMON_JSON)).unwrap(),
+            image
+        );
     }
 
     #[test]

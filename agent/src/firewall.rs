@@ -4,7 +4,7 @@
 //! exporter). Written to /run/aiware/nftables.conf and loaded with `nft -f`;
 //! only the agent's own table `inet aiware` is touched (Docker keeps its own).
 
-use crate::apply::write_private;
+use crate::files::write_private;
 use crate::modes::{Port, Proto};
 use crate::paths::Paths;
 

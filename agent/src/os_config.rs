@@ -211,35 +211,9 @@ pub fn ca_bundle(c: &CaCerts, image_bundle: &str) -> String {
     out
 }
 
-/// Replaces `path` (a file or the tmpfiles link) with `target` as a link.
-pub fn replace_with_link(path: &Path, target: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("new");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp)?;
-    std::fs::rename(&tmp, path)
-}
-
-/// Replaces `path` with a file holding `body` (mode 0644, its folder made
-/// 0755: services read these as their own users, e.g. systemd-timesync),
-/// atomically.
-pub fn replace_with_file(path: &Path, body: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(d) = path.parent() {
-        if !d.is_dir() {
-            std::fs::create_dir_all(d)?;
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
-        }
-    }
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, body)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
-    std::fs::rename(&tmp, path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     fn yaml(s: &str) -> Value {
         serde_yaml::from_str(s).unwrap()
@@ -335,26 +309,5 @@ mod tests {
         };
         assert!(validate(None, None, Some(&junk))[0].contains("trusted[0]"));
         assert!(parse_ca_certs(&yaml("trust: [x]"), "c").is_err());
-    }
-
-    #[test]
-    fn links_and_files_are_replaced_in_one_step() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("localtime");
-        std::os::unix::fs::symlink("/usr/share/zoneinfo/Etc/UTC", &p).unwrap();
-        replace_with_link(&p, "/usr/share/zoneinfo/Asia/Tokyo").unwrap();
-        assert_eq!(
-            std::fs::read_link(&p).unwrap(),
-            Path::new("/usr/share/zoneinfo/Asia/Tokyo")
-        );
-        let f = d.path().join("conf.d/50.conf");
-        replace_with_file(&f, b"[Time]").unwrap();
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!((mode(f.parent().unwrap()), mode(&f)), (0o755, 0o644));
-        let b = d.path().join("ca.crt");
-        std::os::unix::fs::symlink("/nowhere", &b).unwrap();
-        replace_with_file(&b, b"X").unwrap();
-        assert_eq!(std::fs::read(&b).unwrap(), b"X");
-        assert!(!b.is_symlink());
     }
 }

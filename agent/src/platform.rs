@@ -26,7 +26,7 @@ pub fn load(paths: &Paths) -> Option<CachedPlatform> {
 }
 
 pub fn save(paths: &Paths, c: &CachedPlatform) -> std::io::Result<()> {
-    crate::apply::write_private(
+    crate::files::write_private(
         &cache_file(paths),
         &serde_json::to_vec_pretty(c).unwrap_or_default(),
         0o600,

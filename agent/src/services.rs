@@ -10,9 +10,9 @@
 //! | redis | redis-server.service | /run/aiware/redis/redis.conf (included by /etc/redis/redis.conf) | /var/opt/aiware/redis |
 //! | lb | haproxy.service | (baked /etc/haproxy/haproxy.cfg; certificates checked) | /opt/aiware/haproxy/certs |
 //! | prometheus | prometheus.service | targets/*.json (file-SD, from the controller) | /var/opt/aiware/prometheus/data |
-//! | registry | docker-registry.service | (baked config.yml) | /var/opt/aiware/registry |
+//! | registry | docker-registry.service | env (TLS from AIWARE_REGISTRY_CERT/_KEY, read by the baked drop-in), tls.crt, tls.key | /var/opt/aiware/registry |
 
-use crate::apply::write_private;
+use crate::files::write_private;
 use crate::paths::Paths;
 use crate::settings::Settings;
 use std::collections::BTreeMap;
@@ -64,10 +64,81 @@ pub fn valid_pg_identifier(s: &str) -> bool {
         && s.len() <= 63
 }
 
+/// Where the registry mode's TLS pair and environment go (the overlay's
+/// docker-registry.service.d/aiware.conf reads the environment file).
+pub const REGISTRY_RUN_DIR: &str = "/run/aiware/registry";
+
+/// The registry mode's files: its TLS pair from `AIWARE_REGISTRY_CERT` and
+/// `AIWARE_REGISTRY_KEY` (PEM text or file paths; a certificate from the
+/// cluster's CA, which every node trusts through cloud-config `ca_certs`),
+/// given to the registry as `REGISTRY_HTTP_TLS_*` (the distribution
+/// registry's own overrides of config.yml). Neither given: plain HTTP on
+/// 5000, as the guide's registry.
+fn registry_files(s: &Settings) -> Result<Vec<ConfigFile>, String> {
+    let owner = Some("docker-registry");
+    let env =
+        |text: String| ConfigFile::new(&format!("{REGISTRY_RUN_DIR}/env"), text, 0o644, owner);
+    let (cert, key) = match (s.get("AIWARE_REGISTRY_CERT"), s.get("AIWARE_REGISTRY_KEY")) {
+        (None, None) => {
+            return Ok(vec![env(
+                "# Written by aiw-agent: no AIWARE_REGISTRY_CERT, plain HTTP.\n".into(),
+            )])
+        }
+        (Some(c), Some(k)) => (c, k),
+        _ => {
+            return Err(
+                "registry mode: AIWARE_REGISTRY_CERT and AIWARE_REGISTRY_KEY go together (the \
+                 certificate and its private key, PEM text or file paths)"
+                    .into(),
+            )
+        }
+    };
+    let (cert_pem, whence) = crate::tls::pem_value(cert, "certificate")?;
+    match crate::tls::parse_pem(&cert_pem) {
+        Ok(c) if !c.is_empty() => {}
+        _ => {
+            return Err(format!(
+                "AIWARE_REGISTRY_CERT: {whence} holds no PEM certificate"
+            ))
+        }
+    }
+    let (key_pem, whence) = crate::tls::pem_value(key, "private key")?;
+    if !crate::tls::holds_private_key(&key_pem) {
+        return Err(format!(
+            "AIWARE_REGISTRY_KEY: {whence} holds no PEM private key"
+        ));
+    }
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).trim().to_string() + "\n";
+    Ok(vec![
+        ConfigFile::new(
+            &format!("{REGISTRY_RUN_DIR}/tls.crt"),
+            text(cert_pem),
+            0o644,
+            owner,
+        ),
+        ConfigFile::new(
+            &format!("{REGISTRY_RUN_DIR}/tls.key"),
+            text(key_pem),
+            0o600,
+            owner,
+        ),
+        env(format!(
+            "# Written by aiw-agent from AIWARE_REGISTRY_CERT and AIWARE_REGISTRY_KEY.\n\
+             REGISTRY_HTTP_TLS_CERTIFICATE={REGISTRY_RUN_DIR}/tls.crt\n\
+             REGISTRY_HTTP_TLS_KEY={REGISTRY_RUN_DIR}/tls.key\n"
+        )),
+    ])
+}
+
 /// Validation of the settings the native services read (added to `settings::validate`).
 pub fn validate(s: &Settings, modes: &[String]) -> Vec<String> {
     let mut errs = Vec::new();
     let has = |m: &str| modes.iter().any(|x| x == m);
+    if has("registry") {
+        if let Err(e) = registry_files(s) {
+            errs.push(e);
+        }
+    }
     if has("db") {
         for key in ["AIWARE_DB_NAME", "AIWARE_DB_USER"] {
             if let Some(v) = s.get(key) {
@@ -520,6 +591,15 @@ pub fn prepare(paths: &Paths, s: &Settings, modes: &[String], real_system: bool)
             }
         }
     }
+    if has("registry") {
+        match registry_files(s) {
+            Ok(f) => files.extend(f),
+            Err(e) => {
+                p.errors.push(e);
+                p.skip_units.push("docker-registry.service".into());
+            }
+        }
+    }
     if has("nfs") {
         let clients = match s.get("AIWARE_NFS_PERMITTED") {
             Some(t) => parse_permitted(t).unwrap_or_default(),
@@ -575,6 +655,61 @@ mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn registry_serves_tls_only_with_a_whole_pair() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["10.0.0.5".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert, key) = (cert.pem(), key.serialize_pem());
+        let files = registry_files(&settings(&[
+            ("AIWARE_REGISTRY_CERT", &cert),
+            ("AIWARE_REGISTRY_KEY", &key),
+        ]))
+        .unwrap();
+        let by_name = |n: &str| files.iter().find(|f| f.path.ends_with(n)).unwrap();
+        assert_eq!(by_name("tls.key").mode, 0o600);
+        assert_eq!(by_name("tls.key").owner.as_deref(), Some("docker-registry"));
+        assert!(by_name("tls.crt")
+            .content
+            .starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(by_name("/env")
+            .content
+            .contains("REGISTRY_HTTP_TLS_KEY=/run/aiware/registry/tls.key\n"));
+        // Neither: plain HTTP, the environment file says so.
+        let plain = registry_files(&settings(&[])).unwrap();
+        assert_eq!(plain.len(), 1);
+        assert!(!plain[0].content.contains("REGISTRY_HTTP_TLS"));
+        // Half a pair, or the two swapped: refused, the key never repeated.
+        let errs = validate(
+            &settings(&[("AIWARE_REGISTRY_CERT", &cert)]),
+            &["registry".into()],
+        );
+        assert!(errs[0].contains("go together"), "{errs:?}");
+        let swapped = settings(&[
+            ("AIWARE_REGISTRY_CERT", &key),
+            ("AIWARE_REGISTRY_KEY", &cert),
+        ]);
+        let e = registry_files(&swapped).unwrap_err();
+        assert!(
+            e.contains("no PEM certificate") && !e.contains("PRIVATE"),
+            "{e}"
+        );
+        // Not a registry node: not its business.
+        assert!(validate(&swapped, &["engine".into()]).is_empty());
+        // From files, e.g. written by write_files.
+        let d = tempfile::tempdir().unwrap();
+        let (c, k) = (d.path().join("r.crt"), d.path().join("r.key"));
+        std::fs::write(&c, &cert).unwrap();
+        std::fs::write(&k, &key).unwrap();
+        let from_files = settings(&[
+            ("AIWARE_REGISTRY_CERT", c.to_str().unwrap()),
+            ("AIWARE_REGISTRY_KEY", k.to_str().unwrap()),
+        ]);
+        assert_eq!(registry_files(&from_files).unwrap().len(), 3);
     }
 
     #[test]

@@ -88,7 +88,15 @@ pub const KNOWN_VARS: &[(&str, &str)] = &[
         "clients allowed to mount the nfs export",
     ),
     ("AIWARE_REDIS_PASSWORD", "Redis password"),
-    ("AIWARE_REGISTRY", "Docker registry the engines pull from"),
+    (
+        "AIWARE_REGISTRY",
+        "the cluster's registry, HOST:PORT over TLS or http://HOST:PORT (the only one trusted over plain HTTP)",
+    ),
+    (
+        "AIWARE_REGISTRY_CERT",
+        "registry mode: its TLS certificate (PEM text or file path), from the cluster's CA",
+    ),
+    ("AIWARE_REGISTRY_KEY", "registry mode: the certificate's private key"),
     ("AIWARE_REGISTRY_USER", "registry user"),
     ("AIWARE_REGISTRY_PASSWORD", "registry password"),
     ("AIWARE_MINIO_ACCESS_KEY", "MinIO access key"),
@@ -337,6 +345,12 @@ pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
              AIWARE_CONTROLLER=http://IP_OF_ADMIN_NODE:9000/edge/v1"
                 .into(),
         );
+    }
+    if let Some(v) = s.get("AIWARE_REGISTRY") {
+        if let Err(e) = crate::registry_trust::parse_registry(v) {
+            let shown = crate::log::scrub_url_userinfo(v);
+            errs.push(format!("AIWARE_REGISTRY={shown}: {e}"));
+        }
     }
     if let Some(url) = s.controller() {
         if let Err(e) = check_url(url) {

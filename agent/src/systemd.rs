@@ -12,6 +12,9 @@ pub trait UnitControl {
     fn active_state(&self, unit: &str) -> String;
     /// Restarts the unit if it runs (a changed configuration read again).
     fn try_restart(&self, unit: &str) -> Result<(), String>;
+    /// Asks a running (or starting) unit to read its configuration again,
+    /// restarting it only if it cannot reload; nothing if it is stopped.
+    fn try_reload(&self, unit: &str) -> Result<(), String>;
 }
 
 /// Asks logind to `PowerOff` or `Reboot` (what `systemctl poweroff|reboot`
@@ -132,6 +135,12 @@ impl UnitControl for DbusSystemd {
             .map(|_| ())
             .map_err(|e| format!("{unit}: {e}"))
     }
+    fn try_reload(&self, unit: &str) -> Result<(), String> {
+        // A unit still starting gets its reload queued after the start.
+        self.call("ReloadOrTryRestartUnit", &(unit, "replace"))
+            .map(|_| ())
+            .map_err(|e| format!("{unit}: {e}"))
+    }
 }
 
 impl DbusSystemd {
@@ -209,6 +218,13 @@ impl UnitControl for RecordingUnits {
             .push(format!("try-restart {unit}"));
         Ok(())
     }
+    fn try_reload(&self, unit: &str) -> Result<(), String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("try-reload {unit}"));
+        Ok(())
+    }
 }
 
 /// Used where there is no system bus (e.g. `status` as a user): reports unknown.
@@ -225,6 +241,9 @@ impl UnitControl for NoSystemd {
         "unknown".into()
     }
     fn try_restart(&self, _: &str) -> Result<(), String> {
+        Err(self.0.clone())
+    }
+    fn try_reload(&self, _: &str) -> Result<(), String> {
         Err(self.0.clone())
     }
 }

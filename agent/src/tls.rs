@@ -17,13 +17,7 @@ const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// The certificates of `AIWARE_CONTROLLER_CA`: PEM text, or a file path.
 pub fn controller_ca(value: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let v = value.trim();
-    let (text, whence) = if v.starts_with('/') && !v.contains('\n') {
-        let t = std::fs::read(v).map_err(|e| format!("cannot read the CA file {v}: {e}"))?;
-        (t, format!("the file {v}"))
-    } else {
-        (v.as_bytes().to_vec(), "the value".to_string())
-    };
+    let (text, whence) = pem_value(value, "CA")?;
     let certs = parse_pem(&text).map_err(|e| format!("{whence} is not PEM certificates: {e}"))?;
     if certs.is_empty() {
         return Err(format!(
@@ -31,6 +25,24 @@ pub fn controller_ca(value: &str) -> Result<Vec<CertificateDer<'static>>, String
         ));
     }
     Ok(certs)
+}
+
+/// A setting that holds PEM: the text itself, or the absolute path of a
+/// file (e.g. one written by `write_files`). Returns the bytes and where
+/// they came from, for messages (never the bytes themselves: keys).
+pub fn pem_value(value: &str, what: &str) -> Result<(Vec<u8>, String), String> {
+    let v = value.trim();
+    if v.starts_with('/') && !v.contains('\n') {
+        let t = std::fs::read(v).map_err(|e| format!("cannot read the {what} file {v}: {e}"))?;
+        Ok((t, format!("the file {v}")))
+    } else {
+        Ok((v.as_bytes().to_vec(), "the value".to_string()))
+    }
+}
+
+/// `true` when `text` has a PEM private key (PKCS#8, PKCS#1 or SEC1).
+pub(crate) fn holds_private_key(text: &[u8]) -> bool {
+    rustls_pki_types::PrivateKeyDer::from_pem_slice(text).is_ok()
 }
 
 pub(crate) fn parse_pem(text: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {

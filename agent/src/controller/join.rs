@@ -23,7 +23,7 @@ pub fn load(paths: &Paths) -> Option<JoinRecord> {
 }
 
 pub fn save(paths: &Paths, r: &JoinRecord) -> std::io::Result<()> {
-    crate::apply::write_private(
+    crate::files::write_private(
         &paths.join_file(),
         &serde_json::to_vec_pretty(r).unwrap_or_default(),
         0o600,

@@ -4,8 +4,8 @@
 //! `/var/lib/aiware/images-loaded.json`; an archive listed there whose image
 //! Docker no longer has (its data wiped) is loaded again.
 
-use crate::apply::write_private;
 use crate::containers::ContainerRuntime;
+use crate::files::write_private;
 use crate::modes::BakedImage;
 use crate::paths::Paths;
 use serde::{Deserialize, Serialize};

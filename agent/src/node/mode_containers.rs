@@ -16,8 +16,8 @@
 //! there, load it, pull it) it asks the Engine API through bollard before the
 //! unit starts, and `--pull never` keeps the unit itself from ever pulling.
 
-use crate::apply::write_private;
 use crate::containers::{ContainerRuntime, RegistryAuth};
+use crate::files::write_private;
 use crate::modes::{parse_published, valid_image_ref, ModeContainer, ModeTable, Proto};
 use crate::paths::Paths;
 use crate::services::{DEFAULT_DB_NAME, DEFAULT_DB_USER};
@@ -316,11 +316,7 @@ pub struct BringUp {
 
 /// Credentials of `AIWARE_REGISTRY` for an image it serves.
 fn auth_for(image: &str, s: &Settings) -> Option<RegistryAuth> {
-    let reg = s.get("AIWARE_REGISTRY")?;
-    let host = reg
-        .trim_start_matches("https://")
-        .trim_start_matches("http://")
-        .trim_end_matches('/');
+    let (host, _) = crate::registry_trust::parse_registry(s.get("AIWARE_REGISTRY")?).ok()?;
     image
         .starts_with(&format!("{host}/"))
         .then(|| RegistryAuth {

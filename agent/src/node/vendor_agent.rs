@@ -4,7 +4,7 @@
 //! baked by the builder), and does not register with the controller itself.
 //! The vendor agent runs the aiWARE containers then, as it does on any host.
 
-use crate::apply::write_private;
+use crate::files::write_private;
 use crate::paths::Paths;
 use crate::settings::Settings;
 use crate::systemd::UnitControl;

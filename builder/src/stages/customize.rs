@@ -241,7 +241,7 @@ pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slo
     let mut k = KeyBuilder::new("customize");
     k.key("rootfs", &rootfs.key)
         // Bump when make() changes what it produces from the same inputs.
-        .field("recipe", "7")
+        .field("recipe", "8")
         .field("overlay-context", &overlay_context(ctx).to_string())
         .list("overlays", &p.overlays)
         .field("image-version", &ctx.opts.image_version)
@@ -542,27 +542,50 @@ fn clear_per_machine_state(tree: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The image's CA bundle, as ca-certificates made it at build time.
-pub const IMAGE_CA_BUNDLE: &str = "usr/share/aiwimg/ca-certificates.crt";
+/// Moves the image's own copy of a file the launch data may change to
+/// `kept` (an absolute path on the node) and links `file` to `run`.
+/// Nothing to do when `file` is already a link (the tree done before).
+fn keep_and_link_into_run(tree: &Path, file: &str, kept: &str, run: &str) -> Result<()> {
+    let path = tree.join(file);
+    let meta =
+        std::fs::symlink_metadata(&path).with_context(|| format!("the image has no /{file}"))?;
+    if meta.is_file() {
+        let kept = tree.join(kept.trim_start_matches('/'));
+        std::fs::create_dir_all(kept.parent().unwrap())?;
+        std::fs::rename(&path, &kept)?;
+        std::os::unix::fs::symlink(run, &path)?;
+    }
+    Ok(())
+}
 
 /// Files of the read-only /etc that cloud-config sets per node become links
 /// into /run, where the agent writes them at boot; tmpfiles.d
 /// (overlays/base/usr/lib/tmpfiles.d/aiware.conf) points each at the image's
 /// own default first, so the node is whole before the agent runs or without
 /// it. `/etc/localtime` is a link in the base overlay (timezone); here:
-/// - the CA bundle (`ca_certs`): moved to [`IMAGE_CA_BUNDLE`], its path a link
-///   to /run/aiware/ca-certificates.crt;
+/// - the CA bundle (`ca_certs`): moved to the agent's `IMAGE_CA_BUNDLE`, its
+///   path a link to /run/aiware/ca-certificates.crt;
+/// - Docker's daemon.json (the trusted registries, `aiw_agent::registry_trust`):
+///   moved to `IMAGE_DAEMON_JSON`, its path a link to /run/aiware/docker-daemon.json;
 /// - `/home` (`users`): a link to /var/home, as on Fedora CoreOS and Flatcar,
 ///   so a user's home is persistent and at the path cloud-init gives it.
 fn point_launch_configured_files_at_run(tree: &Path) -> Result<()> {
-    let bundle = tree.join("etc/ssl/certs/ca-certificates.crt");
-    let meta = std::fs::symlink_metadata(&bundle)
-        .context("the image has no /etc/ssl/certs/ca-certificates.crt (package ca-certificates)")?;
-    if meta.is_file() {
-        let kept = tree.join(IMAGE_CA_BUNDLE);
-        std::fs::create_dir_all(kept.parent().unwrap())?;
-        std::fs::rename(&bundle, &kept)?;
-        std::os::unix::fs::symlink("/run/aiware/ca-certificates.crt", &bundle)?;
+    use aiw_agent::{os_config, registry_trust};
+    keep_and_link_into_run(
+        tree,
+        "etc/ssl/certs/ca-certificates.crt",
+        os_config::IMAGE_CA_BUNDLE,
+        os_config::CA_BUNDLE,
+    )
+    .context("package ca-certificates")?;
+    if tree.join("usr/bin/dockerd").exists() || tree.join("etc/docker/daemon.json").exists() {
+        keep_and_link_into_run(
+            tree,
+            "etc/docker/daemon.json",
+            registry_trust::IMAGE_DAEMON_JSON,
+            registry_trust::DAEMON_JSON,
+        )
+        .context("the base overlay's Docker settings")?;
     }
     let home = tree.join("home");
     if std::fs::symlink_metadata(&home).is_ok_and(|m| m.is_dir()) {
@@ -895,6 +918,7 @@ checksum = "dd"
         let d = tempfile::tempdir().unwrap();
         let t = d.path();
         put(t, "etc/ssl/certs/ca-certificates.crt", "BUNDLE");
+        put(t, "etc/docker/daemon.json", "{}");
         put(
             t,
             "etc/sudoers.d/50-aiwimg",
@@ -907,10 +931,13 @@ checksum = "dd"
             link("etc/ssl/certs/ca-certificates.crt"),
             Path::new("/run/aiware/ca-certificates.crt")
         );
+        let kept = |p: &str| std::fs::read_to_string(t.join(p.trim_start_matches('/'))).unwrap();
+        assert_eq!(kept(aiw_agent::os_config::IMAGE_CA_BUNDLE), "BUNDLE");
         assert_eq!(
-            std::fs::read_to_string(t.join(IMAGE_CA_BUNDLE)).unwrap(),
-            "BUNDLE"
+            link("etc/docker/daemon.json"),
+            Path::new(aiw_agent::registry_trust::DAEMON_JSON)
         );
+        assert_eq!(kept(aiw_agent::registry_trust::IMAGE_DAEMON_JSON), "{}");
         assert_eq!(link("home"), Path::new("var/home"));
         let mode = std::fs::metadata(t.join("etc/sudoers.d/50-aiwimg"))
             .unwrap()
