@@ -264,10 +264,11 @@ impl Applier<'_> {
         // Checked again here: this runs for invalid settings too (where
         // `settings::validate` already refused the launch), and any invalid
         // user leaves them all out, as one bad entry may be a typo of another.
-        let bad = crate::users::validate(&s.users);
-        if bad.is_empty() {
+        let bad = crate::users::validate(&s.users).len()
+            + crate::users::validate_groups(&s.groups, &s.users).len();
+        if bad == 0 {
             let (done, problems) =
-                crate::users::apply(&s.users, &self.paths.at("/"), self.real_system);
+                crate::users::apply(&s.users, &s.groups, &self.paths.at("/"), self.real_system);
             done.iter().for_each(|d| crate::log::info(d));
             errs.extend(problems);
         }

@@ -93,7 +93,7 @@ fn registry_files(s: &Settings) -> Result<Vec<ConfigFile>, String> {
             )
         }
     };
-    let (cert_pem, whence) = crate::tls::pem_value(cert, "certificate")?;
+    let (cert_pem, whence) = crate::tls::pem_value(cert, "certificate", &s.write_files)?;
     match crate::tls::parse_pem(&cert_pem) {
         Ok(c) if !c.is_empty() => {}
         _ => {
@@ -102,7 +102,7 @@ fn registry_files(s: &Settings) -> Result<Vec<ConfigFile>, String> {
             ))
         }
     }
-    let (key_pem, whence) = crate::tls::pem_value(key, "private key")?;
+    let (key_pem, whence) = crate::tls::pem_value(key, "private key", &s.write_files)?;
     if !crate::tls::holds_private_key(&key_pem) {
         return Err(format!(
             "AIWARE_REGISTRY_KEY: {whence} holds no PEM private key"
@@ -710,6 +710,20 @@ mod tests {
             ("AIWARE_REGISTRY_KEY", k.to_str().unwrap()),
         ]);
         assert_eq!(registry_files(&from_files).unwrap().len(), 3);
+        // From write_files of the same launch, not on disk yet at the check.
+        let mut first_boot = settings(&[
+            ("AIWARE_REGISTRY_CERT", "/var/lib/aiware/tls/registry.crt"),
+            ("AIWARE_REGISTRY_KEY", "/var/lib/aiware/tls/registry.key"),
+        ]);
+        for (path, text) in [("registry.crt", &cert), ("registry.key", &key)] {
+            first_boot.write_files.push(crate::userdata::WriteFile {
+                path: format!("/var/lib/aiware/tls/{path}"),
+                content: text.as_bytes().to_vec(),
+                permissions: 0o600,
+                append: false,
+            });
+        }
+        assert!(validate(&first_boot, &["registry".into()]).is_empty());
     }
 
     #[test]

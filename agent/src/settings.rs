@@ -151,6 +151,9 @@ pub struct Settings {
     /// cloud-config `users`: accounts in /run/userdb, homes on /var.
     #[serde(default)]
     pub users: Vec<crate::users::User>,
+    /// cloud-config `groups`: groups in /run/userdb and their members.
+    #[serde(default)]
+    pub groups: Vec<crate::users::Group>,
     /// cloud-config `ntp`, `timezone`, `ca_certs` ([`crate::os_config`]).
     #[serde(default)]
     pub ntp: Option<crate::os_config::Ntp>,
@@ -188,6 +191,7 @@ impl Settings {
             swap: u.swap,
             storage: u.storage,
             users: u.users,
+            groups: u.groups,
             ntp: u.ntp,
             timezone: u.timezone,
             ca_certs: u.ca_certs,
@@ -268,6 +272,7 @@ impl Settings {
             "swap": self.swap,
             "storage": self.storage,
             "users": self.users.iter().map(|u| json!({"name": u.name, "groups": u.groups, "sudo": !u.sudo.is_empty(), "ssh_authorized_keys": u.ssh_authorized_keys.len()})).collect::<Vec<_>>(),
+            "groups": self.groups,
             "ntp": self.ntp,
             "timezone": self.timezone,
             "ca_certs": self.ca_certs.as_ref().map(|c| json!({"trusted": c.trusted.len(), "remove_defaults": c.remove_defaults})),
@@ -358,7 +363,7 @@ pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
             errs.push(format!("AIWARE_CONTROLLER={shown}: {e}"));
         }
         if let Some(ca) = s.get("AIWARE_CONTROLLER_CA") {
-            if let Err(e) = crate::tls::controller_ca(ca) {
+            if let Err(e) = crate::tls::controller_ca(ca, &s.write_files) {
                 errs.push(format!("AIWARE_CONTROLLER_CA: {e}"));
             } else if !url.starts_with("https://") {
                 errs.push(format!(
@@ -443,6 +448,7 @@ pub fn validate(s: &Settings, ctx: &ImageContext) -> Vec<String> {
     }
     errs.extend(crate::storage::validate(&s.storage));
     errs.extend(crate::users::validate(&s.users));
+    errs.extend(crate::users::validate_groups(&s.groups, &s.users));
     errs.extend(crate::os_config::validate(
         s.ntp.as_ref(),
         s.timezone.as_deref(),

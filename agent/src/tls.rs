@@ -16,8 +16,11 @@ use std::sync::Arc;
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// The certificates of `AIWARE_CONTROLLER_CA`: PEM text, or a file path.
-pub fn controller_ca(value: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let (text, whence) = pem_value(value, "CA")?;
+pub fn controller_ca(
+    value: &str,
+    written: &[crate::userdata::WriteFile],
+) -> Result<Vec<CertificateDer<'static>>, String> {
+    let (text, whence) = pem_value(value, "CA", written)?;
     let certs = parse_pem(&text).map_err(|e| format!("{whence} is not PEM certificates: {e}"))?;
     if certs.is_empty() {
         return Err(format!(
@@ -28,10 +31,19 @@ pub fn controller_ca(value: &str) -> Result<Vec<CertificateDer<'static>>, String
 }
 
 /// A setting that holds PEM: the text itself, or the absolute path of a
-/// file (e.g. one written by `write_files`). Returns the bytes and where
-/// they came from, for messages (never the bytes themselves: keys).
-pub fn pem_value(value: &str, what: &str) -> Result<(Vec<u8>, String), String> {
+/// file. A path the same launch's `write_files` writes is read from there:
+/// settings are checked before the files are written at a first boot.
+/// Returns the bytes and where they came from, for messages (never the
+/// bytes themselves: keys).
+pub fn pem_value(
+    value: &str,
+    what: &str,
+    written: &[crate::userdata::WriteFile],
+) -> Result<(Vec<u8>, String), String> {
     let v = value.trim();
+    if let Some(f) = written.iter().rev().find(|f| f.path == v && !f.append) {
+        return Ok((f.content.clone(), format!("write_files' {v}")));
+    }
     if v.starts_with('/') && !v.contains('\n') {
         let t = std::fs::read(v).map_err(|e| format!("cannot read the {what} file {v}: {e}"))?;
         Ok((t, format!("the file {v}")))
@@ -89,20 +101,20 @@ mod tests {
             .self_signed(&key)
             .unwrap();
         let pem = ca.pem();
-        assert_eq!(controller_ca(&pem).unwrap().len(), 1);
+        assert_eq!(controller_ca(&pem, &[]).unwrap().len(), 1);
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("ca.pem");
         std::fs::write(&f, format!("{pem}{pem}")).unwrap();
-        assert_eq!(controller_ca(f.to_str().unwrap()).unwrap().len(), 2);
-        let e = controller_ca("/nonexistent/ca.pem").unwrap_err();
+        assert_eq!(controller_ca(f.to_str().unwrap(), &[]).unwrap().len(), 2);
+        let e = controller_ca("/nonexistent/ca.pem", &[]).unwrap_err();
         assert!(
             e.contains("cannot read the CA file /nonexistent/ca.pem"),
             "{e}"
         );
-        let e = controller_ca("hello").unwrap_err();
+        let e = controller_ca("hello", &[]).unwrap_err();
         assert!(e.contains("holds no certificate"), "{e}");
         let broken = pem.replace("-----END CERTIFICATE-----", "");
-        assert!(controller_ca(&broken).is_err());
-        assert!(client_config(&controller_ca(&pem).unwrap()).is_ok());
+        assert!(controller_ca(&broken, &[]).is_err());
+        assert!(client_config(&controller_ca(&pem, &[]).unwrap()).is_ok());
     }
 }

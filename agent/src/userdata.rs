@@ -31,6 +31,9 @@ pub struct UserData {
     /// cloud-config `users`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<crate::users::User>,
+    /// cloud-config `groups`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<crate::users::Group>,
     /// cloud-config `ntp`, `timezone`, `ca_certs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ntp: Option<crate::os_config::Ntp>,
@@ -468,6 +471,9 @@ fn take_document(doc: &Value, out: &mut UserData, what: &str) -> Result<(), Pars
                 let u = crate::users::parse_users(val, what, &mut out.warnings).map_err(perr)?;
                 out.users.extend(u);
             }
+            "groups" => out
+                .groups
+                .extend(crate::users::parse_groups(val, what).map_err(perr)?),
             "ntp" => {
                 out.ntp =
                     Some(crate::os_config::parse_ntp(val, what, &mut out.warnings).map_err(perr)?)
@@ -522,6 +528,10 @@ fn commands_refused(key: &str, val: &Value, what: &str) -> Vec<String> {
             "swap (or fs_setup with filesystem: swap)",
         ),
         (&["useradd", "adduser", "usermod"], "users"),
+        (
+            &["groupadd", "addgroup", "gpasswd"],
+            "groups (members) or users (their groups)",
+        ),
         (&["timedatectl", "ln"], "timezone (or ntp)"),
         (&["update-ca-certificates"], "ca_certs"),
         (&["hostnamectl", "hostname"], "hostname"),

@@ -52,10 +52,76 @@ impl User {
     }
 }
 
+/// A group of cloud-config's top-level `groups`, with the accounts to put
+/// in it (users of `users` or of the image, e.g. `root`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+}
+
+/// Parses cloud-config `groups` in cloud-init's forms: `groups: a, b`,
+/// `groups: [a, {b: [root, ops]}]` or `groups: {a: null, b: [root]}`.
+pub fn parse_groups(v: &Value, what: &str) -> Result<Vec<Group>, String> {
+    let members = |name: &str, m: &Value| -> Result<Group, String> {
+        let list = crate::cloud_values::string_list(Some(m), &format!("{what}: groups.{name}"))?;
+        Ok(Group {
+            name: name.to_string(),
+            members: list
+                .iter()
+                .flat_map(|s| s.split(','))
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        })
+    };
+    let from_map = |m: &serde_json::Map<String, Value>| -> Result<Vec<Group>, String> {
+        m.iter().map(|(k, v)| members(k, v)).collect()
+    };
+    let names = |s: &str| -> Vec<Group> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| Group {
+                name: n.to_string(),
+                members: Vec::new(),
+            })
+            .collect()
+    };
+    match v {
+        Value::Null => Ok(Vec::new()),
+        Value::String(s) => Ok(names(s)),
+        Value::Object(m) => from_map(m),
+        Value::Array(items) => {
+            let mut out = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(s) => out.extend(names(s)),
+                    Value::Object(m) => out.extend(from_map(m)?),
+                    _ => {
+                        return Err(format!(
+                            "{what}: groups[{i}] must be a name or {{name: [members]}}"
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        }
+        _ => Err(format!(
+            "{what}: groups must be a list of names or {{name: [members]}}"
+        )),
+    }
+}
+
 /// The first UID (and GID) of the accounts made here, as Debian's adduser.
 const FIRST_UID: u32 = 1000;
 const LAST_UID: u32 = 59999;
 const DEFAULT_SHELL: &str = "/bin/bash";
+/// Groups made here take a number from their name (the same on every boot
+/// and every node, whatever else the launch holds), from the top of the
+/// regular range where users, counted up from 1000, do not reach.
+const GROUP_GIDS: std::ops::Range<u32> = 50000..60000;
 /// Where the records go; nss-systemd reads them (no daemon needed).
 pub const USERDB_DIR: &str = "/run/userdb";
 pub const SUDOERS_DIR: &str = "/run/aiware/sudoers.d";
@@ -191,6 +257,32 @@ fn valid_name(n: &str) -> bool {
         && (b[0].is_ascii_lowercase() || b[0] == b'_')
         && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+/// Problems that stop the groups being made (checked with the other settings).
+pub fn validate_groups(groups: &[Group], users: &[User]) -> Vec<String> {
+    let mut errs = Vec::new();
+    for g in groups {
+        if !valid_name(&g.name) {
+            errs.push(format!(
+                "groups: {:?} is not a group name (lower-case letters, digits, '_' and '-', \
+                 starting with a letter, at most 32)",
+                g.name
+            ));
+        } else if users.iter().any(|u| u.name == g.name) {
+            errs.push(format!(
+                "groups: {} is a user of `users`, whose own group has that name already",
+                g.name
+            ));
+        }
+        for m in g.members.iter().filter(|m| !valid_name(m)) {
+            errs.push(format!(
+                "groups: {}: member {m:?} is not a user name",
+                g.name
+            ));
+        }
+    }
+    errs
 }
 
 /// Problems that stop the users being made (checked with the other settings).
@@ -381,7 +473,12 @@ pub fn user_record(a: &Account, shell_exists: impl Fn(&str) -> bool) -> Value {
 
 /// Writes the records, sudo rules, homes and keys. Returns what was done and
 /// the problems met; `chown` is false in tests run without privileges.
-pub fn apply(users: &[User], root: &Path, chown: bool) -> (Vec<String>, Vec<String>) {
+pub fn apply(
+    users: &[User],
+    groups: &[Group],
+    root: &Path,
+    chown: bool,
+) -> (Vec<String>, Vec<String>) {
     let mut done = Vec::new();
     let mut problems = Vec::new();
     let userdb = root.join(USERDB_DIR.trim_start_matches('/'));
@@ -394,17 +491,67 @@ pub fn apply(users: &[User], root: &Path, chown: bool) -> (Vec<String>, Vec<Stri
             }
         }
     }
-    if users.is_empty() {
+    if users.is_empty() && groups.is_empty() {
         return (done, problems);
     }
     let accounts = match assign_uids(users, root, chown) {
         Ok(a) => a,
         Err(e) => return (done, vec![e]),
     };
-    let known_groups: BTreeSet<String> = etc_entries(root, "group")
+    let image_groups = etc_entries(root, "group");
+    // Groups named in `groups`, and those a user is put in that nothing
+    // has (cloud-init makes those too), that the image does not have.
+    let mut new_groups: Vec<Group> = Vec::new();
+    let wanted = groups.iter().cloned().chain(users.iter().flat_map(|u| {
+        u.groups.iter().map(|g| Group {
+            name: g.clone(),
+            members: Vec::new(),
+        })
+    }));
+    for g in wanted {
+        if image_groups.iter().any(|(n, _)| *n == g.name) || users.iter().any(|u| u.name == g.name)
+        {
+            continue;
+        }
+        match new_groups.iter_mut().find(|n| n.name == g.name) {
+            Some(n) => n.members.extend(g.members),
+            None => new_groups.push(g),
+        }
+    }
+    let mut taken: BTreeSet<u32> = etc_entries(root, "passwd")
+        .iter()
+        .chain(&image_groups)
+        .map(|(_, n)| *n)
+        .chain(accounts.iter().map(|a| a.uid))
+        .collect();
+    for g in &new_groups {
+        match write_group(g, group_gid(&g.name, &mut taken), &userdb) {
+            Ok(d) => done.push(d),
+            Err(e) => problems.push(format!("groups: {}: {e}", g.name)),
+        }
+    }
+    // Members named by `groups` (users listing the group in their own
+    // `groups` are written with them), of every group, new or the image's.
+    let accounts_known = |m: &str| {
+        users.iter().any(|u| u.name == m) || etc_entries(root, "passwd").iter().any(|(n, _)| n == m)
+    };
+    for g in groups {
+        for m in &g.members {
+            if !accounts_known(m) {
+                problems.push(format!(
+                    "groups: {}: {m} is neither a user of `users` nor of the image",
+                    g.name
+                ));
+            } else if let Err(e) = write_membership(&userdb, m, &g.name) {
+                problems.push(format!("groups: {}: {e}", g.name));
+            }
+        }
+    }
+    let known_groups: BTreeSet<String> = image_groups
         .into_iter()
         .map(|(n, _)| n)
         .chain(users.iter().map(|u| u.name.clone()))
+        .chain(new_groups.iter().map(|g| g.name.clone()))
         .collect();
     for a in &accounts {
         match write_account(a, root, &userdb, &sudoers, &known_groups, chown) {
@@ -413,6 +560,64 @@ pub fn apply(users: &[User], root: &Path, chown: bool) -> (Vec<String>, Vec<Stri
         }
     }
     (done, problems)
+}
+
+/// A group's number: from its name (FNV-1a), the next free one on a collision.
+fn group_gid(name: &str, taken: &mut BTreeSet<u32>) -> u32 {
+    let hash = name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let span = GROUP_GIDS.end - GROUP_GIDS.start;
+    let mut gid = GROUP_GIDS.start + hash % span;
+    while taken.contains(&gid) {
+        gid = GROUP_GIDS.start + (gid - GROUP_GIDS.start + 1) % span;
+    }
+    taken.insert(gid);
+    gid
+}
+
+/// Readable by everyone, as /etc/passwd is: each process resolves names
+/// itself (nss-systemd reads the files in the caller). The agent's umask is
+/// 0077, so modes are set, not asked for.
+fn userdb_dir(userdb: &Path) -> Result<(), String> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .create(userdb)
+        .and_then(|()| std::fs::set_permissions(userdb, std::fs::Permissions::from_mode(0o755)))
+        .map_err(|e| format!("cannot create /run/userdb: {e}"))
+}
+
+fn put_record(userdb: &Path, file: &str, body: &Value) -> Result<(), String> {
+    let p = userdb.join(file);
+    std::fs::write(&p, body.to_string() + "\n")
+        .and_then(|()| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)))
+        .map_err(|e| format!("writing {file}: {e}"))
+}
+
+fn link_record(userdb: &Path, file: &str, to: &str) -> Result<(), String> {
+    let p = userdb.join(file);
+    let _ = std::fs::remove_file(&p);
+    std::os::unix::fs::symlink(to, p).map_err(|e| format!("linking {file}: {e}"))
+}
+
+/// Not empty: systemd reads an empty drop-in as masked, and the membership
+/// would be skipped.
+fn write_membership(userdb: &Path, user: &str, group: &str) -> Result<(), String> {
+    userdb_dir(userdb)?;
+    let m = serde_json::json!({"userName": user, "groupName": group});
+    put_record(userdb, &format!("{user}:{group}.membership"), &m)
+}
+
+fn write_group(g: &Group, gid: u32, userdb: &Path) -> Result<String, String> {
+    userdb_dir(userdb)?;
+    let record = serde_json::json!({"groupName": g.name, "gid": gid, "disposition": "regular"});
+    put_record(userdb, &format!("{}.group", g.name), &record)?;
+    link_record(
+        userdb,
+        &format!("{gid}.group"),
+        &format!("{}.group", g.name),
+    )?;
+    Ok(format!("groups: {} (gid {gid})", g.name))
 }
 
 fn write_account(
@@ -425,39 +630,25 @@ fn write_account(
 ) -> Result<String, String> {
     let u = &a.user;
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
-    // Readable by everyone, as /etc/passwd is: each process resolves names
-    // itself (nss-systemd reads the files in the caller). The agent's umask
-    // is 0077, so modes are set, not asked for.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .create(userdb)
-        .and_then(|()| std::fs::set_permissions(userdb, std::fs::Permissions::from_mode(0o755)))
-        .map_err(|e| io("cannot create /run/userdb", e))?;
+    userdb_dir(userdb)?;
     let exists = |p: &str| root.join(p.trim_start_matches('/')).is_file();
-    let record = user_record(a, exists);
-    let put = |file: String, body: String| {
-        let p = userdb.join(&file);
-        std::fs::write(&p, body)
-            .and_then(|()| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)))
-            .map_err(|e| io(&format!("writing {file}"), e))
-    };
-    let link = |file: String, to: String| {
-        let p = userdb.join(&file);
-        let _ = std::fs::remove_file(&p);
-        std::os::unix::fs::symlink(to, p).map_err(|e| io(&format!("linking {file}"), e))
-    };
-    put(format!("{}.user", u.name), record.to_string() + "\n")?;
-    link(format!("{}.user", a.uid), format!("{}.user", u.name))?;
+    put_record(userdb, &format!("{}.user", u.name), &user_record(a, exists))?;
+    link_record(
+        userdb,
+        &format!("{}.user", a.uid),
+        &format!("{}.user", u.name),
+    )?;
     let group = serde_json::json!({"groupName": u.name, "gid": a.uid, "disposition": "regular"});
-    put(format!("{}.group", u.name), group.to_string() + "\n")?;
-    link(format!("{}.group", a.uid), format!("{}.group", u.name))?;
+    put_record(userdb, &format!("{}.group", u.name), &group)?;
+    link_record(
+        userdb,
+        &format!("{}.group", a.uid),
+        &format!("{}.group", u.name),
+    )?;
     let mut missing = Vec::new();
     for g in &u.groups {
         if known_groups.contains(g) {
-            // Not empty: systemd reads an empty drop-in as masked, and the
-            // membership would be skipped.
-            let m = serde_json::json!({"userName": u.name, "groupName": g});
-            put(format!("{}:{g}.membership", u.name), m.to_string() + "\n")?;
+            write_membership(userdb, &u.name, g)?;
         } else {
             missing.push(g.as_str());
         }
@@ -638,7 +829,7 @@ mod tests {
         system(root);
         let mut w = Vec::new();
         let users = parse_users(&yaml(DOC), "c", &mut w).unwrap();
-        let (done, problems) = apply(&users, root, false);
+        let (done, problems) = apply(&users, &[], root, false);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(done.len(), 4, "{done:?}");
         let db = root.join("run/userdb");
@@ -700,7 +891,7 @@ mod tests {
         )
         .unwrap();
         std::fs::remove_dir_all(root.join("run")).unwrap();
-        let (done, problems) = apply(&users, root, false);
+        let (done, problems) = apply(&users, &[], root, false);
         assert!(problems.is_empty(), "{problems:?}");
         assert!(
             done[0].contains("home /home/ops kept") && done[0].contains("0 of 1 keys added"),
@@ -708,9 +899,64 @@ mod tests {
         );
         assert!(std::fs::read_to_string(&keys).unwrap().contains("mine"));
         // Dropped from the launch data: its records go (its home stays).
-        let (_, problems) = apply(&users[..1], root, false);
+        let (_, problems) = apply(&users[..1], &[], root, false);
         assert!(problems.is_empty());
         assert!(!db.join("audit.user").exists() && root.join("home/audit").is_dir());
+    }
+
+    #[test]
+    fn groups_get_numbers_from_their_names_and_their_members() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        system(root);
+        let mut w = Vec::new();
+        let users = parse_users(
+            &yaml("- name: ops\n  groups: [docker, night-shift]\n"),
+            "c",
+            &mut w,
+        )
+        .unwrap();
+        let groups = parse_groups(
+            &yaml("- admins: [root, ops]\n- cloud-users\n- docker: ops"),
+            "c",
+        )
+        .unwrap();
+        assert_eq!(groups.len(), 3);
+        assert_eq!(groups[0].members, ["root", "ops"]);
+        let (done, problems) = apply(&users, &groups, root, false);
+        assert!(problems.is_empty(), "{problems:?}");
+        let db = root.join("run/userdb");
+        let gid = |g: &str| -> u64 {
+            let r: Value = serde_json::from_str(
+                &std::fs::read_to_string(db.join(format!("{g}.group"))).unwrap(),
+            )
+            .unwrap();
+            r["gid"].as_u64().unwrap()
+        };
+        // The image's docker is not made again; the user's unknown group is
+        // made, as cloud-init does.
+        assert!(!db.join("docker.group").exists());
+        let made: Vec<u64> = ["admins", "cloud-users", "night-shift"].map(gid).to_vec();
+        assert!(made.iter().all(|g| (50000..60000).contains(g)), "{made:?}");
+        assert!(
+            done.iter().any(|d| d.starts_with("groups: admins (gid 5")),
+            "{done:?}"
+        );
+        for m in ["root:admins", "ops:admins", "ops:docker", "ops:night-shift"] {
+            assert!(db.join(format!("{m}.membership")).is_file(), "{m}");
+        }
+        // The same number whatever else the launch holds.
+        std::fs::remove_dir_all(root.join("run")).unwrap();
+        let (_, problems) = apply(&users, &groups[..1], root, false);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(gid("admins"), made[0]);
+        // A member nobody knows, a group named like a user: said, not made.
+        let odd = parse_groups(&yaml("{auditors: [ghost]}"), "c").unwrap();
+        let (_, problems) = apply(&[], &odd, root, false);
+        assert!(problems[0].contains("ghost is neither"), "{problems:?}");
+        let clash = parse_groups(&yaml("[ops]"), "c").unwrap();
+        assert!(validate_groups(&clash, &users)[0].contains("user of `users`"));
+        assert!(parse_groups(&yaml("[[x]]"), "c").is_err());
     }
 
     #[test]
@@ -750,7 +996,7 @@ mod tests {
                 name: n.into(),
                 ..User::default()
             }];
-            let (_, problems) = apply(&u, d.path(), false);
+            let (_, problems) = apply(&u, &[], d.path(), false);
             assert!(
                 problems.len() == 1 && problems[0].contains(n),
                 "{problems:?}"
@@ -762,6 +1008,6 @@ mod tests {
             uid: Some(1000),
             ..User::default()
         }];
-        assert!(apply(&u, d.path(), false).1[0].contains("uid 1000 is used"));
+        assert!(apply(&u, &[], d.path(), false).1[0].contains("uid 1000 is used"));
     }
 }

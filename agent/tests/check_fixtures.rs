@@ -157,6 +157,10 @@ fn odd_input_gets_warnings_that_say_what_happens() {
         serde_json::json!(["docker", "adm"])
     );
     assert_eq!(s["users"][1]["sudo"], true);
+    assert_eq!(
+        s["groups"],
+        serde_json::json!([{"name": "night-shift", "members": ["ops", "audit"]}, {"name": "cloud-users"}])
+    );
     assert_eq!(s["timezone"], "Europe/Berlin");
     assert_eq!(
         s["ntp"]["servers"],

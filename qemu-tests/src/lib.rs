@@ -29,6 +29,7 @@ pub mod node;
 pub mod process;
 pub mod seed;
 pub mod ssh;
+pub mod test_ca;
 pub mod test_images;
 pub mod test_repo;
 pub mod tls_front;

@@ -17,13 +17,23 @@ pub struct LocalRegistry {
     child: Child,
     dir: PathBuf,
     /// `127.0.0.1:PORT`: the host part of references, and what the builder's
-    /// `--insecure-registry` names (it speaks plain HTTP).
+    /// `--insecure-registry` names (when it speaks plain HTTP).
     pub addr: String,
 }
 
 impl LocalRegistry {
-    /// Starts a registry with its storage under `dir` (emptied first).
+    /// Starts a registry with its storage under `dir` (emptied first),
+    /// speaking plain HTTP.
     pub fn start(dir: &Path) -> Result<LocalRegistry> {
+        Self::start_serving(dir, None)
+    }
+
+    /// The same, serving TLS with `issued` (a certificate of a test CA).
+    pub fn start_tls(dir: &Path, issued: &crate::test_ca::Issued) -> Result<LocalRegistry> {
+        Self::start_serving(dir, Some(issued))
+    }
+
+    fn start_serving(dir: &Path, tls: Option<&crate::test_ca::Issued>) -> Result<LocalRegistry> {
         let bin = "docker-registry";
         if !crate::process::on_path(bin) {
             bail!("{bin} is not installed: run builder/setup-host.sh --tests");
@@ -33,14 +43,22 @@ impl LocalRegistry {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: {addr}\n",
-                dir.join("data").display()
-            ),
-        )?;
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {addr}\n",
+            dir.join("data").display()
+        );
+        if let Some(i) = tls {
+            let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+            std::fs::write(&cert, &i.cert_pem)?;
+            std::fs::write(&key, &i.key_pem)?;
+            text.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+        std::fs::write(&config, text)?;
         let log = std::fs::File::create(dir.join("registry.log"))?;
         let child = Command::new(bin)
             .arg("serve")
@@ -73,7 +91,11 @@ impl LocalRegistry {
                 write!(s, "GET /v2/ HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr)?;
                 let mut head = String::new();
                 let _ = s.read_to_string(&mut head);
-                if head.starts_with("HTTP/1.") && head.split_whitespace().nth(1) == Some("200") {
+                let status = head.split_whitespace().nth(1);
+                // A TLS registry answers plain HTTP with 400 ("Client sent
+                // an HTTP request to an HTTPS server"): it listens.
+                let tls_up = status == Some("400") && head.contains("HTTPS server");
+                if head.starts_with("HTTP/1.") && (status == Some("200") || tls_up) {
                     return Ok(());
                 }
             }
@@ -85,7 +107,8 @@ impl LocalRegistry {
     }
 
     /// Pushes a docker-save archive as `NAME:TAG` on this registry; returns
-    /// the manifest digest the registry stored (`sha256:…`).
+    /// the manifest digest the registry stored (`sha256:…`). Without TLS
+    /// verification: the host side of a test, the registry its own.
     pub fn push_archive(&self, archive: &Path, name_tag: &str) -> Result<String> {
         let digest_file = self.dir.join("pushed.digest");
         let _ = std::fs::remove_file(&digest_file);

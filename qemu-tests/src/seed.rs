@@ -70,6 +70,16 @@ impl UserData {
 }
 
 /// A double-quoted YAML scalar (JSON string syntax is valid YAML).
+/// cloud-config `ca_certs` trusting `ca_pem` (a test's cluster CA).
+pub fn ca_certs_yaml(ca_pem: &str) -> String {
+    let ca: String = ca_pem
+        .trim()
+        .lines()
+        .map(|l| format!("      {l}\n"))
+        .collect();
+    format!("ca_certs:\n  trusted:\n    - |\n{ca}")
+}
+
 fn yaml_str(s: &str) -> String {
     serde_json::to_string(s).expect("strings serialize")
 }

@@ -6,6 +6,7 @@
 //! and `Content-Length` body), passed to the upstream, and its answer (the
 //! test controller closes after one) sent back. Listens on loopback only.
 
+use crate::test_ca::TestCa;
 use anyhow::{Context, Result};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::io::{Read, Write};
@@ -23,23 +24,14 @@ impl TlsFront {
     /// certificate for `names` (IP addresses or DNS names, as the client
     /// will dial them) signed by a fresh CA.
     pub fn start(upstream: SocketAddr, names: &[&str]) -> Result<TlsFront> {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-        let ca_key = KeyPair::generate()?;
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "aiwimg test CA (TEST DOUBLE)");
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_cert = ca.self_signed(&ca_key)?;
-        let leaf_key = KeyPair::generate()?;
-        let mut leaf =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
-        leaf.distinguished_name
-            .push(DnType::CommonName, "edge-test-controller (TEST DOUBLE)");
-        let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key)?;
+        Self::start_with_ca(upstream, names, &TestCa::new()?)
+    }
 
-        let chain = vec![CertificateDer::from(leaf_cert.der().to_vec())];
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    /// The same, with a certificate from `ca` (the cluster's CA of a test).
+    pub fn start_with_ca(upstream: SocketAddr, names: &[&str], ca: &TestCa) -> Result<TlsFront> {
+        let leaf = ca.issue(names, "edge-test-controller (TEST DOUBLE)")?;
+        let chain = vec![CertificateDer::from(leaf.cert_der)];
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_der));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
@@ -60,7 +52,7 @@ impl TlsFront {
         });
         Ok(TlsFront {
             addr,
-            ca_pem: ca_cert.pem(),
+            ca_pem: ca.pem(),
         })
     }
 

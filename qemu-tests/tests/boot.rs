@@ -17,10 +17,13 @@ use qemu_tests::docker_archive::{
     hello_image_archive, task_image_archive, HELLO_LINE, HELLO_TAG, TASK_BUSYBOX, TASK_TAG,
 };
 use qemu_tests::edge_controller::{container_of, launch_ids, EdgeTestController, LAUNCH_LABEL};
+use qemu_tests::local_registry::LocalRegistry;
 use qemu_tests::node::{
     controller_url_in_guest, joining_user_data, mode_list, node_vm, sorted_modes, start_controller,
     wait_for_hosts, CONTROLLER_GUEST_ADDR, TEST_INIT_TOKEN, TEST_LICENSE,
 };
+use qemu_tests::seed::ca_certs_yaml;
+use qemu_tests::test_ca::TestCa;
 use qemu_tests::test_images::{image_for, TestImage};
 use qemu_tests::tls_front::TlsFront;
 use qemu_tests::update_server::{
@@ -1308,6 +1311,11 @@ fn data_disk_in_place(vm: &Vm, dl: &Deadline) -> Result<()> {
 /// `timezone`, and a controller over https trusted through `ca_certs` only.
 /// A reboot changes nothing; the same disks launched as another instance
 /// with another layout keep every byte it does not name.
+///
+/// Registry trust (issue 15 §5) on the same boots: Docker pulls over TLS
+/// from a registry whose certificate comes from the CA given in `ca_certs`;
+/// a plain-HTTP registry at another private address is refused until a
+/// launch names it (`AIWARE_REGISTRY=http://…`, the relaunch).
 #[test]
 fn engine_data_disk_from_cloud_config() {
     let image = image("engine");
@@ -1320,9 +1328,23 @@ fn engine_data_disk_from_cloud_config() {
         // in cloud-config `ca_certs` (no AIWARE_CONTROLLER_CA): the agent
         // trusts what the system trusts.
         let addr = CONTROLLER_GUEST_ADDR;
-        let front = TlsFront::start(controller.addr(), &[&addr.to_string()])?;
+        let ca = TestCa::new()?;
+        let front = TlsFront::start_with_ca(controller.addr(), &[&addr.to_string()], &ca)?;
+        // Two real registries on the host's loopback, each seen by the guest
+        // at a private address of its own: one over TLS from the cluster's
+        // CA, one over plain HTTP. Both hold the same test image.
+        let leaf = ca.issue(&[&TLS_REGISTRY.to_string()], "registry (TEST)")?;
+        let tls_registry = LocalRegistry::start_tls(&case.dir().join("registry-tls"), &leaf)?;
+        let http_registry = LocalRegistry::start(&case.dir().join("registry-http"))?;
+        let archive = case.dir().join("hello.tar");
+        std::fs::write(&archive, hello_image_archive())?;
+        for r in [&tls_registry, &http_registry] {
+            r.push_archive(&archive, HELLO_TAG)?;
+        }
         let mut builder = node_vm(case.dir(), "data-disk", &image, None)?
             .guest_forward(addr, 443, front.addr().port())?
+            .guest_forward(TLS_REGISTRY, 5000, loopback_port(&tls_registry.addr)?)?
+            .guest_forward(HTTP_REGISTRY, 5000, loopback_port(&http_registry.addr)?)?
             .drive(qemu_tests::ExtraDrive {
                 path: disk.clone(),
                 format: qemu_tests::DiskFormat::Raw,
@@ -1358,6 +1380,7 @@ fn engine_data_disk_from_cloud_config() {
             "first boot did not make the user:\n{first}"
         );
         let ops = os_config_in_place(&vm, dl)?;
+        registry_trust(&vm, false, dl)?;
         let swap_inode = swap_on(&vm, dl)?;
         vm.check("echo kept > /opt/aiware/marker && sync", dl)?;
         ops.check("echo mine > ~/notes && sync", dl)?;
@@ -1402,6 +1425,7 @@ fn engine_data_disk_from_cloud_config() {
             .setting("AIWARE_LICENSE", TEST_LICENSE)
             .setting("AIWARE_CONTROLLER", &format!("https://{addr}/edge/v1"))
             .setting("AIWARE_INIT_TOKEN", TEST_INIT_TOKEN)
+            .setting("AIWARE_REGISTRY", &format!("http://{HTTP_REGISTRY}:5000"))
             .raw_yaml(OTHER_LAYOUT_YAML)
             .raw_yaml(&format!(
                 "users:\n  - name: dev\n    ssh_authorized_keys: [{key}]\n{}",
@@ -1447,6 +1471,9 @@ fn engine_data_disk_from_cloud_config() {
                 ],
             "after the relaunch: {found:?}"
         );
+        // Docker kept running through the agent's work (its data stayed on
+        // /var): the launch's plain-HTTP registry reached it by a reload.
+        registry_trust(&vm, true, dl)?;
         let mut dev = vm.ssh()?.clone();
         dev.user = "dev".into();
         ensure!(
@@ -1468,6 +1495,64 @@ fn engine_data_disk_from_cloud_config() {
     });
 }
 
+/// Where the guest reaches the data-disk test's registries (guestfwd to the
+/// host's loopback, port 5000 each).
+const TLS_REGISTRY: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 110);
+const HTTP_REGISTRY: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 111);
+
+fn loopback_port(addr: &str) -> Result<u16> {
+    addr.rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no port in {addr}"))
+}
+
+/// Docker pulls the test image over TLS from [`TLS_REGISTRY`] (trusted
+/// through `ca_certs` alone) and runs it; from [`HTTP_REGISTRY`], plain
+/// HTTP at another private address, only when the launch named it.
+fn registry_trust(vm: &Vm, http_named: bool, dl: &Deadline) -> Result<()> {
+    let said = vm.check(
+        "journalctl -b -u aiw-agent -o cat | grep 'aiw-agent: registry trust'",
+        dl,
+    )?;
+    eprintln!("qemu-tests: {}", said.trim_end());
+    let tls_ref = format!("{TLS_REGISTRY}:5000/{HELLO_TAG}");
+    let ran = vm.check(
+        &format!("docker pull -q {tls_ref} >/dev/null && docker run --rm {tls_ref}"),
+        dl,
+    )?;
+    ensure!(
+        ran.trim() == HELLO_LINE,
+        "pulled over TLS, the image printed {ran:?}"
+    );
+    eprintln!("qemu-tests: docker pull {tls_ref}: pulled over TLS and ran");
+    let http_ref = format!("{HTTP_REGISTRY}:5000/{HELLO_TAG}");
+    let out = vm.run(&format!("docker pull {http_ref} 2>&1"), dl)?;
+    let last = out.stdout.trim().lines().last().unwrap_or("").to_string();
+    eprintln!(
+        "qemu-tests: docker pull {http_ref} (named: {http_named}): exit {:?}: {last}",
+        out.status
+    );
+    if http_named {
+        ensure!(
+            out.status == Some(0)
+                && said.contains(&format!("plain HTTP from {HTTP_REGISTRY}:5000 only")),
+            "the launch named {http_ref}'s registry but: {said} / {}",
+            out.stdout
+        );
+    } else {
+        ensure!(
+            out.status != Some(0)
+                && out
+                    .stdout
+                    .contains("server gave HTTP response to HTTPS client")
+                && said.contains("every registry over verified TLS"),
+            "a plain-HTTP registry at a private address was not refused: {said} / {}",
+            out.stdout
+        );
+    }
+    Ok(())
+}
+
 /// The data disk as another instance sees it: the same table and file
 /// systems asked for differently (kept: `overwrite` is false), Docker's old
 /// partition mounted aside on /mnt, Docker back on /var.
@@ -1479,17 +1564,9 @@ mounts:
   - [ LABEL=aiware, /opt/aiware, ext4, \"defaults,nofail\", \"0\", \"2\" ]
   - [ LABEL=docker, /mnt, ext4, \"defaults,nofail\", \"0\", \"2\" ]";
 
-fn ca_certs_yaml(ca_pem: &str) -> String {
-    let ca: String = ca_pem
-        .trim()
-        .lines()
-        .map(|l| format!("      {l}\n"))
-        .collect();
-    format!("ca_certs:\n  trusted:\n    - |\n{ca}")
-}
-
-/// cloud-config `users`, `ntp`, `timezone` and `ca_certs` (issue 13): a
-/// user `ops` who logs in with `key`, in groups docker and adm, with sudo;
+/// cloud-config `users`, `groups`, `ntp`, `timezone` and `ca_certs` (issue
+/// 13): a user `ops` who logs in with `key`, in groups docker and adm and
+/// the launch's own night-shift, with sudo;
 /// time servers; Berlin's zone; `ca_pem` trusted.
 fn os_config_yaml(key: &str, ca_pem: &str) -> String {
     format!(
@@ -1502,6 +1579,8 @@ fn os_config_yaml(key: &str, ca_pem: &str) -> String {
     lock_passwd: true
     ssh_authorized_keys:
       - {key}
+groups:
+  - night-shift: [ops]
 ntp:
   servers: [10.0.2.123]
   pools: [pool.aiwimg-test.invalid]
@@ -1530,6 +1609,7 @@ fn os_config_in_place(vm: &Vm, dl: &Deadline) -> Result<qemu_tests::ssh::GuestSs
         lines.len() == 4
             && lines[0].split(' ').any(|g| g == "docker")
             && lines[0].split(' ').any(|g| g == "adm")
+            && lines[0].split(' ').any(|g| g == "night-shift")
             && lines[1] == "/home/ops"
             && lines[2] == "/var/home/ops"
             && lines[3] == "0",

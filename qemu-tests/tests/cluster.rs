@@ -36,6 +36,8 @@ use qemu_tests::edge_controller::{container_of, launch_ids, LAUNCH_LABEL};
 use qemu_tests::local_registry::LocalRegistry;
 use qemu_tests::netdev::{LoopbackLan, SocketNic};
 use qemu_tests::node::{TEST_INIT_TOKEN, TEST_LICENSE};
+use qemu_tests::seed::ca_certs_yaml;
+use qemu_tests::test_ca::TestCa;
 use qemu_tests::test_images::{
     build_agent, builder_command, image_for, load, qemu_tests_root, workspace_root, TestImage,
 };
@@ -209,6 +211,10 @@ fn lan_network(nic: &SocketNic, ip: &str) -> String {
     )
 }
 
+/// Where the controller's `write_files` put the registry's TLS pair.
+const REGISTRY_CERT: &str = "/var/lib/aiware/registry-tls/registry.crt";
+const REGISTRY_KEY: &str = "/var/lib/aiware/registry-tls/registry.key";
+
 /// User-data of a cluster node: modes, the controller on the LAN, the LAN address.
 fn node_user_data(name: &str, modes: &str, nic: &SocketNic, ip: &str, extra: &str) -> UserData {
     UserData::cloud_config()
@@ -335,6 +341,11 @@ fn three_node_cluster() {
         let dl = case.deadline();
         let mut lan = LoopbackLan::start()?;
         let engine_ips = [format!("{LAN_PREFIX}.11"), format!("{LAN_PREFIX}.12")];
+        // The cluster's CA: the controller's registry serves TLS with a
+        // certificate from it, the engines trust it through `ca_certs` and
+        // name that registry (no plain HTTP anywhere).
+        let ca = TestCa::new()?;
+        let registry_tls = ca.issue(&[CONTROLLER_IP], "cluster registry (TEST)")?;
 
         // Engines first: no controller yet, they must wait for it.
         let launched = Instant::now();
@@ -342,7 +353,9 @@ fn three_node_cluster() {
         for (i, ip) in engine_ips.iter().enumerate() {
             let name = format!("engine-{}", i + 1);
             let nic = lan.attach()?;
-            let ud = node_user_data(&name, "engine", &nic, ip, "");
+            let ud = node_user_data(&name, "engine", &nic, ip, "")
+                .setting("AIWARE_REGISTRY", &format!("{CONTROLLER_IP}:5000"))
+                .raw_yaml(&ca_certs_yaml(&ca.pem()));
             let vm = Vm::builder(&name, case.dir())
                 .disk(&engine_image.disk, engine_image.format)
                 .memory_mib(MEMORY_MIB)
@@ -382,10 +395,25 @@ fn three_node_cluster() {
 
         // The controller: its own agent joins its test controller on the LAN too.
         let nic = lan.attach()?;
-        let ud = node_user_data("controller", CONTROLLER_MODES, &nic, CONTROLLER_IP, "")
-            .setting("AIWARE_NFS_PERMITTED", "192.168.76.0/24")
-            .setting("AIWARE_NFS_SERVER", CONTROLLER_IP)
-            .setting("AIWARE_CONTROLLER_IMAGE", CONTROLLER_TAG);
+        // The registry's pair as files written by `write_files` (the path
+        // form of AIWARE_REGISTRY_CERT/_KEY, checked before they exist).
+        let tls_files = format!(
+            "{}{}",
+            file_yaml(REGISTRY_CERT, &registry_tls.cert_pem, "0644"),
+            file_yaml(REGISTRY_KEY, &registry_tls.key_pem, "0600")
+        );
+        let ud = node_user_data(
+            "controller",
+            CONTROLLER_MODES,
+            &nic,
+            CONTROLLER_IP,
+            &tls_files,
+        )
+        .setting("AIWARE_REGISTRY_CERT", REGISTRY_CERT)
+        .setting("AIWARE_REGISTRY_KEY", REGISTRY_KEY)
+        .setting("AIWARE_NFS_PERMITTED", "192.168.76.0/24")
+        .setting("AIWARE_NFS_SERVER", CONTROLLER_IP)
+        .setting("AIWARE_CONTROLLER_IMAGE", CONTROLLER_TAG);
         let mut controller = Vm::builder("controller", case.dir())
             .disk(&controller_image.disk, controller_image.format)
             .memory_mib(MEMORY_MIB)
@@ -494,7 +522,27 @@ fn three_node_cluster() {
             launched.elapsed(),
         );
 
-        // Registry: pushed on the controller, pulled and run on an engine over the LAN.
+        // Registry: pushed on the controller, pulled and run on an engine
+        // over the LAN, over TLS verified with the cluster's CA.
+        let trust = engines[1].check(
+            "journalctl -b -u aiw-agent -o cat | grep 'aiw-agent: registry trust'",
+            dl,
+        )?;
+        ensure!(
+            trust.contains(&format!(
+                "the cluster's registry {CONTROLLER_IP}:5000 and every other over verified TLS"
+            )),
+            "engine-2: {trust}"
+        );
+        let served = controller.check(
+            "journalctl -b -u docker-registry -o cat | grep -m1 -i 'listening on'",
+            dl,
+        )?;
+        eprintln!("controller registry: {}", served.trim());
+        ensure!(
+            served.contains("tls"),
+            "the registry does not serve TLS: {served}"
+        );
         controller.check_with_input("docker load", &hello_image_archive(), dl)?;
         controller.check(
             &format!(

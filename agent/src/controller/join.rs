@@ -62,7 +62,8 @@ impl EdgeClient {
             .try_proxy_from_env(false);
         if base.starts_with("https://") {
             let extra = match controller_ca {
-                Some(v) => crate::tls::controller_ca(v)
+                // At run time write_files are on disk: read from there.
+                Some(v) => crate::tls::controller_ca(v, &[])
                     .map_err(|e| format!("AIWARE_CONTROLLER_CA: {e}"))?,
                 None => Vec::new(),
             };
