@@ -14,6 +14,9 @@
 //! is already there is kept, data on disks user-data does not name is never
 //! read or written.
 //!
+//! Devices: paths, short names (`vdb`) and cloud-init's `ephemeralN[.P]`,
+//! resolved when applied to the Nth instance-store disk ([`resolve_aliases`]).
+//!
 //! Tools: systemd-repart (GPT), our own 512-byte MBR writer (`table_type:
 //! mbr`, cloud-init's default; repart writes GPT only), mkfs.ext4/3/2 and
 //! mkswap, mount and swapon: all in every image. Other file systems are not
@@ -116,12 +119,29 @@ fn b(v: Option<&Value>, default: bool, at: &str) -> Result<bool, String> {
     }
 }
 
-/// A device as cloud-init accepts it: a path, or a short name (`vdb`).
+/// cloud-init's names for the instance's own disks: `ephemeral0` is the
+/// first instance-store disk, `ephemeral0.1` its first partition. Returns
+/// `(N, partition)`.
+fn ephemeral_alias(s: &str) -> Option<(usize, Option<u32>)> {
+    let rest = s.strip_prefix("ephemeral")?;
+    let (n, part) = match rest.split_once('.') {
+        Some((n, p)) => (n, Some(p.parse().ok().filter(|p| *p > 0)?)),
+        None => (rest, None),
+    };
+    Some((n.parse().ok()?, part))
+}
+
+/// A device as cloud-init accepts it: a path, a short name (`vdb`), or an
+/// `ephemeralN[.P]` alias, resolved when applied ([`resolve_aliases`]).
 fn device_path(s: &str, at: &str) -> Result<String, String> {
     let s = s.trim();
+    if ephemeral_alias(s).is_some() {
+        return Ok(s.to_string());
+    }
     if s.starts_with("ephemeral") || s == "swap" {
         return Err(format!(
-            "{at}: {s:?} is a cloud-init alias aiwimg does not resolve: name the device (/dev/nvme1n1, /dev/xvdb, /dev/vdb)"
+            "{at}: {s:?} is a cloud-init alias aiwimg does not resolve (ephemeralN and \
+             ephemeralN.P are): name the device (/dev/nvme1n1, /dev/xvdb, /dev/vdb)"
         ));
     }
     let p = if s.starts_with("/dev/") {
@@ -473,6 +493,100 @@ pub trait BlockDevices {
     /// Runs a tool; `Err` carries its stderr.
     fn run(&self, program: &str, args: &[String]) -> Result<(), String>;
     fn write_at(&self, dev: &str, offset: u64, data: &[u8]) -> Result<(), String>;
+    /// The instance-store disks, `ephemeral0` first (whole disks).
+    fn instance_store(&self) -> Vec<String>;
+}
+
+/// Where udev names instance-store disks: EC2's NVMe instance storage (its
+/// model, in /dev/disk/by-id, on every Nitro instance type), and Azure's
+/// resource disk (the link the Azure udev rules make, when present).
+const INSTANCE_STORE_BY_ID: &str = "nvme-Amazon_EC2_NVMe_Instance_Storage_";
+const AZURE_RESOURCE_DISK: &[&str] =
+    &["/dev/disk/cloud/azure_resource", "/dev/disk/azure/resource"];
+
+/// The instance-store disks among the links of a by-id folder (names and
+/// the devices they point at): EC2's, one per disk (udev also links each
+/// namespace and partition), in the kernel's order (nvme1n1 before nvme2n1).
+pub fn instance_store_disks(by_id: &[(String, String)]) -> Vec<String> {
+    let mut disks: Vec<String> = by_id
+        .iter()
+        .filter(|(name, _)| name.starts_with(INSTANCE_STORE_BY_ID) && !name.contains("-part"))
+        .map(|(_, dev)| dev.clone())
+        .filter(|dev| {
+            // A whole disk: nvmeXnY, not nvmeXnYpZ.
+            let n = name_of(dev);
+            n.starts_with("nvme") && !n.trim_start_matches("nvme").contains('p')
+        })
+        .collect();
+    let key = |d: &String| -> Vec<u32> {
+        name_of(d)
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|x| x.parse().ok())
+            .collect()
+    };
+    disks.sort_by_key(key);
+    disks.dedup();
+    disks
+}
+
+/// `s` with every `ephemeralN[.P]` replaced by the device it names here;
+/// the problems of the entries whose alias names no disk (those are left out).
+pub fn resolve_aliases(s: &Storage, dev: &dyn BlockDevices) -> (Storage, Vec<String>) {
+    let uses_alias = s
+        .disks
+        .iter()
+        .map(|d| d.device.as_str())
+        .chain(s.filesystems.iter().map(|f| f.device.as_str()))
+        .chain(s.mounts.iter().map(|m| m.spec.as_str()))
+        .any(|n| ephemeral_alias(n).is_some());
+    let store = if uses_alias {
+        dev.instance_store()
+    } else {
+        Vec::new()
+    };
+    let mut errs = Vec::new();
+    let resolve = |name: &str, what: &str, errs: &mut Vec<String>| -> Option<String> {
+        let Some((n, part)) = ephemeral_alias(name) else {
+            return Some(name.to_string());
+        };
+        match store.get(n) {
+            Some(disk) => Some(match part {
+                Some(p) => partition_path(disk, p),
+                None => disk.clone(),
+            }),
+            None => {
+                errs.push(format!(
+                    "{what} {name}: this machine has {} instance-store disk(s) (EC2 NVMe \
+                     instance storage, Azure's resource disk); name the device instead",
+                    store.len()
+                ));
+                None
+            }
+        }
+    };
+    let mut out = Storage::default();
+    for d in &s.disks {
+        if let Some(device) = resolve(&d.device, "disk_setup", &mut errs) {
+            out.disks.push(DiskLayout {
+                device,
+                ..d.clone()
+            });
+        }
+    }
+    for f in &s.filesystems {
+        if let Some(device) = resolve(&f.device, "fs_setup", &mut errs) {
+            out.filesystems.push(FsSetup {
+                device,
+                ..f.clone()
+            });
+        }
+    }
+    for m in &s.mounts {
+        if let Some(spec) = resolve(&m.spec, "mounts", &mut errs) {
+            out.mounts.push(MountEntry { spec, ..m.clone() });
+        }
+    }
+    (out, errs)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -523,7 +637,8 @@ pub fn apply(
     run_dir: &Path,
 ) -> (Vec<String>, Vec<String>) {
     let mut done = Vec::new();
-    let mut errs = Vec::new();
+    let (resolved, mut errs) = resolve_aliases(s, dev);
+    let s = &resolved;
     let mut tables_changed = false;
     for d in &s.disks {
         match partition(d, dev, run_dir) {
@@ -975,6 +1090,31 @@ impl BlockDevices for SystemDevices {
         run_tool(program, args)
     }
 
+    fn instance_store(&self) -> Vec<String> {
+        let canonical = |p: &Path| {
+            std::fs::canonicalize(p)
+                .ok()
+                .map(|c| c.to_string_lossy().into_owned())
+        };
+        let by_id: Vec<(String, String)> = std::fs::read_dir("/dev/disk/by-id")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                Some((
+                    e.file_name().to_string_lossy().into_owned(),
+                    canonical(&e.path())?,
+                ))
+            })
+            .collect();
+        let mut disks = instance_store_disks(&by_id);
+        disks.extend(
+            AZURE_RESOURCE_DISK
+                .iter()
+                .find_map(|p| canonical(Path::new(p))),
+        );
+        disks
+    }
     fn write_at(&self, dev: &str, offset: u64, data: &[u8]) -> Result<(), String> {
         use std::io::{Seek, Write};
         let mut f = std::fs::OpenOptions::new()
@@ -1008,9 +1148,13 @@ mod tests {
         mounted: RefCell<BTreeMap<PathBuf, String>>,
         ran: RefCell<Vec<String>>,
         written: RefCell<Vec<(String, Vec<u8>)>>,
+        store: Vec<String>,
     }
 
     impl BlockDevices for FakeDevices {
+        fn instance_store(&self) -> Vec<String> {
+            self.store.clone()
+        }
         fn in_use(&self, disk: &str) -> Option<String> {
             self.busy
                 .iter()
@@ -1116,6 +1260,58 @@ mounts:
                 .map(|d| parse_mounts(d, v.get("mount_default_fields"), "t").unwrap())
                 .unwrap_or_default(),
         }
+    }
+
+    #[test]
+    fn ephemeral_aliases_name_the_instance_store_disks() {
+        // What udev links on an EC2 instance with two NVMe instance-store
+        // disks beside its EBS root (names written by us, in udev's forms).
+        let by_id: Vec<(String, String)> = [
+            ("nvme-Amazon_Elastic_Block_Store_vol0123", "/dev/nvme0n1"),
+            (
+                "nvme-Amazon_EC2_NVMe_Instance_Storage_AWS22B1",
+                "/dev/nvme2n1",
+            ),
+            (
+                "nvme-Amazon_EC2_NVMe_Instance_Storage_AWS22B1_1",
+                "/dev/nvme2n1",
+            ),
+            (
+                "nvme-Amazon_EC2_NVMe_Instance_Storage_AWS11A0",
+                "/dev/nvme1n1",
+            ),
+            (
+                "nvme-Amazon_EC2_NVMe_Instance_Storage_AWS11A0-part1",
+                "/dev/nvme1n1p1",
+            ),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let store = instance_store_disks(&by_id);
+        assert_eq!(store, ["/dev/nvme1n1", "/dev/nvme2n1"]);
+        let s = storage(
+            "disk_setup:\n  ephemeral0: {table_type: gpt, layout: true}\n\
+             fs_setup:\n  - {label: scratch, filesystem: ext4, device: ephemeral0.1}\n  \
+             - {label: more, filesystem: ext4, device: ephemeral1}\n\
+             mounts:\n  - [ ephemeral1, /mnt ]\n",
+        );
+        assert!(validate(&s).is_empty(), "{:?}", validate(&s));
+        let dev = FakeDevices {
+            store,
+            ..FakeDevices::default()
+        };
+        let (r, errs) = resolve_aliases(&s, &dev);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(r.disks[0].device, "/dev/nvme1n1");
+        assert_eq!(r.filesystems[0].device, "/dev/nvme1n1p1");
+        assert_eq!(r.filesystems[1].device, "/dev/nvme2n1");
+        assert_eq!(r.mounts[0].spec, "/dev/nvme2n1");
+        // A machine without them (QEMU, an EBS-only type): said, left out.
+        let (r, errs) = resolve_aliases(&s, &FakeDevices::default());
+        assert!(r.is_empty());
+        assert_eq!(errs.len(), 4);
+        assert!(errs[0].contains("has 0 instance-store disk(s)"), "{errs:?}");
     }
 
     #[test]
@@ -1294,8 +1490,11 @@ mounts:
         )
         .contains("no commands"));
         assert!(
-            bad("fs_setup:\n  - {device: ephemeral0.1, filesystem: ext4}\n")
+            bad("fs_setup:\n  - {device: ephemeral0.x, filesystem: ext4}\n")
                 .contains("name the device")
+        );
+        assert!(
+            bad("fs_setup:\n  - {device: swap, filesystem: swap}\n").contains("name the device")
         );
         assert!(bad(
             "fs_setup:\n  - {device: /dev/vdb, filesystem: ext4, extra_opts: [-E, /dev/vda]}\n"

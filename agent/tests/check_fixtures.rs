@@ -46,6 +46,7 @@ fn valid_files() {
         ("data-disk-mbr.yaml", "engine"),
         ("users-time-trust.yaml", "engine"),
         ("runcmd-instead.yaml", "engine"),
+        ("instance-store.yaml", "engine"),
     ] {
         let (code, out, err) = check(f);
         assert_eq!(code, 0, "{f}: {out}{err}");
