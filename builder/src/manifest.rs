@@ -46,7 +46,7 @@ pub struct Manifest {
 }
 
 /// A `[[container_images]] pull` entry as baked.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PulledImage {
     /// The reference, pinned by its manifest digest.
     pub reference: String,

@@ -134,17 +134,7 @@ pub fn write_all(ctx: &BuildContext, disk: &Slot, out: &Path) -> Result<Manifest
         packages,
         input_hash: disk.key.clone(),
         container_images: info_json.container_images,
-        pulled_images: ctx
-            .profile
-            .container_images
-            .iter()
-            .filter_map(|c| {
-                Some(crate::manifest::PulledImage {
-                    reference: c.pulled_from.clone()?,
-                    sha256: c.sha256.clone(),
-                })
-            })
-            .collect(),
+        pulled_images: pulled_images(ctx),
         vendor_agent: info_json.vendor_agent,
     };
     std::fs::write(
@@ -192,12 +182,29 @@ fn write_side_by_side(
 /// The manifest of `dir` when it was written from `disk` with the same
 /// profile, version and formats, and every file it lists is still there at
 /// its recorded size; `None` means the outputs must be written again.
+/// The `pull` entries as this build names them. The disk holds each image
+/// by its digest, so the same disk serves a reference through another
+/// registry address; the manifest names the one this build was given.
+fn pulled_images(ctx: &BuildContext) -> Vec<crate::manifest::PulledImage> {
+    ctx.profile
+        .container_images
+        .iter()
+        .filter_map(|c| {
+            Some(crate::manifest::PulledImage {
+                reference: c.pulled_from.clone()?,
+                sha256: c.sha256.clone(),
+            })
+        })
+        .collect()
+}
+
 pub fn up_to_date(ctx: &BuildContext, disk: &Slot, dir: &Path) -> Option<Manifest> {
     let text = std::fs::read_to_string(dir.join("manifest.json")).ok()?;
     let manifest: Manifest = serde_json::from_str(&text).ok()?;
     if manifest.input_hash != disk.key
         || manifest.profile != ctx.profile.name
         || manifest.version != ctx.opts.image_version
+        || manifest.pulled_images != pulled_images(ctx)
     {
         return None;
     }
