@@ -367,6 +367,24 @@ impl EdgeTestController {
         found
     }
 
+    /// `GET /edge/v1/hosts` as a client sees it (over loopback, with the
+    /// init token): the `HostDetail` list the controller serves.
+    pub fn list_hosts(&self) -> std::io::Result<Vec<Value>> {
+        let (code, v) = http(
+            self.addr,
+            "GET",
+            "/edge/v1/hosts",
+            &self.shared.init_token,
+            "",
+        )?;
+        if code != 200 {
+            return Err(std::io::Error::other(format!(
+                "GET /edge/v1/hosts answered {code}: {v}"
+            )));
+        }
+        Ok(v["result"].as_array().cloned().unwrap_or_default())
+    }
+
     /// Requests handled so far (any path, any answer).
     pub fn requests(&self) -> u64 {
         self.shared.state.lock().unwrap().requests
@@ -659,6 +677,32 @@ fn handle(req: &Request, shared: &Shared) -> (u16, Value) {
     result
 }
 
+/// One request to the controller at `addr` as its clients send it: (status
+/// code, JSON body or `Null`).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> std::io::Result<(u16, Value)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {out:?}")))?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    Ok((code, serde_json::from_str(body).unwrap_or(Value::Null)))
+}
+
 /// A `HostDetail` built from what the host sent.
 fn host_detail(h: &HostRecord) -> Value {
     let mut d = match &h.register_request["info"] {
@@ -679,18 +723,7 @@ mod tests {
     use super::*;
 
     fn http(addr: SocketAddr, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
-        let mut s = TcpStream::connect(addr).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let code = out[9..12].parse().unwrap();
-        let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-        (code, serde_json::from_str(body).unwrap_or(Value::Null))
+        super::http(addr, method, path, token, body).unwrap()
     }
 
     #[test]

@@ -17,7 +17,11 @@
 //! - No user-data: an EC2 identity whose IMDS has none.
 //!
 //! Each test shows the datasource chosen and why (`aiw-agent status --json`),
-//! that the node joined, and its boot-to-ready time.
+//! that the node joined, and its boot-to-ready time. Where the platform has
+//! metadata, the user-data carries no hostname or SSH key: the test logs in
+//! with the key the platform gave and sees the platform's host name in
+//! `hostnamectl` and in the controller's `GET /hosts`, and the instance type
+//! there as `serverTypeName` ([`platform_facts_shown`], issue 13).
 //!
 //! Run: `cargo test --release -p qemu-tests --test clouds -- --test-threads=1 --nocapture`.
 
@@ -51,15 +55,91 @@ fn joining(hostname: &str, controller_url: &str, ssh_key: &str) -> String {
     joining_data(hostname, controller_url, ssh_key).render()
 }
 
-/// [`joining`] before it is rendered, for a test that adds a setting.
+/// [`joining`] before it is rendered.
 fn joining_data(hostname: &str, controller_url: &str, ssh_key: &str) -> UserData {
-    UserData::cloud_config()
+    settings_only(controller_url)
         .hostname(hostname)
         .ssh_key(ssh_key)
+}
+
+/// The guide's engine settings alone, as a user launches on a platform that
+/// names the instance and carries its key pair: no hostname, no SSH key.
+fn settings_only(controller_url: &str) -> UserData {
+    UserData::cloud_config()
         .setting("AIWARE_MODE", "engine")
         .setting("AIWARE_LICENSE", TEST_LICENSE)
         .setting("AIWARE_CONTROLLER", controller_url)
         .setting("AIWARE_INIT_TOKEN", TEST_INIT_TOKEN)
+}
+
+/// What the platform's metadata says of the instance, which the node must show.
+struct PlatformFacts<'a> {
+    hostname: &'a str,
+    /// `None` where the platform has no instance types (config drive, OVF, NoCloud).
+    instance_type: Option<&'a str>,
+}
+
+/// [`platform_facts_shown`] for what a metadata service double serves.
+fn served_facts_shown(
+    case: &TestCase,
+    vm: &Vm,
+    controller: &qemu_tests::edge_controller::EdgeTestController,
+    double: &MetadataDouble,
+) -> Result<()> {
+    let f = double.instance_facts();
+    platform_facts_shown(
+        case,
+        vm,
+        controller,
+        &PlatformFacts {
+            hostname: &f.hostname,
+            instance_type: Some(&f.instance_type),
+        },
+    )
+}
+
+/// Issue 13: with user-data that names neither, the platform's host name is
+/// the node's (`hostnamectl`) and the controller's (`GET /hosts`), its
+/// instance type reached the controller, and its SSH key let [`prove`] log in.
+fn platform_facts_shown(
+    case: &TestCase,
+    vm: &Vm,
+    controller: &qemu_tests::edge_controller::EdgeTestController,
+    want: &PlatformFacts,
+) -> Result<()> {
+    let dl = case.deadline();
+    let transient = vm.check("hostnamectl --transient hostname", dl)?;
+    let listed = controller.list_hosts()?;
+    let host = listed.first().context("GET /hosts lists no host")?;
+    eprintln!(
+        "clouds: {}: logged in with the platform's SSH key; hostnamectl: {}; GET /hosts: \
+         hostname {} serverTypeName {} cloudProviderInstanceID {}",
+        case.name(),
+        transient.trim(),
+        host["hostname"],
+        host["serverTypeName"],
+        host["cloudProviderInstanceID"]
+    );
+    ensure!(
+        transient.trim() == want.hostname,
+        "hostnamectl says {:?}, the platform named the instance {:?}",
+        transient.trim(),
+        want.hostname
+    );
+    ensure!(
+        host["hostname"] == want.hostname,
+        "GET /hosts: hostname {}, the platform's is {:?}",
+        host["hostname"],
+        want.hostname
+    );
+    if let Some(t) = want.instance_type {
+        ensure!(
+            host["serverTypeName"] == t,
+            "GET /hosts: serverTypeName {}, the instance type is {t:?}",
+            host["serverTypeName"]
+        );
+    }
+    Ok(())
 }
 
 /// What the node says about its launch.
@@ -185,14 +265,17 @@ fn ec2_imdsv2() {
                 "type=1,manufacturer=Amazon EC2,product=m5.large",
             ],
         )?;
+        // The key pair chosen at launch: the platform's, not the user-data's.
         let key = b.ssh_public_key()?;
+        imds.set_ssh_keys(&[&key]);
         // Reports every 5 s: the spot interruption below is seen at once.
-        let ud = joining_data("ec2-engine", &controller_url_link_local(), &key)
+        let ud = settings_only(&controller_url_link_local())
             .setting("AIWARE_AGENT_UPDATE_INTERVAL", "5")
             .render();
         imds.set_user_data(Some(ud.as_bytes()));
         let mut vm = b.start()?;
         prove(case, &mut vm, &controller, "ec2", "Amazon EC2")?;
+        served_facts_shown(case, &vm, &controller, &imds)?;
         credentials_were_used(&imds, "/latest/user-data")?;
         let seen = imds.seen();
         ensure!(
@@ -260,10 +343,12 @@ fn gce_metadata_server() {
             ],
         )?;
         let key = b.ssh_public_key()?;
-        let ud = joining("gce-engine", &controller_url_link_local(), &key);
+        md.set_ssh_keys(&[&key]);
+        let ud = settings_only(&controller_url_link_local()).render();
         md.set_user_data(Some(ud.as_bytes()));
         let mut vm = b.start()?;
         prove(case, &mut vm, &controller, "gce", "Google Compute Engine")?;
+        served_facts_shown(case, &vm, &controller, &md)?;
         credentials_were_used(&md, "/computeMetadata/v1/instance/attributes/user-data")?;
         let settings = agent_status(&vm, case.deadline())?["settings"].to_string();
         ensure!(
@@ -293,7 +378,8 @@ fn azure_imds() {
                 "type=3,manufacturer=Microsoft Corporation,asset=7783-7084-3265-9085-8269-3286-77",
             );
         let key = b.ssh_public_key()?;
-        let ud = joining("azure-engine", &controller_url_link_local(), &key);
+        md.set_ssh_keys(&[&key]);
+        let ud = settings_only(&controller_url_link_local()).render();
         md.set_user_data(Some(ud.as_bytes()));
         let mut vm = b.start()?;
         prove(
@@ -303,6 +389,7 @@ fn azure_imds() {
             "azure",
             "7783-7084-3265-9085-8269-3286-77",
         )?;
+        served_facts_shown(case, &vm, &controller, &md)?;
         credentials_were_used(&md, "/metadata/instance/compute/userData")?;
         let status = agent_status(&vm, case.deadline())?;
         let settings = status["settings"].to_string();
@@ -340,11 +427,18 @@ fn openstack_config_drive() {
         let mut b = node_vm(case.dir(), "openstack", &image, Some(&controller))?
             .smbios("type=1,manufacturer=OpenStack Foundation,product=OpenStack Nova");
         let key = b.ssh_public_key()?;
-        let ud = joining("openstack-engine", &controller_url_in_guest(), &key);
+        let ud = settings_only(&controller_url_in_guest()).render();
         let uuid = "83679162-1378-4288-a2d4-70e13ec132aa";
-        let meta = format!(
-            r#"{{"uuid": "{uuid}", "hostname": "openstack-engine", "name": "openstack-engine", "launch_index": 0, "availability_zone": "nova"}}"#
-        );
+        // Nova's name for the instance and the key pair it was launched with.
+        let meta = serde_json::json!({
+            "uuid": uuid,
+            "hostname": "openstack-engine.novalocal",
+            "name": "openstack-engine",
+            "launch_index": 0,
+            "availability_zone": "nova",
+            "public_keys": {"aiwimg-test": key},
+        })
+        .to_string();
         let iso = case.dir().join("config-2.iso");
         make_iso(
             "config-2",
@@ -357,6 +451,15 @@ fn openstack_config_drive() {
         )?;
         let mut vm = b.drive(cdrom(&iso)).start()?;
         prove(case, &mut vm, &controller, "configdrive", "config-2")?;
+        platform_facts_shown(
+            case,
+            &vm,
+            &controller,
+            &PlatformFacts {
+                hostname: "openstack-engine.novalocal",
+                instance_type: None,
+            },
+        )?;
         let settings = agent_status(&vm, case.deadline())?["settings"].to_string();
         ensure!(
             settings.contains(uuid),
@@ -375,9 +478,10 @@ fn vmware_ovf_environment_cdrom() {
             // QEMU's -smbios doubles a comma inside a value.
             .smbios("type=1,manufacturer=VMware,, Inc.,product=VMware7,,1");
         let key = b.ssh_public_key()?;
-        let ud = joining("vmware-engine", &controller_url_in_guest(), &key);
-        // The environment vSphere writes for the OVA's `user-data` property
-        // (the ISO transport), the value base64 as vSphere users give it.
+        let ud = settings_only(&controller_url_in_guest()).render();
+        // The environment vSphere writes for the OVA's `hostname`,
+        // `public-keys` and `user-data` properties (the ISO transport), the
+        // user-data base64 as vSphere users give it.
         let env = format!(
             r#"<?xml version="1.0" encoding="UTF-8"?>
 <Environment
@@ -394,6 +498,8 @@ fn vmware_ovf_environment_cdrom() {
       <Locale>en</Locale>
    </PlatformSection>
    <PropertySection>
+         <Property oe:key="hostname" oe:value="vmware-engine"/>
+         <Property oe:key="public-keys" oe:value="{key}"/>
          <Property oe:key="user-data" oe:value="{}"/>
    </PropertySection>
    <ve:EthernetAdapterSection>
@@ -408,6 +514,15 @@ fn vmware_ovf_environment_cdrom() {
         make_iso("OVF ENV", &[("ovf-env.xml", env.as_bytes())], &iso)?;
         let mut vm = b.drive(cdrom(&iso)).start()?;
         prove(case, &mut vm, &controller, "vmware", "OVF ENV")?;
+        platform_facts_shown(
+            case,
+            &vm,
+            &controller,
+            &PlatformFacts {
+                hostname: "vmware-engine",
+                instance_type: None,
+            },
+        )?;
         let settings = agent_status(&vm, case.deadline())?["settings"].to_string();
         ensure!(
             settings.contains("vm-1042"),
@@ -434,13 +549,15 @@ fn nocloud_cloud_localds_seed() {
             dir.join("meta-data"),
             dir.join("seed.iso"),
         );
-        std::fs::write(
-            &ud,
-            joining("nocloud-engine", &controller_url_in_guest(), &key),
-        )?;
+        std::fs::write(&ud, settings_only(&controller_url_in_guest()).render())?;
+        // The name and key in meta-data, as the guide's `cloud-localds` user
+        // launches (the seed of issue 13's report named `ceo-engine`).
         std::fs::write(
             &md,
-            "instance-id: iid-clouds-nocloud\nlocal-hostname: nocloud-engine\n",
+            format!(
+                "instance-id: iid-clouds-nocloud\nlocal-hostname: nocloud-engine\n\
+                 public-keys:\n  - {key}\n"
+            ),
         )?;
         run_checked(
             Command::new("cloud-localds").arg(&iso).arg(&ud).arg(&md),
@@ -448,6 +565,15 @@ fn nocloud_cloud_localds_seed() {
         )?;
         let mut vm = b.drive(cdrom(&iso)).start()?;
         prove(case, &mut vm, &controller, "nocloud", "cidata")?;
+        platform_facts_shown(
+            case,
+            &vm,
+            &controller,
+            &PlatformFacts {
+                hostname: "nocloud-engine",
+                instance_type: None,
+            },
+        )?;
         Ok(())
     });
 }
