@@ -33,7 +33,24 @@ impl LocalRegistry {
         Self::start_serving(dir, Some(issued))
     }
 
+    /// The port is picked by binding port 0 and letting go, so another
+    /// process (a VM's forward, a client's source port) can take it before
+    /// the registry binds it: a registry that exits at once with the address
+    /// in use is started again on another port, up to three times.
     fn start_serving(dir: &Path, tls: Option<&crate::test_ca::Issued>) -> Result<LocalRegistry> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::start_once(dir, tls) {
+                Err(e) if tries < 3 && format!("{e:#}").contains("address already in use") => {
+                    eprintln!("qemu-tests: registry port taken, trying another: {e:#}");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(dir: &Path, tls: Option<&crate::test_ca::Issued>) -> Result<LocalRegistry> {
         let bin = "docker-registry";
         if !crate::process::on_path(bin) {
             bail!("{bin} is not installed: run builder/setup-host.sh --tests");
@@ -86,11 +103,14 @@ impl LocalRegistry {
                     std::fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default()
                 );
             }
+            // Any failure to talk (refused, reset, broken pipe: seen once in
+            // CI while the registry was still starting) means "not yet".
             if let Ok(mut s) = TcpStream::connect(&self.addr) {
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                write!(s, "GET /v2/ HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr)?;
                 let mut head = String::new();
-                let _ = s.read_to_string(&mut head);
+                let _ = s
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .and_then(|_| write!(s, "GET /v2/ HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr))
+                    .and_then(|_| s.read_to_string(&mut head));
                 let status = head.split_whitespace().nth(1);
                 // A TLS registry answers plain HTTP with 400 ("Client sent
                 // an HTTP request to an HTTPS server"): it listens.
