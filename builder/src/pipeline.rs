@@ -90,7 +90,9 @@ pub struct BuildContext {
     pub all_profiles: BTreeMap<String, Vec<String>>,
     /// The mirror in effect (command line over profile), None = mmdebstrap's default.
     pub mirror: Option<String>,
-    /// What the disk stage signs with; None: an unsigned image.
+    /// What the disk stage signs with (and, in a profile that builds kernel
+    /// modules, what DKMS signs them with in the rootfs stage); None: an
+    /// unsigned image.
     pub signing: Option<crate::secure_boot::SigningInput>,
 }
 
@@ -338,13 +340,6 @@ fn signing_input(
         .or(profile.secure_boot_cert.as_ref());
     let enroll = opts.secure_boot_enroll.or(profile.secure_boot_enroll);
     match (key, cert) {
-        (Some(_), Some(_)) if profile.gpu => anyhow::bail!(
-            "profile {} carries NVIDIA's DKMS-built kernel modules: under Secure Boot the \
-             kernel loads only modules signed by its own keys or a MOK enrolled through shim \
-             (never by the db key that signs the UKI), so the node would have no GPU driver. \
-             Build it unsigned (README, \"GPU nodes under Secure Boot\")",
-            profile.name
-        ),
         (Some(k), Some(c)) => Ok(Some(crate::secure_boot::SigningInput::new(
             k,
             c,

@@ -157,6 +157,25 @@ pub const AWS_UEFI_DATA: &str = "aws-uefi-data.b64";
 /// Where the disk stage keeps the enrollment files for the outputs.
 pub const SLOT_DIR: &str = "secureboot";
 
+/// The common name (CN) of a DER certificate's issuer: the first
+/// `id-at-commonName` (2.5.4.3) attribute, since the issuer comes before the
+/// subject and nothing earlier holds one. What `modinfo -F signer` shows for
+/// a module signed with the certificate's key.
+pub fn issuer_common_name(cert_der: &[u8]) -> Option<String> {
+    const CN_OID: &[u8] = &[0x06, 0x03, 0x55, 0x04, 0x03];
+    let at = cert_der.windows(CN_OID.len()).position(|w| w == CN_OID)? + CN_OID.len();
+    // A string type (UTF8String, PrintableString, ...) with a short or
+    // one-byte long length.
+    let (&_tag, rest) = cert_der.get(at..)?.split_first()?;
+    let (&len, rest) = rest.split_first()?;
+    let (len, rest) = match len {
+        0x81 => (*rest.first()? as usize, rest.get(1..)?),
+        l if l < 0x80 => (l as usize, rest),
+        _ => return None,
+    };
+    String::from_utf8(rest.get(..len)?.to_vec()).ok()
+}
+
 /// A private copy of the key and certificate for one stage, bound at `/keys`.
 pub struct StagedKeys {
     dir: tempfile::TempDir,
@@ -195,6 +214,11 @@ impl StagedKeys {
         );
         std::fs::write(dir.path().join("db.crt"), pem)?;
         Ok(StagedKeys { dir })
+    }
+
+    /// The private folder: `db.key` (0600) and `db.crt` (PEM).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn bind(&self) -> Bind<'_> {
@@ -370,6 +394,42 @@ pub fn loader_conf(enroll: Option<Enroll>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issuer then subject, each one RDN with a CN, as a certificate's TBS
+    /// lays them out (the rest of the certificate does not matter here).
+    fn names(issuer: &[u8], subject: &[u8]) -> Vec<u8> {
+        let rdn = |cn: &[u8]| {
+            let mut v = vec![0x31, 0, 0x30, 0, 0x06, 0x03, 0x55, 0x04, 0x03, 0x0c];
+            if cn.len() >= 0x80 {
+                v.extend([0x81, cn.len() as u8]);
+            } else {
+                v.push(cn.len() as u8);
+            }
+            v.extend_from_slice(cn);
+            v
+        };
+        let mut der = vec![0x30, 0x82, 0, 0, 0x02, 0x01, 0x07];
+        der.extend(rdn(issuer));
+        der.extend(rdn(subject));
+        der
+    }
+
+    #[test]
+    fn the_issuer_cn_is_what_modinfo_names_as_signer() {
+        assert_eq!(
+            issuer_common_name(&names(b"Our CA", b"db key")).as_deref(),
+            Some("Our CA")
+        );
+        let long = "x".repeat(200);
+        assert_eq!(
+            issuer_common_name(&names(long.as_bytes(), b"s")).as_deref(),
+            Some(long.as_str())
+        );
+        assert_eq!(issuer_common_name(&[0x30, 0x03, 0x02, 0x01, 0x07]), None);
+        let mut cut = names(b"Our CA", b"s");
+        cut.truncate(14);
+        assert_eq!(issuer_common_name(&cut), None);
+    }
 
     // 30 82 01 00: a DER SEQUENCE header, all the parser looks at (openssl
     // checks the rest when signing).

@@ -176,7 +176,16 @@ pub fn builder_command(profile: &str, out_dir: &Path) -> Command {
 const NEEDS_TEST_REPO: &[&str] = &["engine-gpu"];
 
 fn build(profile: &str, out_dir: &Path) -> Result<PathBuf> {
+    build_with(profile, out_dir, &[])
+}
+
+/// Builds `profile` into `out_dir/<profile>/` as [`image_for`] does (a test
+/// double of a repository this machine cannot reach, the update test's
+/// settings), with `extra` builder arguments: a variant of a test image, such
+/// as a signed one, in a folder of its own.
+pub fn build_with(profile: &str, out_dir: &Path, extra: &[std::ffi::OsString]) -> Result<PathBuf> {
     let mut cmd = builder_command(profile, out_dir);
+    cmd.args(extra);
     let _repo = if NEEDS_TEST_REPO.contains(&profile) {
         let work = workspace_root().join("target/qemu-tests/nvidia-test-repo");
         let repo = crate::test_repo::TestAptRepo::start(&work)?;

@@ -1,14 +1,19 @@
 //! Issue 15: UEFI Secure Boot, end to end under QEMU with OVMF's secboot
 //! firmware (SMM, vars writable only from SMM).
 //!
-//! The `engine` image is built signed with a test db key (made once per
+//! The `engine-gpu` image is built signed with a test db key (made once per
 //! checkout under `target/qemu-tests/secure-boot-keys/`: a TEST KEY, never a
-//! user's) and `--secure-boot-enroll if-safe`. Then, in one case:
+//! user's) and `--secure-boot-enroll if-safe`: its boot loader, its UKI and
+//! the NVIDIA modules DKMS builds into it. Then, in one case:
 //! 1. It boots on firmware in setup mode (no keys): systemd-boot enrolls the
 //!    image's PK, KEK and db from `loader/keys/auto/` and resets; the node
 //!    then boots with Secure Boot enforced and joins the Edge API test
 //!    controller. Inside: the SecureBoot variable is 1, SetupMode 0, the
 //!    kernel is locked down, `bootctl status` says Secure Boot is enabled.
+//!    Kernel modules: an unsigned one is refused, the same one signed with
+//!    the db key loads (the kernel trusts db for modules), and the image's
+//!    `nvidia-current`, signed by the db key, passes the signature check
+//!    (no GPU here: its init then says "No such device").
 //! 2. The same disk with one byte of the UKI's command line changed (another
 //!    roothash), on the firmware with those keys enrolled: refused, the
 //!    console shows it, no kernel starts.
@@ -19,13 +24,18 @@
 use anyhow::{bail, ensure, Context, Result};
 use qemu_tests::node::{joining_user_data, node_vm, start_controller, wait_for_hosts};
 use qemu_tests::process::{run_checked, run_with_limit, CmdOutput};
-use qemu_tests::test_images::{builder_command, image_for, load, qemu_tests_root, TestImage};
+use qemu_tests::test_images::{build_with, image_for, load, qemu_tests_root, TestImage};
 use qemu_tests::{Deadline, DiskFormat, TestCase, Vm};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-const PROFILE: &str = "engine";
+/// Signed: the GPU engine, whose kernel modules must load under Secure Boot
+/// too. Unsigned (refused by the firmware): the plain engine.
+const SIGNED: &str = "engine-gpu";
+const UNSIGNED: &str = "engine";
+
+const TEST_KEY_CN: &str = "aiwimg TEST Secure Boot db key (not for production)";
 
 /// The test's db key pair: made once, then reused so the signed image's disk
 /// stage stays cached between runs.
@@ -49,7 +59,7 @@ fn test_keys() -> Result<(PathBuf, PathBuf)> {
                 "-days",
                 "36500",
                 "-subj",
-                "/CN=aiwimg TEST Secure Boot db key (not for production)/",
+                &format!("/CN={TEST_KEY_CN}/"),
                 "-keyout",
             ])
             .arg(&key)
@@ -60,29 +70,25 @@ fn test_keys() -> Result<(PathBuf, PathBuf)> {
     Ok((key, cert))
 }
 
-/// `engine` signed with the test key, under `target/qemu-tests/images-secure-boot/`.
+/// `engine-gpu` signed with the test key, under
+/// `target/qemu-tests/images-secure-boot/`: its UKI and boot loader, and the
+/// NVIDIA modules DKMS builds into it.
 fn signed_image() -> Result<TestImage> {
     let (key, cert) = test_keys()?;
     let out_dir = qemu_tests_root().join("images-secure-boot");
     std::fs::create_dir_all(&out_dir)?;
-    let lock = std::fs::File::create(out_dir.join(format!(".{PROFILE}.lock")))?;
+    let lock = std::fs::File::create(out_dir.join(format!(".{SIGNED}.lock")))?;
     lock.lock()?;
-    let mut cmd = builder_command(PROFILE, &out_dir);
-    // The same update settings as the unsigned test image: only the disk
-    // stage differs, the rest comes from the cache.
-    cmd.args(qemu_tests::update_server::build_args())
-        .arg("--secure-boot-key")
-        .arg(&key)
-        .arg("--secure-boot-cert")
-        .arg(&cert)
-        .args(["--secure-boot-enroll", "if-safe"]);
-    eprintln!("qemu-tests: building the signed {PROFILE} image: {cmd:?}");
-    let status = cmd.status().context("running the image builder")?;
-    ensure!(
-        status.success(),
-        "building the signed image failed ({status})"
-    );
-    load(&out_dir.join(PROFILE))
+    let extra: Vec<std::ffi::OsString> = vec![
+        "--secure-boot-key".into(),
+        key.into(),
+        "--secure-boot-cert".into(),
+        cert.into(),
+        "--secure-boot-enroll".into(),
+        "if-safe".into(),
+    ];
+    let dir = build_with(SIGNED, &out_dir, &extra).context("building the signed image")?;
+    load(&dir)
 }
 
 /// `image`'s raw disk copied (sparse) to `dest` with one hex digit of the
@@ -185,7 +191,7 @@ fn refused(case: &TestCase, name: &str, disk: &Path, vars: &Path, dl: &Deadline)
 #[test]
 fn signed_image_enrolls_its_keys_boots_enforced_and_changed_or_unsigned_ukis_are_refused() {
     let signed = signed_image().unwrap_or_else(|e| panic!("no signed image: {e:#}"));
-    let unsigned = image_for(PROFILE).unwrap_or_else(|e| panic!("no {PROFILE} image: {e:#}"));
+    let unsigned = image_for(UNSIGNED).unwrap_or_else(|e| panic!("no {UNSIGNED} image: {e:#}"));
     let sb = signed.manifest.rest["secure_boot"].clone();
     assert!(
         sb["signed"].as_array().map(Vec::len) == Some(3) && sb["enroll"] == "if-safe",
@@ -276,6 +282,36 @@ fn signed_image_enrolls_its_keys_boots_enforced_and_changed_or_unsigned_ukis_are
             bootctl.trim(),
             lockdown.trim()
         );
+        let (loaded, refused_unsigned) = module_trust(&vm, dl)?;
+        eprintln!("qemu-tests: a module signed with the db key: {loaded}");
+        eprintln!("qemu-tests: the same module unsigned: {refused_unsigned}");
+        // The NVIDIA driver DKMS built into the image, signed there with the
+        // same db key: the kernel takes its signature. With no GPU in QEMU
+        // the driver's own init then fails with ENODEV ("No such device");
+        // a refused signature would say "Key was rejected by service".
+        let signer = vm.check("modinfo -F signer nvidia-current", dl)?;
+        ensure!(
+            signer.trim() == TEST_KEY_CN,
+            "nvidia-current is signed by {:?}, not the test db key",
+            signer.trim()
+        );
+        let load = vm.run("modprobe nvidia-current", dl)?;
+        ensure!(
+            load.success() || load.stderr.contains("No such device"),
+            "modprobe nvidia-current under Secure Boot: {}",
+            load.stderr.trim()
+        );
+        let nvrm = vm.check("dmesg | grep -E 'NVRM|nvidia' | tail -n 3", dl)?;
+        eprintln!(
+            "qemu-tests: nvidia-current (signer {:?}) under lockdown: {}; kernel said:\n{}",
+            signer.trim(),
+            if load.success() {
+                "loaded".to_string()
+            } else {
+                load.stderr.trim().to_string()
+            },
+            nvrm.trim_end()
+        );
         vm.shutdown(dl.cap(Duration::from_secs(120)))?;
         let vars = case.dir().join("enrolled-vars.fd");
         std::fs::copy(&vm.paths().vars, &vars)?;
@@ -324,4 +360,109 @@ fn signed_image_enrolls_its_keys_boots_enforced_and_changed_or_unsigned_ukis_are
         eprintln!("qemu-tests: the unsigned image: refused: {line}");
         Ok(())
     });
+}
+
+/// The module-signature trust path a GPU image relies on (issue 15 §3):
+/// Debian's kernel carries "KEYS: Make use of platform keyring for module
+/// signature verify", so a module signed with a db key would load under
+/// lockdown without shim or a MOK. Shown with a stock module of the image
+/// (`dummy`): with no signature lockdown refuses it; with the test db key's
+/// signature in place of Debian's, it loads. Returns the two outcomes.
+fn module_trust(vm: &Vm, dl: &Deadline) -> Result<(String, String)> {
+    let (key, cert) = test_keys()?;
+    let work = qemu_tests_root().join("secure-boot-keys/module");
+    std::fs::create_dir_all(&work)?;
+    let path = vm.check("modinfo -n dummy", dl)?;
+    let b64 = work.join("dummy.ko.xz.b64");
+    std::fs::write(&b64, vm.check(&format!("base64 -w0 {}", path.trim()), dl)?)?;
+    let debian_signed = work.join("dummy.debian.ko");
+    run_checked(
+        Command::new("sh").arg("-c").arg(format!(
+            "base64 -d < '{}' | xz -dc > '{}'",
+            b64.display(),
+            debian_signed.display()
+        )),
+        Duration::from_secs(30),
+    )?;
+    let unsigned = without_module_signature(&std::fs::read(&debian_signed)?)?;
+    let bare = work.join("dummy.unsigned.ko");
+    std::fs::write(&bare, &unsigned)?;
+    let sig = work.join("dummy.p7s");
+    // What the kernel's scripts/sign-file writes: a detached PKCS#7/CMS
+    // signature by issuer and serial, no signed attributes, no certificates.
+    run_checked(
+        Command::new("openssl")
+            .args([
+                "cms",
+                "-sign",
+                "-binary",
+                "-noattr",
+                "-nocerts",
+                "-nosmimecap",
+            ])
+            .args(["-md", "sha256", "-outform", "DER", "-in"])
+            .arg(&bare)
+            .arg("-signer")
+            .arg(&cert)
+            .arg("-inkey")
+            .arg(&key)
+            .arg("-out")
+            .arg(&sig),
+        Duration::from_secs(30),
+    )?;
+    let signed = with_module_signature(&unsigned, &std::fs::read(&sig)?);
+    let try_load = |bytes: &[u8], name: &str| -> Result<CmdOutput> {
+        let text = qemu_tests::cloud_doubles::base64(bytes);
+        vm.check_with_input(&format!("base64 -d > /tmp/{name}.ko"), text.as_bytes(), dl)?;
+        vm.run(
+            &format!("rmmod dummy 2>/dev/null; insmod /tmp/{name}.ko"),
+            dl,
+        )
+    };
+    let plain = try_load(&unsigned, "unsigned")?;
+    ensure!(
+        !plain.success(),
+        "lockdown let an unsigned module in: the check below would prove nothing"
+    );
+    let ours = try_load(&signed, "db-signed")?;
+    ensure!(
+        ours.success(),
+        "a module signed with the enrolled db key was refused: {}",
+        ours.stderr.trim()
+    );
+    let signer = vm.check("modinfo -F signer /tmp/db-signed.ko", dl)?;
+    Ok((
+        format!("loaded under lockdown (signer {:?})", signer.trim()),
+        format!("refused: {}", plain.stderr.trim()),
+    ))
+}
+
+const MODULE_SIG_MAGIC: &[u8] = b"~Module signature appended~\n";
+
+/// A module's bytes without its appended signature (the kernel's
+/// `struct module_signature`: 12 bytes ending in the signature's length,
+/// big-endian, then the magic).
+fn without_module_signature(module: &[u8]) -> Result<Vec<u8>> {
+    let body = module
+        .strip_suffix(MODULE_SIG_MAGIC)
+        .context("the module carries no signature")?;
+    ensure!(body.len() >= 12, "truncated module signature");
+    let info = &body[body.len() - 12..];
+    let sig_len = u32::from_be_bytes(info[8..12].try_into()?) as usize;
+    let end = body
+        .len()
+        .checked_sub(12 + sig_len)
+        .context("module signature longer than the module")?;
+    Ok(body[..end].to_vec())
+}
+
+/// `module` with `pkcs7` appended as scripts/sign-file appends it.
+fn with_module_signature(module: &[u8], pkcs7: &[u8]) -> Vec<u8> {
+    let mut out = module.to_vec();
+    out.extend_from_slice(pkcs7);
+    // algo, hash, id_type = PKEY_ID_PKCS7 (2), signer_len, key_id_len, pad[3]
+    out.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&(pkcs7.len() as u32).to_be_bytes());
+    out.extend_from_slice(MODULE_SIG_MAGIC);
+    out
 }

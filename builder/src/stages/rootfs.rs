@@ -60,6 +60,11 @@ pub fn slot(ctx: &BuildContext) -> Result<Slot> {
                 .collect::<Vec<_>>(),
         )
         .field("source_date_epoch", &p.source_date_epoch.to_string());
+    if let Some(s) = module_signer(ctx) {
+        // DKMS signs the modules it builds here with the db key: another
+        // certificate, other modules. The certificate, never a path.
+        k.field("module-signing-cert", &s.cert_sha256);
+    }
     for r in &p.repositories {
         k.field("repo", &serde_json::to_string(r)?)
             .field("repo-url", &repo_url(r, &ctx.opts.repo_mirrors))
@@ -207,6 +212,27 @@ pub fn make(ctx: &BuildContext, tmp: &Path) -> Result<()> {
         ));
     }
     cmd.arg("--customize-hook=rm -f \"$1\"/etc/apt/sources.list.d/aiwimg-*.list");
+    // A signed image's kernel modules: DKMS signs what it builds with the key
+    // at its default path (/var/lib/dkms/mok.key, the certificate beside it
+    // as mok.pub) when one is there, and makes a throwaway key of its own
+    // when not. Debian's kernel verifies module signatures against the UEFI
+    // db too (its patch "KEYS: Make use of platform keyring for module
+    // signature verify"), so modules signed with the db key load under
+    // Secure Boot without shim or a MOK. The key is put in after the
+    // essential packages (before dkms runs) from a private copy outside the
+    // cache, and taken out before the tree is kept.
+    let staged = module_signer(ctx)
+        .map(crate::secure_boot::StagedKeys::new)
+        .transpose()?;
+    if let Some(keys) = &staged {
+        cmd.arg(format!(
+            "--essential-hook=mkdir -p \"$1\"/var/lib/dkms && \
+             install -m 600 {dir}/db.key \"$1\"/var/lib/dkms/mok.key && \
+             install -m 644 {dir}/db.crt \"$1\"/var/lib/dkms/mok.pub",
+            dir = keys.path().display()
+        ));
+        cmd.arg("--customize-hook=rm -f \"$1\"/var/lib/dkms/mok.key \"$1\"/var/lib/dkms/mok.pub");
+    }
     cmd.arg(&p.suite).arg(&tree);
     if let Some(m) = &ctx.mirror {
         cmd.arg(m);
@@ -216,9 +242,13 @@ pub fn make(ctx: &BuildContext, tmp: &Path) -> Result<()> {
         let _lock = crate::cache::FileLock::exclusive(&ctx.cache.root.join("apt-archives.lock"))?;
         run_cmd("installing the root filesystem with mmdebstrap", &mut cmd)?;
     }
+    drop(staged);
     purge_build_only(&tree, &p.build_only)?;
     // After the purge: what ships must still hold the modules, built for its kernel.
     check_required_modules(&tree, &p.required_modules)?;
+    if let Some(s) = module_signer(ctx) {
+        check_module_signer(&tree, &p.required_modules, s)?;
+    }
 
     let lock = run_cmd(
         "listing installed packages",
@@ -229,6 +259,44 @@ pub fn make(ctx: &BuildContext, tmp: &Path) -> Result<()> {
     let mut lines: Vec<&str> = lock.lines().filter(|l| !l.is_empty()).collect();
     lines.sort();
     std::fs::write(tmp.join("packages.lock"), lines.join("\n") + "\n")?;
+    Ok(())
+}
+
+/// The Secure Boot signing input when this profile builds kernel modules
+/// (a `*-dkms` package): they must be signed with the db key to load.
+fn module_signer(ctx: &BuildContext) -> Option<&crate::secure_boot::SigningInput> {
+    let builds_modules = ctx.profile.packages.iter().any(|p| p.ends_with("-dkms"));
+    ctx.signing.as_ref().filter(|_| builds_modules)
+}
+
+/// Every required module carries a signature by the db key: the signer
+/// `modinfo` names is the certificate's issuer (a PKCS#7 module signature
+/// names its key by issuer and serial). A DKMS that made its own key
+/// instead would sign as "DKMS module signing key", and the node's kernel
+/// would refuse the module under Secure Boot: better no image.
+fn check_module_signer(
+    tree: &Path,
+    modules: &[String],
+    signing: &crate::secure_boot::SigningInput,
+) -> Result<()> {
+    let want = crate::secure_boot::issuer_common_name(&signing.cert_der)
+        .context("the Secure Boot certificate's issuer has no common name (CN)")?;
+    let kver = crate::stages::initrd::kernel_version(tree)?;
+    for m in modules {
+        let signer = run_cmd(
+            "reading a kernel module's signer",
+            Cmd::new("chroot")
+                .arg(tree)
+                .args(["modinfo", "-k", &kver, "-F", "signer", m]),
+        )?;
+        if signer.trim() != want {
+            bail!(
+                "module {m} is signed by {:?}, not by the Secure Boot key ({want:?}): \
+                 the node's kernel would refuse it under Secure Boot",
+                signer.trim()
+            );
+        }
+    }
     Ok(())
 }
 
