@@ -175,17 +175,38 @@ pub fn builder_command(profile: &str, out_dir: &Path) -> Command {
 /// against a local test double of it (see `test_repo`).
 const NEEDS_TEST_REPO: &[&str] = &["engine-gpu"];
 
-fn build(profile: &str, out_dir: &Path) -> Result<PathBuf> {
-    build_with(profile, out_dir, &[])
+pub const SECURE_BOOT_TEST_KEY_CN: &str = "aiwimg TEST Secure Boot db key (not for production)";
+
+/// The Secure Boot test db key pair (a TEST KEY, never a user's), committed
+/// under `qemu-tests/fixtures/secure-boot-test-key/` so the signed image's
+/// cache keys are the same in every clone (a key made per checkout would
+/// rebuild the GPU root file system on every CI run).
+pub fn secure_boot_test_keys() -> Result<(PathBuf, PathBuf)> {
+    let dir = workspace_root().join("qemu-tests/fixtures/secure-boot-test-key");
+    let (key, cert) = (dir.join("db.key"), dir.join("db.crt"));
+    if !key.is_file() || !cert.is_file() {
+        bail!("the Secure Boot test key is missing from {}", dir.display());
+    }
+    Ok((key, cert))
 }
 
-/// Builds `profile` into `out_dir/<profile>/` as [`image_for`] does (a test
-/// double of a repository this machine cannot reach, the update test's
-/// settings), with `extra` builder arguments: a variant of a test image, such
-/// as a signed one, in a folder of its own.
-pub fn build_with(profile: &str, out_dir: &Path, extra: &[std::ffi::OsString]) -> Result<PathBuf> {
+/// Profiles the suite builds signed with the Secure Boot test key (and
+/// `--secure-boot-enroll if-safe`): one image serves the Secure Boot test and
+/// the boot tests (on firmware in setup mode, systemd-boot enrolls the keys
+/// and the node boots enforced), so the suite builds the GPU image's DKMS
+/// root once.
+pub const SIGNED_TEST_PROFILES: &[&str] = &["engine-gpu"];
+
+fn build(profile: &str, out_dir: &Path) -> Result<PathBuf> {
     let mut cmd = builder_command(profile, out_dir);
-    cmd.args(extra);
+    if SIGNED_TEST_PROFILES.contains(&profile) {
+        let (key, cert) = secure_boot_test_keys()?;
+        cmd.arg("--secure-boot-key")
+            .arg(key)
+            .arg("--secure-boot-cert")
+            .arg(cert)
+            .args(["--secure-boot-enroll", "if-safe"]);
+    }
     let _repo = if NEEDS_TEST_REPO.contains(&profile) {
         let work = workspace_root().join("target/qemu-tests/nvidia-test-repo");
         let repo = crate::test_repo::TestAptRepo::start(&work)?;

@@ -688,6 +688,13 @@ fn engine_gpu_without_a_gpu() {
             .user_data(joining_user_data("engine-gpu-1", "engine"))
             .start()?;
         boot_ready(case, &mut vm)?;
+        // The test image is signed (test_images::SIGNED_TEST_PROFILES): on
+        // this firmware in setup mode systemd-boot enrolled its keys first.
+        let sb = vm.check(
+            "bootctl status 2>/dev/null | grep -i 'secure boot' || true",
+            dl,
+        )?;
+        eprintln!("engine-gpu: {}", sb.trim());
         let said = vm
             .console()
             .lines()

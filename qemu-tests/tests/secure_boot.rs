@@ -1,10 +1,10 @@
 //! Issue 15: UEFI Secure Boot, end to end under QEMU with OVMF's secboot
 //! firmware (SMM, vars writable only from SMM).
 //!
-//! The `engine-gpu` image is built signed with a test db key (made once per
-//! checkout under `target/qemu-tests/secure-boot-keys/`: a TEST KEY, never a
-//! user's) and `--secure-boot-enroll if-safe`: its boot loader, its UKI and
-//! the NVIDIA modules DKMS builds into it. Then, in one case:
+//! The `engine-gpu` test image is built signed with a test db key
+//! (`qemu-tests/fixtures/secure-boot-test-key/`: a TEST KEY, never a user's)
+//! and `--secure-boot-enroll if-safe`: its boot loader, its UKI and the NVIDIA
+//! modules DKMS builds into it. Then, in one case:
 //! 1. It boots on firmware in setup mode (no keys): systemd-boot enrolls the
 //!    image's PK, KEK and db from `loader/keys/auto/` and resets; the node
 //!    then boots with Secure Boot enforced and joins the Edge API test
@@ -24,9 +24,11 @@
 use anyhow::{bail, ensure, Context, Result};
 use qemu_tests::node::{joining_user_data, node_vm, start_controller, wait_for_hosts};
 use qemu_tests::process::{run_checked, run_with_limit, CmdOutput};
-use qemu_tests::test_images::{build_with, image_for, load, qemu_tests_root, TestImage};
+use qemu_tests::test_images::{
+    image_for, qemu_tests_root, secure_boot_test_keys, TestImage, SECURE_BOOT_TEST_KEY_CN,
+};
 use qemu_tests::{Deadline, DiskFormat, TestCase, Vm};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -35,60 +37,11 @@ use std::time::Duration;
 const SIGNED: &str = "engine-gpu";
 const UNSIGNED: &str = "engine";
 
-const TEST_KEY_CN: &str = "aiwimg TEST Secure Boot db key (not for production)";
-
-/// The test's db key pair: made once, then reused so the signed image's disk
-/// stage stays cached between runs.
-fn test_keys() -> Result<(PathBuf, PathBuf)> {
-    let dir = qemu_tests_root().join("secure-boot-keys");
-    let (key, cert) = (dir.join("db.key"), dir.join("db.crt"));
-    if key.is_file() && cert.is_file() {
-        return Ok((key, cert));
-    }
-    std::fs::create_dir_all(&dir)?;
-    run_checked(
-        Command::new("openssl")
-            .args([
-                "req",
-                "-new",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-sha256",
-                "-nodes",
-                "-days",
-                "36500",
-                "-subj",
-                &format!("/CN={TEST_KEY_CN}/"),
-                "-keyout",
-            ])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert),
-        Duration::from_secs(60),
-    )?;
-    Ok((key, cert))
-}
-
-/// `engine-gpu` signed with the test key, under
-/// `target/qemu-tests/images-secure-boot/`: its UKI and boot loader, and the
-/// NVIDIA modules DKMS builds into it.
+/// The signed test image (`image_for` builds `engine-gpu` signed with the
+/// test db key and `--secure-boot-enroll if-safe`; the boot tests use the
+/// same image on firmware without Secure Boot).
 fn signed_image() -> Result<TestImage> {
-    let (key, cert) = test_keys()?;
-    let out_dir = qemu_tests_root().join("images-secure-boot");
-    std::fs::create_dir_all(&out_dir)?;
-    let lock = std::fs::File::create(out_dir.join(format!(".{SIGNED}.lock")))?;
-    lock.lock()?;
-    let extra: Vec<std::ffi::OsString> = vec![
-        "--secure-boot-key".into(),
-        key.into(),
-        "--secure-boot-cert".into(),
-        cert.into(),
-        "--secure-boot-enroll".into(),
-        "if-safe".into(),
-    ];
-    let dir = build_with(SIGNED, &out_dir, &extra).context("building the signed image")?;
-    load(&dir)
+    image_for(SIGNED)
 }
 
 /// `image`'s raw disk copied (sparse) to `dest` with one hex digit of the
@@ -291,7 +244,7 @@ fn signed_image_enrolls_its_keys_boots_enforced_and_changed_or_unsigned_ukis_are
         // a refused signature would say "Key was rejected by service".
         let signer = vm.check("modinfo -F signer nvidia-current", dl)?;
         ensure!(
-            signer.trim() == TEST_KEY_CN,
+            signer.trim() == SECURE_BOOT_TEST_KEY_CN,
             "nvidia-current is signed by {:?}, not the test db key",
             signer.trim()
         );
@@ -369,8 +322,8 @@ fn signed_image_enrolls_its_keys_boots_enforced_and_changed_or_unsigned_ukis_are
 /// (`dummy`): with no signature lockdown refuses it; with the test db key's
 /// signature in place of Debian's, it loads. Returns the two outcomes.
 fn module_trust(vm: &Vm, dl: &Deadline) -> Result<(String, String)> {
-    let (key, cert) = test_keys()?;
-    let work = qemu_tests_root().join("secure-boot-keys/module");
+    let (key, cert) = secure_boot_test_keys()?;
+    let work = qemu_tests_root().join("secure-boot-module");
     std::fs::create_dir_all(&work)?;
     let path = vm.check("modinfo -n dummy", dl)?;
     let b64 = work.join("dummy.ko.xz.b64");
