@@ -379,6 +379,7 @@ fn boot(r: &mut Report, image: &qemu_tests::test_images::TestImage, work: &Path)
         &dl,
     )?;
     let blame = vm.check("systemd-analyze blame --no-pager | head -8", &dl)?;
+    manager_phases(r, &vm, &dl)?;
     println!("  critical chain of aiw-agent.service:\n{}", indent(&chain));
     println!("  slowest units:\n{}", indent(&blame));
     let agent_phases = vm.check(
@@ -410,6 +411,76 @@ fn boot(r: &mut Report, image: &qemu_tests::test_images::TestImage, work: &Path)
             "{}   ratio {}",
             secs(181.0),
             ratio(joined.as_secs_f64(), 181.0)
+        ),
+    );
+    Ok(())
+}
+
+/// What systemd spent before any unit ran, in the initrd and after the
+/// switch to the root: its security set-up, the generators, loading units
+/// (`systemctl show`'s manager timestamps, microseconds since kernel start).
+fn manager_phases(r: &mut Report, vm: &qemu_tests::Vm, dl: &Deadline) -> Result<()> {
+    let props = [
+        "InitRDGeneratorsStartTimestampMonotonic",
+        "InitRDGeneratorsFinishTimestampMonotonic",
+        "InitRDUnitsLoadStartTimestampMonotonic",
+        "InitRDUnitsLoadFinishTimestampMonotonic",
+        "SecurityStartTimestampMonotonic",
+        "SecurityFinishTimestampMonotonic",
+        "GeneratorsStartTimestampMonotonic",
+        "GeneratorsFinishTimestampMonotonic",
+        "UnitsLoadStartTimestampMonotonic",
+        "UnitsLoadFinishTimestampMonotonic",
+    ];
+    let out = vm.check(&format!("systemctl show -p {}", props.join(" -p ")), dl)?;
+    let us = |name: &str| -> f64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1e6
+    };
+    let span = |a: &str, b: &str| {
+        let (a, b) = (us(a), us(b));
+        if a > 0.0 && b >= a {
+            format!("{} (at {:.1} s)", secs(b - a), a)
+        } else {
+            "not recorded".to_string()
+        }
+    };
+    r.row(
+        "initrd: generators",
+        span(
+            "InitRDGeneratorsStartTimestampMonotonic",
+            "InitRDGeneratorsFinishTimestampMonotonic",
+        ),
+    );
+    r.row(
+        "initrd: loading units",
+        span(
+            "InitRDUnitsLoadStartTimestampMonotonic",
+            "InitRDUnitsLoadFinishTimestampMonotonic",
+        ),
+    );
+    r.row(
+        "root: security set-up",
+        span(
+            "SecurityStartTimestampMonotonic",
+            "SecurityFinishTimestampMonotonic",
+        ),
+    );
+    r.row(
+        "root: generators",
+        span(
+            "GeneratorsStartTimestampMonotonic",
+            "GeneratorsFinishTimestampMonotonic",
+        ),
+    );
+    r.row(
+        "root: loading units",
+        span(
+            "UnitsLoadStartTimestampMonotonic",
+            "UnitsLoadFinishTimestampMonotonic",
         ),
     );
     Ok(())
