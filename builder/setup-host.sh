@@ -26,7 +26,8 @@ done
 # binaries and checks their Secure Boot signatures (sbverify).
 pkgs="mmdebstrap qemu-utils zstd bmap-tools dpkg util-linux ca-certificates musl-tools skopeo mtools sbsigntool"
 if [ "$tests" = yes ]; then
-    pkgs="$pkgs qemu-system-x86 ovmf cloud-image-utils genisoimage openssh-client socat e2fsprogs dosfstools postgresql-client redis-tools openssl curl gpg python3 busybox-static docker-registry"
+    pkgs="$pkgs qemu-system-x86 ovmf cloud-image-utils genisoimage openssh-client socat e2fsprogs dosfstools postgresql-client redis-tools openssl curl gpg python3 busybox-static docker-registry swtpm swtpm-tools"
+    # swtpm: the guest's TPM2 in the test of /var sealed to the TPM (engine-tpm).
     # docker-registry is for the tests, which start their own on 127.0.0.1.
     # Its package would start one on every interface of a systemd host: mask
     # that unit first (only when the package is not installed yet, so a

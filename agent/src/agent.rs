@@ -73,6 +73,8 @@ pub enum Outcome {
     NoUserData,
     Invalid(String),
     JoinFailed(String),
+    /// The image's encrypted /var was not unsealed (overlays/var-tpm2).
+    NoPersistentStorage(String),
 }
 
 pub struct Agent<'a> {
@@ -400,6 +402,12 @@ impl<'a> Agent<'a> {
             s.gpus = gpus.clone();
         });
 
+        // An image whose /var is sealed to the TPM (overlays/var-tpm2) runs
+        // on a temporary /var when the TPM did not unseal it: fail closed,
+        // no mode and no join (only launch data's SSH keys, so that someone
+        // can look), and say why wherever someone looks.
+        let storage_lost = std::fs::read_to_string(paths.var_encryption_error()).ok();
+
         // Launch data, or the settings persisted by an earlier boot.
         let persisted = apply::load_settings(&paths);
         let found = self.find_launch_data();
@@ -429,6 +437,10 @@ impl<'a> Agent<'a> {
                 "no launch data this boot; using the settings persisted in /var/lib/aiware".into(),
                 Ok(p),
             ),
+            (None, None) if storage_lost.is_some() => {
+                let why = storage_lost.unwrap_or_default();
+                return self.no_persistent_storage(why.trim(), table.as_ref());
+            }
             (None, None) => {
                 let msg = "no user-data found (no NoCloud seed, ESP file, kernel command line or cloud metadata); running with no modes";
                 log::console(msg);
@@ -473,6 +485,14 @@ impl<'a> Agent<'a> {
             }
         };
         log::add_secrets(settings.secrets());
+        if let Some(why) = storage_lost {
+            if let Some(t) = table.as_ref() {
+                for e in self.applier(t).apply_access(&settings) {
+                    self.error(&e);
+                }
+            }
+            return self.no_persistent_storage(why.trim(), table.as_ref());
+        }
         for w in &settings.warnings {
             log::info(&format!("warning: {w}"));
         }
@@ -699,6 +719,26 @@ impl<'a> Agent<'a> {
         });
         sd_notify(&format!("READY=1\nSTATUS=invalid settings: {first}"));
         Outcome::Invalid(first)
+    }
+
+    fn no_persistent_storage(&self, why: &str, table: Option<&ModeTable>) -> Outcome {
+        let msg = format!("/var is not available: {why}");
+        log::console(&format!(
+            "{msg}; no mode is started and the controller is not joined"
+        ));
+        if let Some(t) = table {
+            if let Err(e) = self.applier(t).stop_all() {
+                self.error(&e);
+            }
+        }
+        self.update(|s| {
+            s.phase = "no-persistent-storage".into();
+            s.last_error = Some(msg.clone());
+            s.errors_total += 1;
+            s.join.state = "not-configured".into();
+        });
+        sd_notify(&format!("READY=1\nSTATUS={msg}"));
+        Outcome::NoPersistentStorage(msg)
     }
 
     fn fail_join(&self, msg: &str) -> Outcome {

@@ -96,7 +96,11 @@ fn run(paths: Paths) -> ExitCode {
     // a bad launch never fails the boot or restarts in a loop.
     if matches!(
         outcome,
-        Outcome::Ready | Outcome::NoUserData | Outcome::Invalid(_) | Outcome::JoinFailed(_)
+        Outcome::Ready
+            | Outcome::NoUserData
+            | Outcome::Invalid(_)
+            | Outcome::JoinFailed(_)
+            | Outcome::NoPersistentStorage(_)
     ) {
         loop {
             std::thread::park();

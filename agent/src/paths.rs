@@ -43,6 +43,10 @@ impl Paths {
     pub fn run_dir(&self) -> PathBuf {
         self.at("/run/aiware")
     }
+    /// Written by aiw-var-unsealed.service when the TPM did not unseal /var.
+    pub fn var_encryption_error(&self) -> PathBuf {
+        self.at("/run/aiware/var-encryption-error")
+    }
     pub fn status_file(&self) -> PathBuf {
         self.at("/run/aiware/status.json")
     }

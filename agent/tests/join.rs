@@ -253,3 +253,38 @@ fn controller_url_with_credentials_is_refused_and_never_printed() {
         "logs would show the URL's password"
     );
 }
+
+/// An image with /var sealed to the TPM (overlays/var-tpm2) that the TPM did
+/// not unseal: aiw-var-unsealed.service wrote why; valid launch data and a
+/// reachable controller change nothing: no mode, no join, the reason in the
+/// status.
+#[test]
+fn a_var_the_tpm_did_not_unseal_stops_the_node_before_launch_data() {
+    let c = EdgeTestController::start("127.0.0.1:0", INIT).unwrap();
+    let (_t, p) = node(&engine_user_data(&c.url()), false);
+    std::fs::create_dir_all(p.run_dir()).unwrap();
+    std::fs::write(
+        p.var_encryption_error(),
+        "this machine has no TPM2; this image keeps /var encrypted\n",
+    )
+    .unwrap();
+    let units = RecordingUnits::default();
+    let outcome = Agent::new(cfg(&p), &units).run();
+    let Outcome::NoPersistentStorage(msg) = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(msg.contains("no TPM2"), "{msg}");
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.status_file()).unwrap()).unwrap();
+    assert_eq!(st["phase"], "no-persistent-storage");
+    assert_eq!(st["join"]["state"], "not-configured");
+    assert!(
+        st["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("/var is not available"),
+        "{st}"
+    );
+    assert!(c.hosts().is_empty(), "joined: {:?}", c.hosts());
+    assert!(!p.settings_file().exists(), "launch data was applied");
+}

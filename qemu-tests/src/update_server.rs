@@ -25,7 +25,7 @@ fn key_dir() -> PathBuf {
 }
 
 /// Profiles whose test images take updates from the test server.
-pub const UPDATE_TEST_PROFILES: &[&str] = &["engine"];
+pub const UPDATE_TEST_PROFILES: &[&str] = &["engine", "engine-tpm"];
 
 /// The builder options that make an image trust the test key and read
 /// updates from the test server.

@@ -97,6 +97,10 @@ pub struct VmSpec {
     /// The vars file copied for this VM instead of OVMF's empty template (e.g.
     /// another VM's, with keys enrolled).
     pub vars_template: Option<PathBuf>,
+    /// A TPM2 for the guest: swtpm keeping its state in this folder (an
+    /// empty folder is a new TPM; the same folder is the same TPM across
+    /// reboots and power cycles).
+    pub tpm_state: Option<PathBuf>,
 }
 
 /// Files of one VM, all inside its directory (the QMP socket lives in the
@@ -110,16 +114,18 @@ pub struct VmPaths {
     pub qemu_stderr: PathBuf,
     pub seed_dir: PathBuf,
     pub qmp: PathBuf,
+    /// swtpm's control socket (in the temp dir, like `qmp`).
+    pub tpm_socket: PathBuf,
 }
 
 impl VmPaths {
     fn new(dir: PathBuf) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
-        let qmp = std::env::temp_dir().join(format!(
-            "aiwimg-qmp-{}-{}.sock",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let socket = |what: &str| {
+            std::env::temp_dir().join(format!("aiwimg-{what}-{}-{n}.sock", std::process::id()))
+        };
+        let (qmp, tpm_socket) = (socket("qmp"), socket("tpm"));
         VmPaths {
             overlay: dir.join("disk.qcow2"),
             vars: dir.join("OVMF_VARS.fd"),
@@ -127,6 +133,7 @@ impl VmPaths {
             qemu_stderr: dir.join("qemu.stderr.log"),
             seed_dir: dir.join("seed"),
             qmp,
+            tpm_socket,
             dir,
         }
     }
@@ -209,6 +216,16 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, accel: Accel, ovmf: &Ovmf) -> V
         a.push("-device".into());
         // No option ROM: OVMF must not try to boot from the network.
         a.push(format!("{},romfile=", nic.device_arg(&id)));
+    }
+    if spec.tpm_state.is_some() {
+        a.extend([
+            "-chardev".into(),
+            format!("socket,id=chrtpm,path={}", paths.tpm_socket.display()),
+            "-tpmdev".into(),
+            "emulator,id=tpm0,chardev=chrtpm".into(),
+            "-device".into(),
+            "tpm-tis,tpmdev=tpm0".into(),
+        ]);
     }
     for s in &spec.smbios {
         a.push("-smbios".into());
@@ -338,6 +355,12 @@ impl VmBuilder {
         self
     }
 
+    /// Gives the guest a TPM2 (swtpm) whose state lives in `state`.
+    pub fn tpm(mut self, state: &Path) -> Self {
+        self.spec.tpm_state = Some(state.to_path_buf());
+        self
+    }
+
     pub fn lan(mut self, nic: SocketNic) -> Self {
         self.spec.lan_nics.push(nic);
         self
@@ -446,6 +469,7 @@ impl VmBuilder {
             paths,
             ovmf,
             child: None,
+            swtpm: None,
             ssh,
             started: Instant::now(),
             boot_mark: Mark(0),
@@ -486,6 +510,8 @@ pub struct Vm {
     paths: VmPaths,
     ovmf: Ovmf,
     child: Option<Child>,
+    /// The guest's TPM (swtpm), started before QEMU on every power-on.
+    swtpm: Option<Child>,
     ssh: Option<GuestSsh>,
     started: Instant,
     boot_mark: Mark,
@@ -511,6 +537,7 @@ impl Vm {
                 lan_nics: Vec::new(),
                 secure_boot: false,
                 vars_template: None,
+                tpm_state: None,
             },
             dir: case_dir.join(name),
             user_data: None,
@@ -529,6 +556,7 @@ impl Vm {
             format!("{} {}\n", qemu_binary(), args.join(" ")),
         )?;
         let _ = std::fs::remove_file(&self.paths.qmp);
+        self.start_swtpm()?;
         self.boot_mark = self.console().mark();
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -554,6 +582,69 @@ impl Vm {
                 .unwrap_or_default()
         );
         Ok(())
+    }
+
+    /// Starts swtpm on the VM's TPM state folder, when it has one, and waits
+    /// for its socket. QEMU tells it to exit when QEMU does.
+    fn start_swtpm(&mut self) -> Result<()> {
+        let Some(state) = self.spec.tpm_state.clone() else {
+            return Ok(());
+        };
+        if let Some(mut old) = self.swtpm.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        if !on_path("swtpm") {
+            bail!(
+                "VM {}: a TPM was asked for and swtpm is missing (package swtpm)",
+                self.spec.name
+            );
+        }
+        std::fs::create_dir_all(&state)?;
+        let _ = std::fs::remove_file(&self.paths.tpm_socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.paths.dir.join("swtpm.log"))?;
+        let mut child = Command::new("swtpm")
+            .args(["socket", "--tpm2", "--tpmstate"])
+            .arg(format!("dir={}", state.display()))
+            .arg("--ctrl")
+            .arg(format!(
+                "type=unixio,path={}",
+                self.paths.tpm_socket.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting swtpm")?;
+        let until = Instant::now() + Duration::from_secs(10);
+        while !self.paths.tpm_socket.exists() {
+            if let Some(st) = child.try_wait()? {
+                bail!("VM {}: swtpm exited ({st}); see swtpm.log", self.spec.name);
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                bail!("VM {}: swtpm made no socket in 10 s", self.spec.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.swtpm = Some(child);
+        Ok(())
+    }
+
+    /// Powers the VM off and on again with another TPM (`state`: an empty
+    /// folder is a new one), as when a disk is moved to another machine.
+    /// `None`: no TPM at all.
+    pub fn power_cycle_with_tpm(
+        &mut self,
+        state: Option<&Path>,
+        deadline: &Deadline,
+    ) -> Result<()> {
+        self.shutdown(deadline.cap(Duration::from_secs(120)))?;
+        self.spec.tpm_state = state.map(Path::to_path_buf);
+        self.spawn()
     }
 
     pub fn name(&self) -> &str {
@@ -798,7 +889,12 @@ impl Vm {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Some(mut swtpm) = self.swtpm.take() {
+            let _ = swtpm.kill();
+            let _ = swtpm.wait();
+        }
         let _ = std::fs::remove_file(&self.paths.qmp);
+        let _ = std::fs::remove_file(&self.paths.tpm_socket);
     }
 
     /// Saves `journalctl -b` (and the boot list) from the guest to the VM dir,
@@ -925,7 +1021,22 @@ mod tests {
             lan_nics: Vec::new(),
             secure_boot: false,
             vars_template: None,
+            tpm_state: None,
         }
+    }
+
+    #[test]
+    fn a_tpm_is_swtpm_on_a_socket_as_a_tis_device() {
+        let paths = VmPaths::new("/w/t".into());
+        let plain = qemu_args(&spec(), &paths, Accel::Tcg, &ovmf());
+        assert!(after(&plain, "-tpmdev").is_empty());
+        let mut with = spec();
+        with.tpm_state = Some("/w/t/tpm".into());
+        let args = qemu_args(&with, &paths, Accel::Tcg, &ovmf());
+        assert_eq!(after(&args, "-tpmdev"), ["emulator,id=tpm0,chardev=chrtpm"]);
+        assert!(after(&args, "-device").contains(&"tpm-tis,tpmdev=tpm0"));
+        assert!(after(&args, "-chardev")
+            .contains(&format!("socket,id=chrtpm,path={}", paths.tpm_socket.display()).as_str()));
     }
 
     #[test]

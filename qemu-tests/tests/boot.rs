@@ -27,7 +27,7 @@ use qemu_tests::test_ca::TestCa;
 use qemu_tests::test_images::{image_for, TestImage};
 use qemu_tests::tls_front::TlsFront;
 use qemu_tests::update_server::{
-    bad_version, later_version, Tamper, UpdateServer, UPDATE_GUEST_PORT,
+    bad_version, later_version, Tamper, UpdateServer, UPDATE_GUEST_ADDR, UPDATE_GUEST_PORT,
 };
 use qemu_tests::{AgentReport, Deadline, TestCase, UserData, Vm};
 use std::time::Duration;
@@ -1647,4 +1647,160 @@ fn os_config_in_place(vm: &Vm, dl: &Deadline) -> Result<qemu_tests::ssh::GuestSs
         "CA bundle: {cas:?} (the system's, then the image's)"
     );
     Ok(ops)
+}
+
+/// The `luksDump` lines that show how /var's key is sealed (the token).
+fn sealed_token(dump: &str) -> Vec<&str> {
+    dump.lines()
+        .skip_while(|l| !l.starts_with("Tokens:"))
+        .take_while(|l| !l.starts_with("Digests:"))
+        .collect()
+}
+
+/// `engine-tpm` (issue 15 §4): /var is a LUKS2 volume sealed to the TPM2
+/// (swtpm) at first boot, against PCR 7. One VM, one disk:
+/// 1. first boot: /var is `/dev/mapper/aiw-var`, `luksDump` shows a
+///    systemd-tpm2 token on PCR 7, the node joins;
+/// 2. an update to 0.2.0 (another UKI, another root; systemd-sysupdate) and
+///    its reboot: /var unlocks with no prompt, the file written before and
+///    the host ID are kept;
+/// 3. the disk on another machine (a new swtpm) and on one with no TPM:
+///    it does not unlock; the console and `aiw-agent status` say why, the
+///    node does not join and its old /var stays locked, not lost:
+/// 4. back on its own TPM it unlocks again, the file still there.
+#[test]
+fn engine_tpm_seals_var_to_its_own_tpm() {
+    let image = image("engine-tpm");
+    let v2 = later_version("engine-tpm", UPDATE_VERSION)
+        .unwrap_or_else(|e| panic!("no engine-tpm {UPDATE_VERSION} to update to: {e:#}"));
+    TestCase::run("engine-tpm", DEFAULT_BUDGET * 3, |case| {
+        let dl = case.deadline();
+        let updates = UpdateServer::start(&case.dir().join("update-server"))?;
+        eprintln!("qemu-tests: {}", updates.publish(&v2)?);
+        let controller = start_controller()?;
+        let own_tpm = case.dir().join("tpm-of-this-machine");
+        let mut vm = node_vm(case.dir(), "engine-tpm", &image, Some(&controller))?
+            .guest_forward(UPDATE_GUEST_ADDR, UPDATE_GUEST_PORT, updates.port)?
+            .tpm(&own_tpm)
+            .user_data(joining_user_data("engine-tpm-1", "engine"))
+            .start()?;
+        boot_ready(case, &mut vm)?;
+        let hosts = wait_for_hosts(&controller, 1, dl)?;
+        let host_id = hosts[0].host_id.clone();
+        let unlocked = |vm: &Vm, when: &str| -> Result<()> {
+            let source = vm.check("findmnt -n -o SOURCE /var", dl)?;
+            ensure!(
+                source.trim() == "/dev/mapper/aiw-var",
+                "{when}: /var is {source:?}, not the unlocked LUKS volume"
+            );
+            let marker = vm.check("cat /var/lib/aiware/tpm-test-marker 2>&1 || true", dl)?;
+            ensure!(
+                marker.trim() == "written on the first boot",
+                "{when}: /var/lib/aiware/tpm-test-marker: {marker:?}"
+            );
+            let said = agent_status(vm, dl)?;
+            ensure!(
+                said["join"]["state"] == "joined" && said["join"]["host_id"] == host_id.as_str(),
+                "{when}: aiw-agent status join: {}",
+                said["join"]
+            );
+            ensure!(
+                !vm.boot_lines().iter().any(|l| l.contains("assphrase")),
+                "{when}: a passphrase was asked for"
+            );
+            eprintln!("qemu-tests: {when}: /var unlocked by the TPM, host ID {host_id} kept");
+            Ok(())
+        };
+
+        let dump = vm.check("cryptsetup luksDump /dev/disk/by-partlabel/aiw-var", dl)?;
+        let token = sealed_token(&dump);
+        eprintln!(
+            "qemu-tests: cryptsetup luksDump (tokens):\n{}",
+            token.join("\n")
+        );
+        ensure!(
+            token.iter().any(|l| l.contains("systemd-tpm2"))
+                && token
+                    .iter()
+                    .any(|l| l.contains("tpm2-hash-pcrs:") && l.trim().ends_with(" 7")),
+            "/var is not sealed to PCR 7 of the TPM:\n{dump}"
+        );
+        vm.check(
+            "echo 'written on the first boot' > /var/lib/aiware/tpm-test-marker && sync",
+            dl,
+        )?;
+        unlocked(&vm, "first boot")?;
+        healthy(case, &vm)?;
+
+        // An update: another UKI and root, the same Secure Boot policy.
+        let applied = vm.check("aiw-agent update apply 2>/dev/null", dl)?;
+        ensure!(
+            applied.contains(&format!("installed {UPDATE_VERSION}")),
+            "aiw-agent update apply: {applied}"
+        );
+        vm.reboot(dl)?;
+        vm.wait_ssh(dl)?;
+        runs_version(&vm, &v2, dl)?;
+        unlocked(&vm, &format!("after the update to {UPDATE_VERSION}"))?;
+        healthy(case, &vm)?;
+
+        // The disk on machines whose TPM cannot unseal it.
+        for (tpm, why) in [
+            (
+                Some(case.dir().join("tpm-of-another-machine")),
+                "the TPM2 did not unseal /var",
+            ),
+            (None, "this machine has no TPM2"),
+        ] {
+            let which = if tpm.is_some() {
+                "another TPM"
+            } else {
+                "no TPM"
+            };
+            vm.power_cycle_with_tpm(tpm.as_deref(), dl)?;
+            let line = vm.wait_for_line("/var is not available", dl)?;
+            eprintln!("qemu-tests: {which}: console: {}", line.trim());
+            ensure!(line.contains(why), "{which}: the console says: {line}");
+            let agent = vm.wait_for_line("no mode is started", dl)?;
+            eprintln!("qemu-tests: {which}: console: {}", agent.trim());
+            vm.wait_ssh(dl)?;
+            let said = agent_status(&vm, dl)?;
+            ensure!(
+                said["phase"] == "no-persistent-storage"
+                    && said["last_error"].as_str().is_some_and(|e| e.contains(why))
+                    && said["join"]["state"] == "not-configured",
+                "{which}: aiw-agent status: {said}"
+            );
+            let human = vm.check("aiw-agent status", dl)?;
+            eprintln!(
+                "qemu-tests: {which}: aiw-agent status:\n{}",
+                human.trim_end()
+            );
+            let fs = vm.check("findmnt -n -o FSTYPE /var; ls /var/lib/aiware", dl)?;
+            ensure!(
+                fs.starts_with("tmpfs") && !fs.contains("tpm-test-marker"),
+                "{which}: /var: {fs}"
+            );
+            let cryptsetup = vm.check(
+                "journalctl -b -u 'systemd-cryptsetup@aiw\\x2dvar.service' --no-pager -o cat | tail -4",
+                dl,
+            )?;
+            eprintln!(
+                "qemu-tests: {which}: systemd-cryptsetup said:\n{}",
+                cryptsetup.trim_end()
+            );
+            ensure!(
+                controller.hosts().len() == 1,
+                "{which}: the node joined again: {:?}",
+                controller.hosts()
+            );
+        }
+
+        // Its own TPM again: nothing was lost.
+        vm.power_cycle_with_tpm(Some(&own_tpm), dl)?;
+        vm.wait_ready(dl)?;
+        vm.wait_ssh(dl)?;
+        unlocked(&vm, "back on its own TPM")?;
+        Ok(())
+    });
 }
