@@ -10,9 +10,10 @@ use crate::controller::tasks::{
 use crate::datasource::{self, Endpoints, LaunchData};
 use crate::modes::{ImageInfo, ModeTable};
 use crate::paths::Paths;
-use crate::settings::{self, ImageContext, Settings};
+use crate::settings::Settings;
 use crate::status::{now_unix, ModeStatus, Status};
 use crate::systemd::UnitControl;
+use crate::validate::{self, ImageContext};
 use crate::{apply, gpu, host, log, userdata};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -496,7 +497,7 @@ impl<'a> Agent<'a> {
         for w in &settings.warnings {
             log::info(&format!("warning: {w}"));
         }
-        let mut errs = settings::validate(
+        let mut errs = validate::validate(
             &settings,
             &ImageContext {
                 table: table.as_ref(),

@@ -39,3 +39,4 @@ pub mod tls;
 pub mod update;
 pub mod userdata;
 pub mod users;
+pub mod validate;

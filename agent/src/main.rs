@@ -12,9 +12,10 @@
 use aiw_agent::agent::{Agent, AgentConfig, Outcome};
 use aiw_agent::modes::{ImageInfo, ModeTable};
 use aiw_agent::paths::Paths;
-use aiw_agent::settings::{self, ImageContext, Settings};
+use aiw_agent::settings::Settings;
 use aiw_agent::status::Status;
 use aiw_agent::systemd::{DbusSystemd, NoSystemd, UnitControl};
+use aiw_agent::validate::{self, ImageContext};
 use aiw_agent::{log, userdata};
 use std::process::ExitCode;
 
@@ -159,7 +160,7 @@ fn check(paths: &Paths, args: &[String]) -> ExitCode {
             let formats = u.formats.clone();
             let s = Settings::from_user_data(u, None);
             log::add_secrets(s.secrets());
-            let errs: Vec<String> = settings::validate(
+            let errs: Vec<String> = validate::validate(
                 &s,
                 &ImageContext {
                     table: table.as_ref(),

@@ -686,21 +686,8 @@ fn http(
     token: &str,
     body: &str,
 ) -> std::io::Result<(u16, Value)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let code = out
-        .get(9..12)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {out:?}")))?;
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    Ok((code, serde_json::from_str(body).unwrap_or(Value::Null)))
+    let (code, body) = crate::http_request::send(addr, method, path, Some(token), body)?;
+    Ok((code, serde_json::from_str(&body).unwrap_or(Value::Null)))
 }
 
 /// A `HostDetail` built from what the host sent.

@@ -1,9 +1,40 @@
 //! One HTTP/1.x request read from a socket: what the tiny servers of the test
-//! doubles (Edge API test controller, cloud metadata services) share.
+//! doubles (Edge API test controller, cloud metadata services) share; and
+//! [`send`], the one request the tests themselves make to those servers.
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
+
+/// Sends one request (`Connection: close`, an optional bearer token) and
+/// returns the status code and the body.
+pub fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let code = head
+        .strip_prefix("HTTP/1.")
+        .and_then(|h| h.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {out:?}")))?;
+    Ok((code, body.to_string()))
+}
 
 pub struct HttpRequest {
     pub method: String,

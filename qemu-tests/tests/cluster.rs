@@ -44,8 +44,6 @@ use qemu_tests::test_images::{
 use qemu_tests::{TestCase, UserData, Vm};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -247,24 +245,10 @@ fn http(port: u16, path: &str, token: Option<&str>) -> Result<String> {
 
 /// One HTTP/1.0 request to the controller VM's forward of `port`; the body of a 200.
 fn request(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    ensure!(
-        head.starts_with("HTTP/1.") && head.split_whitespace().nth(1) == Some("200"),
-        "{method} {path}: {head}"
-    );
-    Ok(body.to_string())
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let (code, body) = qemu_tests::http_request::send(addr, method, path, token, body)?;
+    ensure!(code == 200, "{method} {path}: HTTP {code}: {body}");
+    Ok(body)
 }
 
 /// Queues HostActions for `host_id` on the controller (its test-only endpoint).

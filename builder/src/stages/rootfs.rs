@@ -281,14 +281,8 @@ fn check_module_signer(
 ) -> Result<()> {
     let want = crate::secure_boot::issuer_common_name(&signing.cert_der)
         .context("the Secure Boot certificate's issuer has no common name (CN)")?;
-    let kver = crate::stages::initrd::kernel_version(tree)?;
     for m in modules {
-        let signer = run_cmd(
-            "reading a kernel module's signer",
-            Cmd::new("chroot")
-                .arg(tree)
-                .args(["modinfo", "-k", &kver, "-F", "signer", m]),
-        )?;
+        let signer = modinfo_field(tree, m, "signer")?;
         if signer.trim() != want {
             bail!(
                 "module {m} is signed by {:?}, not by the Secure Boot key ({want:?}): \
@@ -300,6 +294,17 @@ fn check_module_signer(
     Ok(())
 }
 
+/// `modinfo -F field` of `module` for the image's kernel, run in the tree.
+fn modinfo_field(tree: &Path, module: &str, field: &str) -> Result<String> {
+    let kver = crate::stages::initrd::kernel_version(tree)?;
+    run_cmd(
+        &format!("reading a kernel module's {field}"),
+        Cmd::new("chroot")
+            .arg(tree)
+            .args(["modinfo", "-k", &kver, "-F", field, module]),
+    )
+}
+
 /// Every required module exists for the image's kernel, with its vermagic.
 fn check_required_modules(tree: &Path, modules: &[String]) -> Result<()> {
     if modules.is_empty() {
@@ -307,13 +312,8 @@ fn check_required_modules(tree: &Path, modules: &[String]) -> Result<()> {
     }
     let kver = crate::stages::initrd::kernel_version(tree)?;
     for m in modules {
-        let out = run_cmd(
-            "checking a required kernel module",
-            Cmd::new("chroot")
-                .arg(tree)
-                .args(["modinfo", "-k", &kver, "-F", "vermagic", m]),
-        )
-        .with_context(|| format!("module {m} was not built for the image kernel {kver}"))?;
+        let out = modinfo_field(tree, m, "vermagic")
+            .with_context(|| format!("module {m} was not built for the image kernel {kver}"))?;
         let vermagic = out.trim();
         if !vermagic.starts_with(&format!("{kver} ")) {
             bail!("module {m} has vermagic {vermagic:?}, not the image kernel {kver}");
