@@ -223,6 +223,11 @@ enum Publish {
         /// Blocks uploaded in parallel.
         #[arg(long, default_value_t = 16)]
         jobs: usize,
+        /// Register the AMI with a NitroTPM 2.0 (TpmSupport=v2.0). Images
+        /// whose /var is sealed to the TPM (engine-tpm, overlay var-tpm2)
+        /// need it: without a TPM they boot without /var and do not join.
+        #[arg(long)]
+        tpm: bool,
     },
     /// Add a build's update files (root, verity, UKI; see the build's
     /// update/ folder) to an update folder a plain HTTP server serves, and
@@ -463,6 +468,7 @@ fn real_main() -> Result<()> {
             name,
             endpoint_url,
             jobs,
+            tpm,
         }) => {
             let ami = aiwimg::publish::aws::publish(&aiwimg::publish::aws::PublishOptions {
                 image,
@@ -470,6 +476,7 @@ fn real_main() -> Result<()> {
                 name,
                 endpoint_url,
                 jobs,
+                tpm,
             })?;
             println!("{ami}");
             Ok(())

@@ -540,7 +540,7 @@ fn publish_retries_and_reads_back() {
         &dir,
         &proxy.url(),
         &[],
-        &["--name", "aiwimg-test-engine", "--jobs", "4"],
+        &["--name", "aiwimg-test-engine", "--jobs", "4", "--tpm"],
     );
     assert_eq!(code, 0, "{stderr}");
     assert!(ami.starts_with("ami-"), "stdout is the AMI id: {ami:?}");
@@ -560,7 +560,8 @@ fn publish_retries_and_reads_back() {
     assert!(failed_puts.is_subset(&ok_puts), "{failed_puts:?}");
     let snapshot = snapshot_of(&seen);
 
-    // RegisterImage named the snapshot, with UEFI, ENA and x86_64.
+    // RegisterImage named the snapshot, with UEFI, ENA and x86_64, and
+    // (--tpm) a NitroTPM.
     let register = seen
         .iter()
         .find(|s| s.form.contains("Action=RegisterImage") && !s.injected && s.status == 200)
@@ -574,6 +575,7 @@ fn publish_retries_and_reads_back() {
         "Architecture=x86_64".into(),
         "VirtualizationType=hvm".into(),
         "Name=aiwimg-test-engine".into(),
+        "TpmSupport=v2.0".into(),
     ] {
         assert!(
             register.form.contains(&want),

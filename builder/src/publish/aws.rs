@@ -42,6 +42,8 @@ pub struct PublishOptions {
     pub endpoint_url: Option<String>,
     /// Parallel block uploads.
     pub jobs: usize,
+    /// Register the AMI with NitroTPM (`TpmSupport=v2.0`).
+    pub tpm: bool,
 }
 
 /// The raw disk to upload and what identifies it.
@@ -120,12 +122,13 @@ fn uefi_data(dir: &Path, manifest: &Manifest) -> Result<String> {
 }
 
 /// RegisterImage's parameters (UEFI boot; with Secure Boot, the variable
-/// store holding our PK, KEK and db).
+/// store holding our PK, KEK and db; with `tpm`, a NitroTPM 2.0).
 fn register_params(
     name: &str,
     description: &str,
     snapshot: &str,
     uefi_data: Option<&str>,
+    tpm: bool,
 ) -> Vec<(&'static str, String)> {
     let mut p = vec![
         ("Name", name.to_string()),
@@ -146,6 +149,9 @@ fn register_params(
     ];
     if let Some(d) = uefi_data {
         p.push(("UefiData", d.to_string()));
+    }
+    if tpm {
+        p.push(("TpmSupport", "v2.0".into()));
     }
     p
 }
@@ -501,7 +507,13 @@ pub fn publish(opts: &PublishOptions) -> Result<String> {
         delay = (delay * 2).min(Duration::from_secs(15));
     }
 
-    let params = register_params(&name, &description, &snapshot, image.uefi_data.as_deref());
+    let params = register_params(
+        &name,
+        &description,
+        &snapshot,
+        image.uefi_data.as_deref(),
+        opts.tpm,
+    );
     let xml = aws.ec2("RegisterImage", &params)?;
     let ami = xml_tag(&xml, "imageId")
         .ok_or_else(|| anyhow!("RegisterImage answered without imageId: {xml}"))?;
@@ -604,10 +616,14 @@ mod tests {
 
     #[test]
     fn a_signed_image_is_registered_with_its_uefi_variable_store() {
-        let plain = register_params("n", "d", "snap-1", None);
-        assert!(plain.iter().all(|(k, _)| *k != "UefiData"));
+        let plain = register_params("n", "d", "snap-1", None, false);
+        assert!(plain
+            .iter()
+            .all(|(k, _)| *k != "UefiData" && *k != "TpmSupport"));
         assert!(plain.contains(&("BootMode", "uefi".to_string())));
-        let signed = register_params("n", "d", "snap-1", Some("QU1aTlVFRkk="));
+        let with_tpm = register_params("n", "d", "snap-1", None, true);
+        assert!(with_tpm.contains(&("TpmSupport", "v2.0".to_string())));
+        let signed = register_params("n", "d", "snap-1", Some("QU1aTlVFRkk="), false);
         assert_eq!(
             signed
                 .iter()
