@@ -6,8 +6,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-/// Sends one request (`Connection: close`, an optional bearer token) and
-/// returns the status code and the body.
+/// Sends one HTTP/1.0 request (an optional bearer token) and returns the
+/// status code and the body. HTTP/1.0 on purpose: servers then neither keep
+/// the connection open nor send a chunked body (Go's net/http, Prometheus's
+/// API, chunks any larger HTTP/1.1 answer), so the body is what is read.
 pub fn send(
     addr: SocketAddr,
     method: &str,
@@ -22,7 +24,7 @@ pub fn send(
         .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut out = String::new();
