@@ -43,47 +43,47 @@ disk() {
 disk
 
 section "set-up check: the README's commands in fresh Debian 12 roots, in either order"
-cargo test --release -p qemu-tests --test setup_host -- --nocapture
+cargo test --profile suite -p qemu-tests --test setup_host -- --nocapture
 
 section "fast: unit tests"
-cargo test --workspace --exclude qemu-tests
-cargo test -p qemu-tests --lib
+cargo test --profile suite --workspace --exclude qemu-tests
+cargo test --profile suite -p qemu-tests --lib
 
 section "slow: the builder end to end"
 cargo build --release -p aiwimg
 AIWIMG_BIN="$PWD/target/release/aiwimg"
 export AIWIMG_BIN
-cargo test --release -p qemu-tests --test build -- --test-threads=1 --nocapture
-cargo test --release -p qemu-tests --test registry_pull -- --nocapture
+cargo test --profile suite -p qemu-tests --test build -- --test-threads=1 --nocapture
+cargo test --profile suite -p qemu-tests --test registry_pull -- --nocapture
 disk
 
 section "slow: every output format, and publish aws against moto"
-cargo test --release -p qemu-tests --test formats -- --nocapture
-cargo test --release -p qemu-tests --test publish_aws -- --test-threads=1 --nocapture
+cargo test --profile suite -p qemu-tests --test formats -- --nocapture
+cargo test --profile suite -p qemu-tests --test publish_aws -- --test-threads=1 --nocapture
 rm -rf target/qemu-tests/publish-aws   # passed: its image copies are not needed
 disk
 
 section "slow: QEMU harness and image boot tests"
-cargo test --release -p qemu-tests --test harness -- --test-threads=1
+cargo test --profile suite -p qemu-tests --test harness -- --test-threads=1
 # Two VM tests at a time, one vCPU each: a TCG boot is mostly one chain of
 # work, so two side by side finish sooner than one after the other with two
 # vCPUs each (qemu-tests/src/case.rs, vm_slots). Every test still runs.
 AIWIMG_VM_SLOTS=2
 export AIWIMG_VM_SLOTS
-cargo test --release -p qemu-tests --test boot -- --test-threads=2 --nocapture
+cargo test --profile suite -p qemu-tests --test boot -- --test-threads=2 --nocapture
 # Secure Boot: OVMF's secboot firmware needs SMM; one VM at a time.
-cargo test --release -p qemu-tests --test secure_boot -- --nocapture
+cargo test --profile suite -p qemu-tests --test secure_boot -- --nocapture
 disk
 section "slow: run modes"
-cargo test --release -p qemu-tests --test modes -- --test-threads=2 --nocapture
+cargo test --profile suite -p qemu-tests --test modes -- --test-threads=2 --nocapture
 disk
 section "slow: launch data from every datasource"
-cargo test --release -p qemu-tests --test clouds -- --test-threads=2 --nocapture
+cargo test --profile suite -p qemu-tests --test clouds -- --test-threads=2 --nocapture
 disk
 unset AIWIMG_VM_SLOTS
 
 section "slow: a three-node cluster (controller + two engines on one private LAN)"
-cargo test --release -p qemu-tests --test cluster -- --nocapture
+cargo test --profile suite -p qemu-tests --test cluster -- --nocapture
 disk
 "$AIWIMG_BIN" cache list | tail -1
 close_section
