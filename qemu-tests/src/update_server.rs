@@ -38,13 +38,25 @@ pub fn build_args() -> Vec<OsString> {
     ]
 }
 
+/// Boot tries a later version gives the versions it installs: two, not the
+/// profiles' three (`update_tries`), through `aiwimg build --update-tries`.
+/// The rollback test then sees every try fail and the fallback with one
+/// boot fewer, and the option is tested end to end.
+pub const LATER_VERSION_UPDATE_TRIES: usize = 2;
+
 /// Version `version` of `profile` (same inputs as its test image but the
-/// version), built into `target/qemu-tests/images-<version>/`.
+/// version and [`LATER_VERSION_UPDATE_TRIES`]), built into
+/// `target/qemu-tests/images-<version>/`.
 pub fn later_version(profile: &str, version: &str) -> Result<TestImage> {
     let out = qemu_tests_root().join(format!("images-{version}"));
     std::fs::create_dir_all(&out)?;
     let mut cmd = builder_command(profile, &out);
-    cmd.args(build_args()).args(["--image-version", version]);
+    cmd.args(build_args()).args([
+        "--image-version",
+        version,
+        "--update-tries",
+        &LATER_VERSION_UPDATE_TRIES.to_string(),
+    ]);
     eprintln!("qemu-tests: building {profile} {version}: {cmd:?}");
     let st = cmd.status().context("running the image builder")?;
     if !st.success() {

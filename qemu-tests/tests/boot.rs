@@ -195,8 +195,8 @@ fn update_to(case: &TestCase, vm: &Vm, updates: &UpdateServer) -> Result<()> {
 /// The bad version: its aiw-agent fails (a test overlay), so the boot
 /// health check fails on each of its tries.
 const BAD_VERSION: &str = "0.3.0";
-/// The image's `update_tries` (the profile default).
-const UPDATE_TRIES: usize = 3;
+/// The tries 0.2.0 gives what it installs (`aiwimg build --update-tries`).
+const UPDATE_TRIES: usize = qemu_tests::update_server::LATER_VERSION_UPDATE_TRIES;
 
 /// v2 → bad v3: installed (its root larger than v1's, in the slot v1 had),
 /// each try fails the health check and reboots, then systemd-boot boots v2

@@ -501,6 +501,13 @@ fn three_node_cluster() {
             read.trim() == "written-on-engine-1",
             "the controller read {read:?}"
         );
+        // The controller's own `/cache` is its export folder bind-mounted,
+        // not NFS to itself (whose unmount hung every reboot for 90 s).
+        let own = mount_at(&controller, "/cache", dl)?;
+        ensure!(
+            !own.fstype.starts_with("nfs") && own.source.ends_with("[/opt/aiware/nfs]"),
+            "the controller's /cache is {own:?}, not its export folder bound"
+        );
         case.timing(
             "/cache shared by both engines and the controller",
             launched.elapsed(),

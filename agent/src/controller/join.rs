@@ -367,6 +367,25 @@ pub fn mount_all(
             if !real_system {
                 return Ok(format!("{line} [not mounted: test root {}]", paths.root.display()));
             }
+            // The share is this node's own export (the controller, which
+            // also runs the nfs mode): the folder itself, bind-mounted. NFS
+            // to oneself can deadlock under memory pressure, and at shutdown
+            // nfs-server stops before /cache is unmounted, so the unmount
+            // hangs until systemd's stop timeout (90 s on every reboot).
+            if is_own_address(server, &crate::host::ips()) && std::path::Path::new(rpath).is_dir() {
+                let line = format!("{rpath} on {local} (this node's own export: bind mount)");
+                if is_mounted_as(local, |_| true) {
+                    return Ok(line);
+                }
+                if let Err(e) = std::fs::create_dir_all(local) {
+                    return Err(format!("cannot create mount point {local}: {e}"));
+                }
+                return match std::process::Command::new("mount").args(["--bind", rpath, local]).output() {
+                    Ok(o) if o.status.success() => Ok(line),
+                    Ok(o) => Err(format!("bind {rpath} on {local} failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
+                    Err(e) => Err(format!("cannot run mount: {e}")),
+                };
+            }
             // A local bind (the fallback below) is not the share: mount over it.
             if is_mounted_as(local, |fstype| fstype.starts_with("nfs")) {
                 return Ok(line);
@@ -381,6 +400,17 @@ pub fn mount_all(
             }
         })
         .collect()
+}
+
+/// Whether `server` (an address from the controller's `mount[].ips`) is one
+/// of `own` (this node's addresses, [`crate::host::ips`]).
+fn is_own_address(server: &str, own: &[String]) -> bool {
+    let parse = |a: &str| {
+        a.trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .ok()
+    };
+    parse(server).is_some_and(|s| own.iter().any(|o| parse(o) == Some(s)))
 }
 
 /// Whether `local` is a mount point whose filesystem type passes `fstype`.
@@ -505,6 +535,17 @@ mod tests {
         assert!(mountinfo_has(BIND, "/cache", &|_: &str| true));
         assert!(!mountinfo_has(NFS, "/cache/engine", &nfs));
         assert!(!mountinfo_has("garbage", "/cache", &nfs));
+    }
+
+    #[test]
+    fn a_share_at_one_of_this_nodes_addresses_is_its_own_export() {
+        let own = vec!["192.168.76.10".to_string(), "fd00::10".to_string()];
+        assert!(is_own_address("192.168.76.10", &own));
+        assert!(is_own_address("[fd00::10]", &own));
+        assert!(is_own_address("fd00:0::10", &own));
+        assert!(!is_own_address("192.168.76.11", &own));
+        assert!(!is_own_address("controller.local", &own));
+        assert!(!is_own_address("", &own));
     }
 
     #[test]
