@@ -225,7 +225,12 @@ impl Applier<'_> {
                 .iter()
                 .map(|u| u.to_string())
                 .collect();
-            if units.iter().any(|u| self.units.active_state(u) == "active") {
+            // Also while still starting: Docker starts as soon as /var is
+            // mounted, so the agent may well come here during its start.
+            if units
+                .iter()
+                .any(|u| crate::systemd::is_up_or_coming_up(&self.units.active_state(u)))
+            {
                 crate::log::info("storage: stopping Docker while its data folder is mounted");
                 if let Err(e) = self.units.stop_and_disable(&units) {
                     errs.push(format!("stopping Docker before mounting its data: {e}"));

@@ -17,6 +17,12 @@ pub trait UnitControl {
     fn try_reload(&self, unit: &str) -> Result<(), String>;
 }
 
+/// Whether a unit in this `ActiveState` runs or is on its way to (starting,
+/// reloading): what must be stopped before its files are changed under it.
+pub fn is_up_or_coming_up(active_state: &str) -> bool {
+    matches!(active_state, "active" | "activating" | "reloading")
+}
+
 /// Asks logind to `PowerOff` or `Reboot` (what `systemctl poweroff|reboot`
 /// ask for), without interactive authorization.
 pub fn logind(method: &str) -> Result<(), String> {
@@ -245,5 +251,20 @@ impl UnitControl for NoSystemd {
     }
     fn try_reload(&self, _: &str) -> Result<(), String> {
         Err(self.0.clone())
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::is_up_or_coming_up;
+
+    #[test]
+    fn a_unit_still_starting_counts_as_up() {
+        for up in ["active", "activating", "reloading"] {
+            assert!(is_up_or_coming_up(up), "{up}");
+        }
+        for down in ["inactive", "failed", "deactivating", "unknown", ""] {
+            assert!(!is_up_or_coming_up(down), "{down}");
+        }
     }
 }

@@ -32,12 +32,15 @@ const ALWAYS_ENABLED: &[&str] = &["systemd-networkd.service", "systemd-resolved.
 /// it is newer: after an A/B update that would put an unsigned boot loader
 /// in place of the one the build signed (and Secure Boot would refuse the
 /// next boot); the ESP's boot loader is the build's, changed by no node.
+/// nfs-blkmap serves pNFS block layouts (SAN volumes shared over NFS), which
+/// the guide's NFS cache never uses: a daemon started at every boot for nothing.
 const MASKED: &[&str] = &[
     "modprobe@drm.service",
     "e2scrub_reap.service",
     "e2scrub_all.timer",
     "dpkg-db-backup.timer",
     "systemd-boot-update.service",
+    "nfs-blkmap.service",
 ];
 
 /// Where the agent binary comes from: built from `agent/`, or given.
@@ -241,7 +244,7 @@ pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slo
     let mut k = KeyBuilder::new("customize");
     k.key("rootfs", &rootfs.key)
         // Bump when make() changes what it produces from the same inputs.
-        .field("recipe", "8")
+        .field("recipe", "9")
         .field("overlay-context", &overlay_context(ctx).to_string())
         .list("overlays", &p.overlays)
         .field("image-version", &ctx.opts.image_version)
@@ -734,6 +737,11 @@ fn move_var_to_factory(tree: &Path) -> Result<()> {
     )?;
     remove_tree(&var)?;
     std::fs::create_dir(&var)?;
+    // The mount point of the private /var/tmp of units with
+    // PrivateTmp=disconnected (systemd-resolved): they start before the /var
+    // partition is mounted, and a namespace needs the folder in the root.
+    std::fs::create_dir(var.join("tmp"))?;
+    std::fs::set_permissions(var.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
     Ok(())
 }
 
