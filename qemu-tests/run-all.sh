@@ -63,24 +63,16 @@ cargo test --profile suite -p qemu-tests --test publish_aws -- --test-threads=1 
 rm -rf target/qemu-tests/publish-aws   # passed: its image copies are not needed
 disk
 
-section "slow: QEMU harness and image boot tests"
+section "slow: QEMU harness"
 cargo test --profile suite -p qemu-tests --test harness -- --test-threads=1
+section "slow: VM tests (image boots, Secure Boot, run modes, every datasource), two at a time"
 # Two VM tests at a time, one vCPU each: a TCG boot is mostly one chain of
 # work, so two side by side finish sooner than one after the other with two
-# vCPUs each (qemu-tests/src/case.rs, vm_slots). Every test still runs.
-AIWIMG_VM_SLOTS=2
-export AIWIMG_VM_SLOTS
-cargo test --profile suite -p qemu-tests --test boot -- --test-threads=2 --nocapture
-# Secure Boot: OVMF's secboot firmware needs SMM; one VM at a time.
-cargo test --profile suite -p qemu-tests --test secure_boot -- --nocapture
+# vCPUs each (qemu-tests/src/case.rs, vm_slots). One pool over the four test
+# binaries, longest test first, so no slot idles between binaries. Every test
+# still runs.
+AIWIMG_VM_SLOTS=2 qemu-tests/vm-pool.sh boot secure_boot modes clouds
 disk
-section "slow: run modes"
-cargo test --profile suite -p qemu-tests --test modes -- --test-threads=2 --nocapture
-disk
-section "slow: launch data from every datasource"
-cargo test --profile suite -p qemu-tests --test clouds -- --test-threads=2 --nocapture
-disk
-unset AIWIMG_VM_SLOTS
 
 section "slow: a three-node cluster (controller + two engines on one private LAN)"
 cargo test --profile suite -p qemu-tests --test cluster -- --nocapture

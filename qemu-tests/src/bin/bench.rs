@@ -396,7 +396,14 @@ fn boot(r: &mut Report, image: &qemu_tests::test_images::TestImage, work: &Path)
     };
     vm.wait_ssh(&dl)?;
     let analyze2 = vm.check("systemd-analyze", &dl)?;
-    r.row("reboot to ready and joined", secs(rebooted.as_secs_f64()));
+    // The harness goes on in a new QEMU process at the guest's reset (vm.rs,
+    // `-action reboot=shutdown`): under TCG a guest runs slower after a reset
+    // in the same process (measured: reboot 59.7 s against 47.5 s in a new
+    // process), which is the emulator's cost, not the node's.
+    r.row(
+        "reboot to ready and joined (the reset in a new QEMU process)",
+        secs(rebooted.as_secs_f64()),
+    );
     r.row(
         "systemd-analyze (reboot)",
         analyze2.lines().next().unwrap_or("").trim().to_string(),
@@ -404,28 +411,6 @@ fn boot(r: &mut Report, image: &qemu_tests::test_images::TestImage, work: &Path)
     r.row(
         "ratio first boot / reboot",
         format!("{:.2}", joined.as_secs_f64() / rebooted.as_secs_f64()),
-    );
-    // The same disk booted by a new QEMU process: tells a node that boots
-    // slower a second time from an emulator that runs slower after a guest
-    // reset (TCG keeps its translations of the first boot's code).
-    vm.power_cycle(&dl)?;
-    let cycled = match vm.wait_for_agent(&dl)? {
-        AgentReport::Ready(_) => vm.since_boot(),
-        AgentReport::InvalidSettings(l) => bail!("after the power cycle: {l}"),
-    };
-    vm.wait_ssh(&dl)?;
-    let analyze3 = vm.check("systemd-analyze", &dl)?;
-    r.row(
-        "power off, new QEMU process, boot to ready and joined",
-        secs(cycled.as_secs_f64()),
-    );
-    r.row(
-        "systemd-analyze (new QEMU process)",
-        analyze3.lines().next().unwrap_or("").trim().to_string(),
-    );
-    r.row(
-        "ratio first boot / boot in a new QEMU process",
-        format!("{:.2}", joined.as_secs_f64() / cycled.as_secs_f64()),
     );
     r.row(
         "(issue 12's figure, not re-measured here) mkosi trixie + cloud-init to multi-user",
