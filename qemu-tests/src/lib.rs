@@ -5,7 +5,8 @@
 //! Guests reach no real network: see [`netdev`].
 //!
 //! - [`case::TestCase`]: one slow test: its work dir, deadline and lock.
-//! - [`vm::Vm`]: a VM; [`ssh::GuestSsh`]: commands in it.
+//! - [`vm::Vm`]: a VM; [`power`]: its QEMU kept across guest resets;
+//!   [`ssh::GuestSsh`]: commands in it.
 //! - [`test_images`]: the built image for a profile.
 //! - [`checks`]: what users check on a node (failed units, ports, mounts).
 //! - [`docker_archive`]: a tiny image for `docker load`, made without Docker.
@@ -26,6 +27,7 @@ pub mod http_request;
 pub mod local_registry;
 pub mod netdev;
 pub mod node;
+pub mod power;
 pub mod process;
 pub mod seed;
 pub mod ssh;

@@ -20,6 +20,7 @@ use crate::console::{
 use crate::deadline::Deadline;
 use crate::firmware::Ovmf;
 use crate::netdev::{check_isolated, Nic, SocketNic, UserNet};
+use crate::power::{Launch, PowerOn, Tpm};
 use crate::process::{on_path, run_checked, CmdOutput};
 use crate::seed::{nocloud_meta_data, nocloud_seed, UserData};
 use crate::ssh::{GuestSsh, SshKey};
@@ -29,9 +30,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The QEMU binary: `AIWIMG_QEMU` or `qemu-system-x86_64` on PATH.
@@ -484,12 +484,10 @@ impl VmBuilder {
             spec: self.spec,
             paths,
             ovmf,
-            child: None,
-            swtpm: None,
+            power: None,
             ssh,
             started: Instant::now(),
             boot_mark: Mark(0),
-            shutdown_reason: None,
         };
         vm.spawn()?;
         Ok(vm)
@@ -526,15 +524,11 @@ pub struct Vm {
     spec: VmSpec,
     paths: VmPaths,
     ovmf: Ovmf,
-    child: Option<Child>,
-    /// The guest's TPM (swtpm), started before QEMU on every power-on.
-    swtpm: Option<Child>,
+    /// QEMU (and swtpm) while powered on, kept across guest resets.
+    power: Option<PowerOn>,
     ssh: Option<GuestSsh>,
     started: Instant,
     boot_mark: Mark,
-    /// The listener to this QEMU process's events: gives the reason of its
-    /// last SHUTDOWN event when QEMU exits ("guest-reset" for a reboot).
-    shutdown_reason: Option<JoinHandle<Option<String>>>,
 }
 
 impl Vm {
@@ -567,25 +561,9 @@ impl Vm {
         }
     }
 
-    /// Starts QEMU: a power-on. This boot's console lines and time start here.
+    /// Powers on: starts QEMU (swtpm first, for a TPM). This boot's console
+    /// lines and time start here; a guest reset goes on in the same power-on.
     fn spawn(&mut self) -> Result<()> {
-        self.boot_mark = self.console().mark();
-        self.start_qemu()?;
-        self.started = Instant::now();
-        Ok(())
-    }
-
-    /// Starts QEMU again after the guest reset itself (see `-action` in
-    /// [`qemu_args`]): the boot's console lines and time go on from the reboot.
-    fn restart_after_reset(&mut self) -> Result<()> {
-        eprintln!(
-            "qemu-tests: VM {}: the guest reset; it goes on in a new QEMU process",
-            self.spec.name
-        );
-        self.start_qemu()
-    }
-
-    fn start_qemu(&mut self) -> Result<()> {
         let choice = accel();
         let args = qemu_args(&self.spec, &self.paths, choice.accel, &self.ovmf);
         check_isolated(&args)?;
@@ -593,22 +571,21 @@ impl Vm {
             self.paths.dir.join("qemu.cmdline"),
             format!("{} {}\n", qemu_binary(), args.join(" ")),
         )?;
-        let _ = std::fs::remove_file(&self.paths.qmp);
-        let _ = std::fs::remove_file(&self.paths.qmp_events);
-        self.start_swtpm()?;
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.paths.qemu_stderr)?;
-        let child = Command::new(qemu_binary())
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("starting {}", qemu_binary()))?;
-        self.child = Some(child);
-        self.shutdown_reason = Some(listen_for_shutdown(self.paths.qmp_events.clone()));
+        self.boot_mark = self.console().mark();
+        self.power = Some(PowerOn::start(Launch {
+            name: self.spec.name.clone(),
+            qemu: qemu_binary(),
+            args,
+            stderr_log: self.paths.qemu_stderr.clone(),
+            qmp: self.paths.qmp.clone(),
+            qmp_events: self.paths.qmp_events.clone(),
+            tpm: self.spec.tpm_state.as_ref().map(|state| Tpm {
+                state: state.clone(),
+                socket: self.paths.tpm_socket.clone(),
+                log: self.paths.dir.join("swtpm.log"),
+            }),
+        })?);
+        self.started = Instant::now();
         eprintln!(
             "qemu-tests: VM {} started ({:?}); console {}{}",
             self.spec.name,
@@ -619,56 +596,6 @@ impl Vm {
                 .map(|s| format!("; {}", s.shown()))
                 .unwrap_or_default()
         );
-        Ok(())
-    }
-
-    /// Starts swtpm on the VM's TPM state folder, when it has one, and waits
-    /// for its socket. QEMU tells it to exit when QEMU does.
-    fn start_swtpm(&mut self) -> Result<()> {
-        let Some(state) = self.spec.tpm_state.clone() else {
-            return Ok(());
-        };
-        if let Some(mut old) = self.swtpm.take() {
-            let _ = old.kill();
-            let _ = old.wait();
-        }
-        if !on_path("swtpm") {
-            bail!(
-                "VM {}: a TPM was asked for and swtpm is missing (package swtpm)",
-                self.spec.name
-            );
-        }
-        std::fs::create_dir_all(&state)?;
-        let _ = std::fs::remove_file(&self.paths.tpm_socket);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.paths.dir.join("swtpm.log"))?;
-        let mut child = Command::new("swtpm")
-            .args(["socket", "--tpm2", "--tpmstate"])
-            .arg(format!("dir={}", state.display()))
-            .arg("--ctrl")
-            .arg(format!(
-                "type=unixio,path={}",
-                self.paths.tpm_socket.display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting swtpm")?;
-        let until = Instant::now() + Duration::from_secs(10);
-        while !self.paths.tpm_socket.exists() {
-            if let Some(st) = child.try_wait()? {
-                bail!("VM {}: swtpm exited ({st}); see swtpm.log", self.spec.name);
-            }
-            if Instant::now() > until {
-                let _ = child.kill();
-                bail!("VM {}: swtpm made no socket in 10 s", self.spec.name);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.swtpm = Some(child);
         Ok(())
     }
 
@@ -726,19 +653,17 @@ impl Vm {
             .ok_or_else(|| anyhow!("VM {} has no SSH forward", self.spec.name))
     }
 
-    /// Whether QEMU is still running; the error carries its stderr if it exited.
+    /// Whether QEMU is still running (a guest reset does not stop it); the
+    /// error carries its stderr if it exited.
     pub fn ensure_running(&mut self) -> Result<()> {
-        let Some(child) = self.child.as_mut() else {
+        let Some(power) = self.power.as_ref() else {
             bail!("VM {} is not running", self.spec.name);
         };
-        if let Some(status) = child.try_wait()? {
-            self.child = None;
-            if self.exited_for_reset(status) {
-                return self.restart_after_reset();
-            }
+        if let Some(how) = power.ended() {
+            self.power = None;
             let stderr = std::fs::read_to_string(&self.paths.qemu_stderr).unwrap_or_default();
             bail!(
-                "QEMU for VM {} exited ({status}).\nQEMU stderr:\n{}\nLast console lines:\n{}",
+                "QEMU for VM {} exited ({how}).\nQEMU stderr:\n{}\nLast console lines:\n{}",
                 self.spec.name,
                 stderr.trim(),
                 tail_of(&self.boot_lines(), TAIL_LINES)
@@ -805,16 +730,8 @@ impl Vm {
 
     /// Waits until SSH lets us in.
     pub fn wait_ssh(&mut self, deadline: &Deadline) -> Result<()> {
-        // In short tries: a guest that resets meanwhile is started again.
-        loop {
-            self.ensure_running()?;
-            let a_try = Deadline::after(deadline.cap(Duration::from_secs(10)));
-            match self.ssh()?.wait_ready(&a_try) {
-                Ok(()) => return Ok(()),
-                Err(e) if deadline.expired() => return Err(e),
-                Err(_) => {}
-            }
-        }
+        self.ensure_running()?;
+        self.ssh()?.wait_ready(deadline)
     }
 
     /// Runs a guest command over SSH: (status, stdout, stderr).
@@ -871,27 +788,27 @@ impl Vm {
     /// true when it did.
     pub fn wait_powered_off(&mut self, timeout: Duration) -> Result<bool> {
         let until = Instant::now() + timeout;
-        while Instant::now() < until {
-            let Some(child) = self.child.as_mut() else {
-                return Ok(true);
-            };
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                if !self.exited_for_reset(status) {
+        loop {
+            match self.power.as_ref() {
+                None => return Ok(true),
+                Some(power) if power.ended().is_some() => {
+                    self.power = None;
                     return Ok(true);
                 }
-                self.restart_after_reset()?;
+                Some(_) => {}
+            }
+            if Instant::now() >= until {
+                return Ok(false);
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        Ok(false)
     }
 
     /// Asks the guest to power off (ACPI), waiting up to `grace`; kills QEMU after that.
     pub fn shutdown(&mut self, grace: Duration) -> Result<()> {
-        let running = match self.child.as_mut() {
+        let running = match self.power.as_ref() {
             None => return Ok(()),
-            Some(child) => child.try_wait()?.is_none(),
+            Some(power) => power.ended().is_none(),
         };
         if running {
             if let Err(e) = qmp_command(&self.paths.qmp, "system_powerdown") {
@@ -935,27 +852,9 @@ impl Vm {
         self.spawn()
     }
 
-    /// Whether QEMU, which exited with `status`, ended on a guest reset.
-    fn exited_for_reset(&mut self, status: std::process::ExitStatus) -> bool {
-        let reason = self
-            .shutdown_reason
-            .take()
-            .and_then(|listener| listener.join().ok().flatten());
-        status.success() && reason.as_deref() == Some("guest-reset")
-    }
-
-    /// Kills QEMU at once.
+    /// Kills QEMU (and swtpm) at once.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        // Its listener ends with the connection.
-        self.shutdown_reason = None;
-        if let Some(mut swtpm) = self.swtpm.take() {
-            let _ = swtpm.kill();
-            let _ = swtpm.wait();
-        }
+        self.power = None;
         let _ = std::fs::remove_file(&self.paths.qmp);
         let _ = std::fs::remove_file(&self.paths.qmp_events);
         let _ = std::fs::remove_file(&self.paths.tpm_socket);
@@ -993,11 +892,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        let running = self
-            .child
-            .as_mut()
-            .map(|c| matches!(c.try_wait(), Ok(None)))
-            .unwrap_or(false);
+        let running = self.power.as_ref().is_some_and(|p| p.ended().is_none());
         if running && self.ssh.as_ref().is_some_and(|s| s.was_reached()) {
             match self.save_journal() {
                 Ok(p) => eprintln!(
@@ -1027,41 +922,6 @@ impl Drop for Vm {
 }
 
 /// Sends one QMP command over the VM's control socket.
-/// Listens to QEMU's events on `socket` until QEMU closes it; gives the
-/// reason of the last SHUTDOWN event ("guest-reset", "guest-shutdown",
-/// "host-qmp-system-reset", ...), `None` if there was none.
-fn listen_for_shutdown(socket: PathBuf) -> JoinHandle<Option<String>> {
-    std::thread::spawn(move || {
-        // QEMU makes the socket before it runs the guest.
-        let until = Instant::now() + Duration::from_secs(30);
-        let stream = loop {
-            match UnixStream::connect(&socket) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(20)),
-                Err(_) => return None,
-            }
-        };
-        let mut writer = stream.try_clone().ok()?;
-        writeln!(
-            writer,
-            "{}",
-            serde_json::json!({ "execute": "qmp_capabilities" })
-        )
-        .ok()?;
-        let mut reason = None;
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if v["event"] == "SHUTDOWN" {
-                reason = v["data"]["reason"].as_str().map(str::to_string);
-            }
-        }
-        reason
-    })
-}
-
 pub fn qmp_command(socket: &Path, command: &str) -> Result<Value> {
     let stream = UnixStream::connect(socket)
         .with_context(|| format!("connecting to QMP at {}", socket.display()))?;

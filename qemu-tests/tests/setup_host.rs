@@ -14,6 +14,9 @@
 //! backports `qemu-utils` (issue 12).
 //!
 //! Downloaded packages are kept in `<cache>/setup-check-debs` between runs.
+//! The two roots are made side by side (apt and dpkg use one core each): each
+//! starts from the kept packages and leaves what it downloaded in a folder of
+//! its own, merged into the kept ones after both.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -60,7 +63,8 @@ fn host_apt_sources() -> Vec<PathBuf> {
 /// Makes a bookworm root, runs setup-host.sh in it once per entry of
 /// `runs` (each a list of options, always with --packages-only), then checks
 /// what it installed. The root itself is thrown away (mmdebstrap's null target).
-fn fresh_root_then(name: &str, runs: &[&[&str]], cache: &Path) -> String {
+/// Packages come from `cache` and go to `downloaded`.
+fn fresh_root_then(name: &str, runs: &[&[&str]], cache: &Path, downloaded: &Path) -> String {
     let script = workspace().join("builder/setup-host.sh");
     let report = std::env::temp_dir().join(format!("aiwimg-setup-check-{name}.txt"));
     let _ = std::fs::remove_file(&report);
@@ -91,7 +95,8 @@ fn fresh_root_then(name: &str, runs: &[&[&str]], cache: &Path) -> String {
         report.display()
     ));
     args.push(format!(
-        "--customize-hook=sync-out /var/cache/apt/archives {c}"
+        "--customize-hook=sync-out /var/cache/apt/archives {}",
+        downloaded.display()
     ));
     args.push("bookworm".into());
     args.push("/dev/null".into());
@@ -172,12 +177,44 @@ fn the_readme_commands_set_up_a_fresh_debian_12_in_either_order() {
     .join("setup-check-debs");
     std::fs::create_dir_all(&cache).unwrap();
 
-    // Command 1 (build) then command 2 (tests), then command 1 again.
-    let r = fresh_root_then("build-then-tests", &[&[], &["--tests"], &[]], &cache);
-    check_one_qemu("build-then-tests", &r);
-    // Command 2 alone, then command 1 (nothing left to do).
-    let r = fresh_root_then("tests-alone", &[&["--tests"], &[]], &cache);
-    check_one_qemu("tests-alone", &r);
+    // Command 1 (build) then command 2 (tests), then command 1 again; and
+    // command 2 alone, then command 1 (nothing left to do).
+    let cases: [(&str, &[&[&str]]); 2] = [
+        ("build-then-tests", &[&[], &["--tests"], &[]]),
+        ("tests-alone", &[&["--tests"], &[]]),
+    ];
+    std::thread::scope(|scope| {
+        let roots: Vec<_> = cases
+            .iter()
+            .map(|&(name, runs)| {
+                let (cache, downloaded) = (&cache, cache.join(format!(".from-{name}")));
+                scope.spawn(move || {
+                    let _ = std::fs::remove_dir_all(&downloaded);
+                    std::fs::create_dir_all(&downloaded).unwrap();
+                    let report = fresh_root_then(name, runs, cache, &downloaded);
+                    keep_new_packages(&downloaded, cache);
+                    (name, report)
+                })
+            })
+            .collect();
+        for root in roots {
+            match root.join() {
+                Ok((name, report)) => check_one_qemu(name, &report),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    });
+}
+
+/// Moves the packages in `downloaded` that `cache` lacks into it.
+fn keep_new_packages(downloaded: &Path, cache: &Path) {
+    for entry in std::fs::read_dir(downloaded).unwrap().flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().ends_with(".deb") && !cache.join(&name).exists() {
+            std::fs::rename(entry.path(), cache.join(&name)).unwrap();
+        }
+    }
+    let _ = std::fs::remove_dir_all(downloaded);
 }
 
 fn own_uid() -> u32 {
