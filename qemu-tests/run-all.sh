@@ -31,8 +31,13 @@ report_times() {
     echo "== section times"
     printf '%s' "$times"
     printf '%6d s  total (%s)\n' $(( $(date +%s) - started )) "$( [ $status = 0 ] && echo passed || echo FAILED)"
+    if [ -s target/qemu-tests/.pool/summary ]; then
+        echo "== VM tests of the pool, each (two ran at a time)"
+        cat target/qemu-tests/.pool/summary
+    fi
 }
 trap report_times EXIT
+rm -rf target/qemu-tests/.pool   # the VM pool's table is this run's only
 
 section "set-up: builder/setup-host.sh --tests"
 builder/setup-host.sh --tests

@@ -90,7 +90,7 @@ wait
 echo "== vm-pool: test times"
 sort -k1,1nr "$pool/results" | while read -r took status name; do
     printf '%6d s  %-6s %s\n' "$took" "$status" "$name"
-done
+done | tee "$pool/summary"
 ran=$(wc -l <"$pool/results")
 failed=$(grep -c ' FAILED ' "$pool/results" || true)
 if [ "$ran" -ne "$total" ] || [ "$failed" -ne 0 ]; then
