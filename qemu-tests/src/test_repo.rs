@@ -22,6 +22,8 @@ pub struct TestAptRepo {
     /// Armored public key the repository is signed with.
     pub key: PathBuf,
     pub fingerprint: String,
+    /// The GnuPG home that signed the index; its gpg-agent is stopped on drop.
+    gnupg: PathBuf,
     server: Child,
 }
 
@@ -29,6 +31,14 @@ impl Drop for TestAptRepo {
     fn drop(&mut self) {
         let _ = self.server.kill();
         let _ = self.server.wait();
+        let _ = Command::new("gpgconf")
+            .arg("--homedir")
+            .arg(&self.gnupg)
+            .args(["--kill", "gpg-agent"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -120,7 +130,18 @@ impl TestAptRepo {
     /// serves them on a free port of 127.0.0.1.
     pub fn start(work: &Path) -> Result<TestAptRepo> {
         let _ = std::fs::remove_dir_all(work);
-        let gnupg = work.join("gnupg");
+        // A GnuPG home of its own each time: the gpg-agent of an earlier one
+        // (another test process built this profile a moment ago) goes on for
+        // seconds after its home is removed or it is told to stop, and as it
+        // ends it unlinks its socket's path. Had this home the same path, that
+        // would be the new agent's socket, and gpg here failed with "can't
+        // connect to the agent: IPC connect call failed" (seen when two VM
+        // tests of the pool both wanted the engine-gpu image).
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let gnupg = work.join(format!("gnupg-{}-{nanos}", std::process::id()));
         let dir = work.join("repo");
         std::fs::create_dir_all(&gnupg)?;
         std::fs::create_dir_all(&dir)?;
@@ -194,6 +215,7 @@ impl TestAptRepo {
             url,
             key,
             fingerprint,
+            gnupg,
             server,
         })
     }
@@ -279,6 +301,29 @@ mod tests {
             .status
             .success());
         drop(repo);
+        // Started again in the same folder while a gpg-agent of an earlier
+        // start is still up there, as another test process's is when the next
+        // one wants the image: that agent, ending when its home is removed,
+        // must not take the new agent's socket with it.
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/nvidia-test-repo");
+        for again in 1..=6u64 {
+            let earlier = work.join("gnupg");
+            std::fs::create_dir_all(&earlier).unwrap();
+            run("chmod", Command::new("chmod").arg("0700").arg(&earlier)).unwrap();
+            run(
+                "an earlier agent",
+                Command::new("gpg")
+                    .arg("--homedir")
+                    .arg(&earlier)
+                    .args(["--batch", "--quiet", "--import"])
+                    .arg(fixtures.join("secret-key.asc")),
+            )
+            .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(100 * again));
+            let repo = TestAptRepo::start(&work)
+                .unwrap_or_else(|e| panic!("start {again} beside an earlier agent: {e:#}"));
+            drop(repo);
+        }
         let _ = std::fs::remove_dir_all(&work);
     }
 }
