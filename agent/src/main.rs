@@ -80,13 +80,8 @@ fn main() -> ExitCode {
 }
 
 fn run(paths: Paths) -> ExitCode {
-    let units: Box<dyn UnitControl> = match DbusSystemd::connect() {
-        Ok(d) => Box::new(d),
-        Err(e) => {
-            log::console(&format!("{e}; mode services cannot be managed"));
-            Box::new(NoSystemd(e))
-        }
-    };
+    // Connected when first needed: the agent starts before D-Bus does.
+    let units: Box<dyn UnitControl> = Box::new(DbusSystemd::at_first_call());
     let cfg = AgentConfig::for_system(paths);
     let agent = Agent::new(cfg, units.as_ref());
     let outcome = agent.run();

@@ -1,7 +1,28 @@
 //! Starting and stopping units over D-Bus (`org.freedesktop.systemd1.Manager`),
 //! runtime-enabled since /etc is read-only.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long the boot-time agent waits for the system bus's socket to appear.
+/// aiw-agent.service starts before sysinit.target (it reads its launch data
+/// while early boot finishes), so dbus.socket may not listen yet; a connection
+/// made while it listens but before dbus-daemon runs waits on the socket.
+pub const BUS_WAIT_AT_BOOT: Duration = Duration::from_secs(60);
+
+/// The system bus, waiting up to `wait` for its socket to exist (not when
+/// `DBUS_SYSTEM_BUS_ADDRESS` names another).
+pub fn system_bus(wait: Duration) -> Result<zbus::blocking::Connection, String> {
+    let socket = std::path::Path::new("/run/dbus/system_bus_socket");
+    let deadline = Instant::now() + wait;
+    while std::env::var_os("DBUS_SYSTEM_BUS_ADDRESS").is_none()
+        && !socket.exists()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    zbus::blocking::Connection::system().map_err(|e| e.to_string())
+}
 
 pub trait UnitControl {
     /// Enables at runtime (under /run) and starts the units.
@@ -26,7 +47,7 @@ pub fn is_up_or_coming_up(active_state: &str) -> bool {
 /// Asks logind to `PowerOff` or `Reboot` (what `systemctl poweroff|reboot`
 /// ask for), without interactive authorization.
 pub fn logind(method: &str) -> Result<(), String> {
-    let conn = zbus::blocking::Connection::system()
+    let conn = system_bus(Duration::ZERO)
         .map_err(|e| format!("cannot reach logind on the system bus: {e}"))?;
     conn.call_method(
         Some("org.freedesktop.login1"),
@@ -41,7 +62,8 @@ pub fn logind(method: &str) -> Result<(), String> {
 
 /// The real one: systemd on the system bus.
 pub struct DbusSystemd {
-    conn: zbus::blocking::Connection,
+    conn: OnceLock<Result<zbus::blocking::Connection, String>>,
+    bus_wait: Duration,
 }
 
 const DEST: &str = "org.freedesktop.systemd1";
@@ -49,10 +71,34 @@ const PATH: &str = "/org/freedesktop/systemd1";
 const MANAGER: &str = "org.freedesktop.systemd1.Manager";
 
 impl DbusSystemd {
+    /// Connected now (commands run by hand, after boot).
     pub fn connect() -> Result<Self, String> {
-        zbus::blocking::Connection::system()
-            .map(|conn| DbusSystemd { conn })
-            .map_err(|e| format!("cannot reach systemd on the system bus: {e}"))
+        let s = DbusSystemd {
+            conn: OnceLock::new(),
+            bus_wait: Duration::ZERO,
+        };
+        s.conn()?;
+        Ok(s)
+    }
+
+    /// Connected at the first call, waiting for the bus then
+    /// ([`BUS_WAIT_AT_BOOT`]): the boot-time agent finds its launch data
+    /// before it needs systemd, while D-Bus is still starting.
+    pub fn at_first_call() -> Self {
+        DbusSystemd {
+            conn: OnceLock::new(),
+            bus_wait: BUS_WAIT_AT_BOOT,
+        }
+    }
+
+    fn conn(&self) -> Result<&zbus::blocking::Connection, String> {
+        self.conn
+            .get_or_init(|| {
+                system_bus(self.bus_wait)
+                    .map_err(|e| format!("cannot reach systemd on the system bus: {e}"))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// `enabled` (linked in /etc or /usr), `enabled-runtime`, `disabled`,
@@ -67,7 +113,7 @@ impl DbusSystemd {
     where
         B: serde::Serialize + zbus::zvariant::DynamicType,
     {
-        self.conn
+        self.conn()?
             .call_method(Some(DEST), PATH, Some(MANAGER), method, body)
             .map_err(|e| format!("systemd {method}: {e}"))
     }
@@ -159,7 +205,8 @@ impl DbusSystemd {
             .body()
             .deserialize()
             .ok()?;
-        self.conn
+        self.conn()
+            .ok()?
             .call_method(
                 Some(DEST),
                 path.as_str(),
