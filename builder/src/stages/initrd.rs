@@ -8,15 +8,20 @@ use crate::tools::{Bind, ToolsTree};
 use anyhow::{bail, Result};
 use std::path::Path;
 
-const DRACUT_MODULES: &str = "systemd systemd-initrd systemd-veritysetup dracut-systemd \
+/// systemd's initrd without dracut's own hook services (the dracut-systemd
+/// module: dracut-cmdline, dracut-pre-udev, ... shell scripts run before and
+/// around udev): systemd's generators find the root from the command line
+/// (fstab-generator: root=, veritysetup-generator: roothash=), and the hooks
+/// cost 0.5 s before udev could start under TCG.
+const DRACUT_MODULES: &str = "systemd systemd-initrd systemd-veritysetup systemd-modules-load \
      kernel-modules base fs-lib rootfs-block udev-rules dm";
 /// virtio (KVM/QEMU), nvme (EC2 Nitro, GCE), ahci (bare metal, Hyper-V gen2
 /// uses hv_storvsc), xen-blkfront (EC2 Xen), ena (EC2 network).
 const DRIVERS: &str = "virtio_blk virtio_scsi virtio_pci virtio_net nvme ahci sd_mod sr_mod \
      xen-blkfront hv_storvsc hv_vmbus ena erofs dm-verity ext4 vfat";
 const FILESYSTEMS: &str = "erofs ext4 vfat";
-/// Loaded by the initrd as soon as it starts, not when udev's coldplug gets
-/// to them: the root disk's driver on QEMU/KVM (virtio) and on EC2 Nitro and
+/// Loaded by the initrd as soon as it starts (systemd-modules-load, from the
+/// initrd's /etc/modules-load.d), not when udev's coldplug gets to them: the root disk's driver on QEMU/KVM (virtio) and on EC2 Nitro and
 /// GCE (nvme); under TCG udev loaded virtio_blk 1.5 s after it started, and
 /// on a machine without the device a load costs one module. And the x86
 /// SHA-256 code (SHA-NI, AVX2): dm-verity picks its hash when the root is
@@ -66,6 +71,14 @@ pub fn make(tools: &ToolsTree, rootfs: &Slot, tmp: &Path) -> Result<()> {
     let tree = rootfs.dir.join("tree");
     let kver = kernel_version(&tree)?;
     let kmoddir = format!("/image/usr/lib/modules/{kver}");
+    let early = tmp.join("early-modules.conf");
+    std::fs::write(
+        &early,
+        format!(
+            "# Written by aiwimg: loaded as soon as the initrd starts.\n{}\n",
+            EARLY_DRIVERS.split_whitespace().collect::<Vec<_>>().join("\n")
+        ),
+    )?;
     tools.run(
         "making the initrd with dracut",
         &[
@@ -86,8 +99,11 @@ pub fn make(tools: &ToolsTree, rootfs: &Slot, tmp: &Path) -> Result<()> {
             DRIVERS,
             "--filesystems",
             FILESYSTEMS,
-            "--force-drivers",
+            "--add-drivers",
             EARLY_DRIVERS,
+            "--include",
+            "/out/early-modules.conf",
+            "/etc/modules-load.d/aiwimg-early.conf",
             "--compress",
             "zstd",
             "--force",
@@ -104,6 +120,7 @@ pub fn make(tools: &ToolsTree, rootfs: &Slot, tmp: &Path) -> Result<()> {
             },
         ],
     )?;
+    std::fs::remove_file(&early)?;
     std::fs::copy(
         tree.join("boot").join(format!("vmlinuz-{kver}")),
         tmp.join("vmlinuz"),
