@@ -350,7 +350,8 @@ fn builds(r: &mut Report, aiwimg: &Path, cache: &Path, work: &Path) -> Result<Pa
 /// what is worth removing.
 const CPU_BY_UNIT: &str = r#"awk '/^cpu /{printf "all CPUs: busy %.1f s (user %.1f, system %.1f, irq %.1f), idle %.1f s, iowait %.1f s\n", ($2+$3+$4+$7+$8)/100, ($2+$3)/100, $4/100, ($7+$8)/100, $5/100, $6/100}' /proc/stat
 for d in /sys/fs/cgroup/*.slice/*/ /sys/fs/cgroup/init.scope/; do awk -v u="$(basename "$d")" '/^usage_usec/{printf "%8.2f s  %s\n", $2/1e6, u}' "$d/cpu.stat"; done | sort -rn | head -14
-echo "   (PID 1: user $(awk '{printf "%.2f s, system %.2f s", $14/100, $15/100}' /proc/1/stat))""#;
+echo "   (PID 1: user $(awk '{printf "%.2f s, system %.2f s", $14/100, $15/100}' /proc/1/stat))"
+echo "   kernel threads:"; awk '$4 == 2 {c = $2; gsub(/[()]/, "", c); sub(/[\/:0-9].*/, "", c); t[c] += $14 + $15} END {for (k in t) printf "%8.2f s  %s\n", t[k]/100, k}' /proc/[0-9]*/stat 2>/dev/null | sort -rn | head -6"#;
 
 /// Part 3: a boot and a reboot of the engine image.
 fn boot(r: &mut Report, image: &qemu_tests::test_images::TestImage, work: &Path) -> Result<()> {
