@@ -105,6 +105,8 @@ struct State {
     kill: bool,
     /// How QEMU ended for good (not a guest reset: that goes on).
     ended: Option<String>,
+    /// When QEMU last started again after a guest reset.
+    restarted_at: Option<Instant>,
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -135,6 +137,11 @@ impl PowerOn {
     /// a reset); `None` while the VM runs.
     pub fn ended(&self) -> Option<String> {
         lock(&self.state).ended.clone()
+    }
+
+    /// When QEMU last started again after a guest reset; `None` before any.
+    pub fn restarted_at(&self) -> Option<Instant> {
+        lock(&self.state).restarted_at
     }
 }
 
@@ -173,6 +180,7 @@ fn keep_going(launch: &Launch, mut run: Running, state: &Mutex<State>) {
                 match launch.start() {
                     Ok(next) => {
                         run = next;
+                        lock(state).restarted_at = Some(Instant::now());
                         continue;
                     }
                     Err(e) => format!("the guest reset and QEMU did not start again: {e:#}"),

@@ -642,6 +642,12 @@ impl Vm {
         self.started.elapsed()
     }
 
+    /// Time since QEMU last started again after a guest reset (a reboot's
+    /// boot alone, without the shutdown before it); `None` before any reset.
+    pub fn since_qemu_restart(&self) -> Option<Duration> {
+        Some(self.power.as_ref()?.restarted_at()?.elapsed())
+    }
+
     /// The 127.0.0.1 port forwarded to `guest_port`.
     pub fn host_port(&self, guest_port: u16) -> Option<u16> {
         self.spec.user_net.as_ref()?.host_port_for(guest_port)
@@ -696,7 +702,9 @@ impl Vm {
                     tail_of(&lines, TAIL_LINES)
                 );
             }
-            std::thread::sleep(deadline.cap(Duration::from_millis(500)));
+            // Often enough that a boot's time is measured to 0.1 s (at 0.5 s
+            // every figure was up to 0.5 s late, 0.25 s on average).
+            std::thread::sleep(deadline.cap(Duration::from_millis(100)));
         }
     }
 
