@@ -73,6 +73,14 @@ fn healthy(case: &TestCase, vm: &Vm) -> Result<()> {
     let dl = case.deadline();
     assert_no_failed_units(vm, dl)?;
     assert_console_clean(vm, &[])?;
+    // tmpfiles links /var/run to /run on the empty /var of a first boot; a
+    // daemon started before it made /var/run a directory of its own, and
+    // /var/run/dbus (the system bus every client dials) was gone.
+    let var_run = vm.check("readlink -f /var/run", dl)?;
+    ensure!(
+        var_run.trim() == "/run",
+        "/var/run is {var_run:?}, not /run"
+    );
     let status = agent_status(vm, dl)?;
     ensure!(
         status["settings_valid"] == true,
