@@ -212,6 +212,20 @@ pub fn make(ctx: &BuildContext, tmp: &Path) -> Result<()> {
         ));
     }
     cmd.arg("--customize-hook=rm -f \"$1\"/etc/apt/sources.list.d/aiwimg-*.list");
+    if ctx.opts.locked {
+        // The lock's versions are apt's candidates from the first package
+        // on: the essential set mmdebstrap installs before the includes is
+        // chosen by apt too, and once the archive had a newer libssl3t64 (a
+        // security update) it took that one and the locked include then
+        // needed a downgrade apt refused.
+        let pref = keys.join("aiwimg-lock.pref");
+        std::fs::write(&pref, lock_preferences(&include))?;
+        cmd.arg(format!(
+            "--setup-hook=mkdir -p \"$1\"/etc/apt/preferences.d && cp {} \"$1\"/etc/apt/preferences.d/",
+            pref.display()
+        ));
+        cmd.arg("--customize-hook=rm -f \"$1\"/etc/apt/preferences.d/aiwimg-lock.pref");
+    }
     // A signed image's kernel modules: DKMS signs what it builds with the key
     // at its default path (/var/lib/dkms/mok.key, the certificate beside it
     // as mok.pub) when one is there, and makes a throwaway key of its own
@@ -260,6 +274,20 @@ pub fn make(ctx: &BuildContext, tmp: &Path) -> Result<()> {
     lines.sort();
     std::fs::write(tmp.join("packages.lock"), lines.join("\n") + "\n")?;
     Ok(())
+}
+
+/// apt preferences that make each `package=version` of a lock file apt's
+/// candidate (priority 1001: above every archive, a downgrade allowed).
+pub fn lock_preferences(lock: &[String]) -> String {
+    let mut out = String::from("# Written by aiwimg for a --locked build.\n");
+    for l in lock {
+        if let Some((pkg, ver)) = l.split_once('=') {
+            out.push_str(&format!(
+                "\nPackage: {pkg}\nPin: version {ver}\nPin-Priority: 1001\n"
+            ));
+        }
+    }
+    out
 }
 
 /// The Secure Boot signing input when this profile builds kernel modules
@@ -404,6 +432,15 @@ pub fn installed(slot: &Slot) -> Result<Vec<(String, String)>> {
 #[cfg(test)]
 mod tests {
     use super::glob_match;
+
+    #[test]
+    fn a_lock_pins_each_version() {
+        let p = super::lock_preferences(&["libssl3t64=3.5.9-1~deb13u1".into(), "bash=5.2".into()]);
+        assert!(
+            p.contains("Package: libssl3t64\nPin: version 3.5.9-1~deb13u1\nPin-Priority: 1001\n")
+        );
+        assert!(p.contains("Package: bash\nPin: version 5.2\n"));
+    }
 
     #[test]
     fn globs() {
