@@ -34,6 +34,13 @@ const ALWAYS_ENABLED: &[&str] = &["systemd-networkd.service", "systemd-resolved.
 /// next boot); the ESP's boot loader is the build's, changed by no node.
 /// nfs-blkmap serves pNFS block layouts (SAN volumes shared over NFS), which
 /// the guide's NFS cache never uses: a daemon started at every boot for nothing.
+/// Kerberos NFS (auth-rpcgss-module, rpc-gssd) runs only with an
+/// /etc/krb5.keytab, which the read-only /etc never has; yet pulled in by
+/// nfs-client.target, rpc-gssd's requirement mounted rpc_pipefs (and loaded
+/// sunrpc) at every boot: ~1 s of a TCG boot. The journal's message catalog
+/// is compiled on a first boot into /var for `journalctl -x` only (0.4 s).
+/// configfs (sys-kernel-config.mount, and loading its module) serves kernel
+/// targets (NVMe-oF, LIO, USB gadgets) no node is.
 const MASKED: &[&str] = &[
     "modprobe@drm.service",
     "e2scrub_reap.service",
@@ -41,7 +48,15 @@ const MASKED: &[&str] = &[
     "dpkg-db-backup.timer",
     "systemd-boot-update.service",
     "nfs-blkmap.service",
+    "auth-rpcgss-module.service",
+    "rpc-gssd.service",
+    "systemd-journal-catalog-update.service",
+    "sys-kernel-config.mount",
 ];
+/// Services whose socket starts them when first asked instead of at boot:
+/// rpcbind is asked only by NFSv3 locking (rpc.statd) and an NFS server, and
+/// its socket (enabled) keeps port 111 bound, for them and for the firewall.
+const ON_DEMAND: &[(&str, &str)] = &[("rpcbind.service", "rpcbind.socket")];
 
 /// Where the agent binary comes from: built from `agent/`, or given.
 pub enum AgentInput {
@@ -245,6 +260,9 @@ pub fn slot(ctx: &BuildContext, rootfs: &Slot, agent: &AgentInput) -> Result<Slo
     k.key("rootfs", &rootfs.key)
         // Bump when make() changes what it produces from the same inputs.
         .field("recipe", "9")
+        // The unit states baked in, so that editing these lists is never a
+        // cached old tree (no recipe bump to forget).
+        .field("unit-states", &unit_state_lists())
         .field("overlay-context", &overlay_context(ctx).to_string())
         .list("overlays", &p.overlays)
         .field("image-version", &ctx.opts.image_version)
@@ -745,6 +763,12 @@ fn move_var_to_factory(tree: &Path) -> Result<()> {
     Ok(())
 }
 
+/// MODE_HELPER_UNITS, ALWAYS_ENABLED, MASKED and ON_DEMAND as one text, for
+/// the stage's key.
+fn unit_state_lists() -> String {
+    format!("{MODE_HELPER_UNITS:?} {ALWAYS_ENABLED:?} {MASKED:?} {ON_DEMAND:?}")
+}
+
 fn unit_exists(tree: &Path, unit: &str) -> bool {
     [
         "usr/lib/systemd/system",
@@ -770,9 +794,17 @@ fn set_unit_states(ctx: &BuildContext, tools: &ToolsTree, tree: &Path) -> Result
     disable.retain(|u| {
         !ctx.modes.common.services.contains(u) && !every_mode.contains(u) && unit_exists(tree, u)
     });
+    disable.extend(
+        ON_DEMAND
+            .iter()
+            .filter(|(service, _)| unit_exists(tree, service))
+            .map(|(service, _)| service.to_string()),
+    );
     disable.sort();
     disable.dedup();
     let mut enable: Vec<String> = ALWAYS_ENABLED.iter().map(|s| s.to_string()).collect();
+    // After the disable above, which took the socket too (`Also=`).
+    enable.extend(ON_DEMAND.iter().map(|(_, socket)| socket.to_string()));
     enable.extend(ctx.modes.common.services.iter().cloned());
     enable.extend(every_mode);
     let units = ctx.opts.project.join("agent/units");
@@ -808,7 +840,11 @@ fn set_unit_states(ctx: &BuildContext, tools: &ToolsTree, tree: &Path) -> Result
     if !disable.is_empty() {
         let mut args = vec!["systemctl", "--root=/image", "--no-reload", "disable"];
         args.extend(disable.iter().map(String::as_str));
-        tools.run("disabling mode services", &args, &bind)?;
+        tools.run(
+            "disabling mode services and on-demand services",
+            &args,
+            &bind,
+        )?;
     }
     let mut args = vec!["systemctl", "--root=/image", "--no-reload", "enable"];
     args.extend(enable.iter().map(String::as_str));

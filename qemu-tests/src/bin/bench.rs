@@ -18,7 +18,8 @@
 //! 5. beside it, cloud-init from Debian's package in a throwaway root on the
 //!    same cloud-config (`cloud-init schema --config-file`).
 //!
-//! Environment: AIWIMG_BIN (the builder), AIWIMG_CACHE_DIR (default
+//! Environment: BENCH_GUEST_CMD (a shell command run in the guest after
+//! the first boot, its output printed), AIWIMG_BIN (the builder), AIWIMG_CACHE_DIR (default
 //! /var/cache/aiwimg), BENCH_RUNS (repetitions of the small measurements, 10).
 
 use anyhow::{bail, ensure, Context, Result};
@@ -406,6 +407,12 @@ fn boot(r: &mut Report, image: &qemu_tests::test_images::TestImage, work: &Path)
         "  the agent's phases (journal, seconds since kernel start):\n{}",
         indent(&agent_phases)
     );
+    // A developer's probe: where a boot's time goes is found by asking the
+    // booted guest (e.g. `systemctl list-units --all | wc -l`).
+    if let Ok(cmd) = std::env::var("BENCH_GUEST_CMD") {
+        let out = vm.check(&cmd, &dl)?;
+        println!("  BENCH_GUEST_CMD {cmd:?}:\n{}", indent(&out));
+    }
     let (rebooted, second_boot) = match vm.reboot(&dl)? {
         AgentReport::Ready(_) => (vm.since_boot(), vm.since_qemu_restart()),
         AgentReport::InvalidSettings(l) => bail!("after the reboot: {l}"),
