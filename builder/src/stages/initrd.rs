@@ -102,12 +102,12 @@ pub fn slot(ctx: &BuildContext, tools: &Slot, rootfs: &Slot) -> Slot {
     let key = KeyBuilder::new("initrd")
         .key("tools", &tools.key)
         .key("rootfs", &rootfs.key)
-        .field("modules", DRACUT_MODULES)
-        .field("drivers", DRIVERS)
-        .field("filesystems", FILESYSTEMS)
-        .field("early-drivers", EARLY_DRIVERS)
-        .field("udev-rules", BLOCK_DB_PERSIST)
-        .field("coldplug", &coldplug_drop_in())
+        // The kernel's version comes from the root file system (its key).
+        .field("dracut", &dracut_args("KVER").join("\n"))
+        .list(
+            "included",
+            &included_files().map(|(_, target, text)| format!("{target}\n{text}")),
+        )
         .finish();
     ctx.cache.slot("initrd", &key)
 }
@@ -137,61 +137,85 @@ pub fn kernel_version(rootfs_tree: &Path) -> Result<String> {
     }
 }
 
+/// Our files in the initrd: the name they are staged under (in the
+/// output's `included/`, removed before the stage is kept), where dracut
+/// puts them, and their text.
+fn included_files() -> [(&'static str, &'static str, String); 3] {
+    [
+        (
+            "early-modules.conf",
+            "/etc/modules-load.d/aiwimg-early.conf",
+            format!(
+                "# Written by aiwimg: loaded as soon as the initrd starts.\n{}\n",
+                EARLY_DRIVERS
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        ),
+        (
+            "db-persist.rules",
+            "/etc/udev/rules.d/99-aiwimg-db-persist.rules",
+            BLOCK_DB_PERSIST.to_string(),
+        ),
+        (
+            "coldplug.conf",
+            "/etc/systemd/system/systemd-udev-trigger.service.d/50-aiwimg-root-disk-only.conf",
+            coldplug_drop_in(),
+        ),
+    ]
+}
+
+/// dracut's command line in the tools tree (the root at /image, the output
+/// at /out). Its every word is in the stage's key: dracut records it in the
+/// initrd (usr/lib/dracut/build-parameter.txt).
+fn dracut_args(kver: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "dracut",
+        "--quiet",
+        "--no-hostonly",
+        "--reproducible",
+        "--no-early-microcode",
+        "--kver",
+        kver,
+        "--kmoddir",
+        &format!("/image/usr/lib/modules/{kver}"),
+        "--fwdir",
+        "/image/usr/lib/firmware",
+        "-m",
+        DRACUT_MODULES,
+        "--drivers",
+        DRIVERS,
+        "--filesystems",
+        FILESYSTEMS,
+        "--add-drivers",
+        EARLY_DRIVERS,
+    ]
+    .map(String::from)
+    .to_vec();
+    for (name, target, _) in included_files() {
+        args.extend([
+            "--include".into(),
+            format!("/out/included/{name}"),
+            target.into(),
+        ]);
+    }
+    args.extend(["--compress", "zstd", "--force", "/out/initrd.img"].map(String::from));
+    args
+}
+
 pub fn make(tools: &ToolsTree, rootfs: &Slot, tmp: &Path) -> Result<()> {
     let tree = rootfs.dir.join("tree");
     let kver = kernel_version(&tree)?;
-    let kmoddir = format!("/image/usr/lib/modules/{kver}");
-    let early = tmp.join("early-modules.conf");
-    std::fs::write(
-        &early,
-        format!(
-            "# Written by aiwimg: loaded as soon as the initrd starts.\n{}\n",
-            EARLY_DRIVERS
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join("\n")
-        ),
-    )?;
-    let persist = tmp.join("db-persist.rules");
-    std::fs::write(&persist, BLOCK_DB_PERSIST)?;
-    let coldplug = tmp.join("coldplug.conf");
-    std::fs::write(&coldplug, coldplug_drop_in())?;
+    let staged = tmp.join("included");
+    std::fs::create_dir_all(&staged)?;
+    for (name, _, text) in included_files() {
+        std::fs::write(staged.join(name), text)?;
+    }
+    let args = dracut_args(&kver);
     tools.run(
         "making the initrd with dracut",
-        &[
-            "dracut",
-            "--quiet",
-            "--no-hostonly",
-            "--reproducible",
-            "--no-early-microcode",
-            "--kver",
-            &kver,
-            "--kmoddir",
-            &kmoddir,
-            "--fwdir",
-            "/image/usr/lib/firmware",
-            "-m",
-            DRACUT_MODULES,
-            "--drivers",
-            DRIVERS,
-            "--filesystems",
-            FILESYSTEMS,
-            "--add-drivers",
-            EARLY_DRIVERS,
-            "--include",
-            "/out/early-modules.conf",
-            "/etc/modules-load.d/aiwimg-early.conf",
-            "--include",
-            "/out/db-persist.rules",
-            "/etc/udev/rules.d/99-aiwimg-db-persist.rules",
-            "--include",
-            "/out/coldplug.conf",
-            "/etc/systemd/system/systemd-udev-trigger.service.d/50-aiwimg-root-disk-only.conf",
-            "--compress",
-            "zstd",
-            "--force",
-            "/out/initrd.img",
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &[
             Bind {
                 host: tmp,
@@ -203,9 +227,7 @@ pub fn make(tools: &ToolsTree, rootfs: &Slot, tmp: &Path) -> Result<()> {
             },
         ],
     )?;
-    std::fs::remove_file(&early)?;
-    std::fs::remove_file(&persist)?;
-    std::fs::remove_file(&coldplug)?;
+    std::fs::remove_dir_all(&staged)?;
     std::fs::copy(
         tree.join("boot").join(format!("vmlinuz-{kver}")),
         tmp.join("vmlinuz"),
