@@ -235,3 +235,27 @@ pub fn make(tools: &ToolsTree, rootfs: &Slot, tmp: &Path) -> Result<()> {
     std::fs::write(tmp.join("kernel-version"), &kver)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dracut_includes_each_staged_file_at_its_target() {
+        let args = dracut_args("6.12.0-test");
+        let includes: Vec<_> = args
+            .windows(3)
+            .filter(|w| w[0] == "--include")
+            .map(|w| (w[1].clone(), w[2].clone()))
+            .collect();
+        let expected: Vec<_> = included_files()
+            .iter()
+            .map(|(name, target, _)| (format!("/out/included/{name}"), target.to_string()))
+            .collect();
+        assert_eq!(includes, expected);
+        assert!(args
+            .windows(2)
+            .any(|w| w[0] == "--kmoddir" && w[1] == "/image/usr/lib/modules/6.12.0-test"));
+        assert_eq!(args.last().unwrap(), "/out/initrd.img");
+    }
+}
